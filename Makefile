@@ -1,0 +1,32 @@
+# Two commands a new user needs: `make quickstart` and `make test`. Both create .venv with
+# python3 and install the pinned requirements first (only when the requirements changed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKDIR ?= workdirs/quickstart
+
+.PHONY: quickstart test install install-dev clean
+
+$(VENV)/.installed-runtime: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-runtime requirements-dev.txt
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed-runtime
+install-dev: $(VENV)/.installed-dev
+
+# Runs the REMEDIS pipeline on the built-in synthetic chest X-ray dataset at CPU scale.
+quickstart: $(VENV)/.installed-runtime
+	$(BIN)/python -m remedis_jax.quickstart --workdir=$(WORKDIR)
+
+# The whole suite; CPU only, tiny models, data generated in the tests.
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) workdirs .pytest_cache

@@ -1,0 +1,1 @@
+"""Grain input pipelines for medical images: sources, augmentation ops, presets, label fractions."""

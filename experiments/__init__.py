@@ -1,0 +1,1 @@
+"""Experiment scripts: label-fraction sweeps, out-of-distribution studies and benchmarks."""

@@ -1,0 +1,1 @@
+"""remedis-jax: REMEDIS-style self-supervised pretraining of medical-imaging models in JAX/Flax."""
