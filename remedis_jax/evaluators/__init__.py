@@ -1,0 +1,1 @@
+"""Small evaluators: built from a config, `run(params)` yields `(name, value)` pairs."""

@@ -1,0 +1,42 @@
+r"""Entry point for every trainer:
+
+  python -m remedis_jax.main --config=configs/pretrain_simclr.py:tiny --workdir=workdirs/simclr
+
+`config.trainer` picks the trainer module; rerunning the same command on the same workdir resumes.
+Multi-process runs outside TPU pods / SLURM add --coordinator_address, --num_processes and
+--process_id (the same on every process but the id).
+"""
+
+import importlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from remedis_jax import distributed
+
+TRAINERS = {"simclr": "remedis_jax.train_simclr"}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and summaries go.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  config = FLAGS.config
+  if config.trainer not in TRAINERS:
+    raise app.UsageError(f"config.trainer={config.trainer!r}; known: {', '.join(TRAINERS)}")
+  logging.info("Config:\n%s", config)
+  trainer = importlib.import_module(TRAINERS[config.trainer])
+  trainer.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
