@@ -47,8 +47,10 @@ def make_manager(
       create=True,
       cleanup_tmp_directories=True,
   )
-  item_names = ("state", "data") if with_data else ("state",)
-  return ocp.CheckpointManager(directory, options=options, item_names=item_names)
+  item_handlers = {"state": ocp.StandardCheckpointHandler()}
+  if with_data:
+    item_handlers["data"] = grain.checkpoint.CheckpointHandler()
+  return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator=None,
@@ -155,7 +157,7 @@ def load_params(path: str) -> tuple[dict[str, Any], int]:
         f"{path} is neither a workdir with a '{CHECKPOINT_SUBDIR}/' folder nor an export folder")
   with ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_names=("state",)) as manager:
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no finished checkpoint in {directory}")

@@ -1,0 +1,105 @@
+"""Checkpoints: train state + Grain iterator together, atomicity, clear mismatch errors, export."""
+
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from remedis_jax import checkpointing, export
+
+
+def _state(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"step": jnp.asarray(7, jnp.int32),
+          "params": {"encoder": {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)),
+                                                                jnp.float32)}},
+                     "head": {"bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}}}
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(100).seed(3).shuffle().batch(4).to_iter_dataset())
+
+
+def test_state_and_iterator_round_trip(tmp_path):
+  state = _state()
+  it = _iterator()
+  for _ in range(3):
+    next(it)
+  manager = checkpointing.make_manager(str(tmp_path), asynchronous=True)
+  checkpointing.save(manager, 3, state, it, force=True)
+  manager.wait_until_finished()
+  expected_next = [next(it) for _ in range(2)]
+
+  fresh = _iterator()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=x.sharding), state)
+  manager = checkpointing.make_manager(str(tmp_path))
+  restored, step = checkpointing.restore_latest(manager, abstract, fresh)
+  assert step == 3
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  for batch in expected_next:
+    np.testing.assert_array_equal(next(fresh), batch)
+
+
+def test_interrupted_save_leaves_last_good_checkpoint(tmp_path):
+  manager = checkpointing.make_manager(str(tmp_path), asynchronous=False, with_data=False)
+  checkpointing.save(manager, 1, _state(1), force=True)
+  manager.close()
+  # What a process killed in the middle of writing step 2 leaves behind.
+  partial = tmp_path / checkpointing.CHECKPOINT_SUBDIR / "2.orbax-checkpoint-tmp-1234"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "half_written").write_bytes(b"\x00" * 10)
+  manager = checkpointing.make_manager(str(tmp_path), with_data=False)
+  assert manager.latest_step() == 1
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          _state(1))
+  restored, step = checkpointing.restore_latest(manager, abstract)
+  assert step == 1
+  jax.tree.map(np.testing.assert_array_equal, restored, _state(1))
+
+
+def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
+  manager = checkpointing.make_manager(str(tmp_path), asynchronous=False, with_data=False)
+  checkpointing.save(manager, 1, _state(), force=True)
+  manager.close()
+  other = _state()
+  other["params"]["encoder"]["conv"]["kernel"] = jnp.zeros((3, 3, 2, 8))
+  other["params"]["probe"] = {"kernel": jnp.zeros((4, 2))}
+  del other["params"]["head"]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          other)
+  manager = checkpointing.make_manager(str(tmp_path), with_data=False)
+  with pytest.raises(ValueError) as error:
+    checkpointing.restore_latest(manager, abstract)
+  message = str(error.value)
+  assert "params/encoder/conv/kernel: checkpoint (3, 3, 2, 4) vs model (3, 3, 2, 8)" in message
+  assert "params/probe/kernel" in message and "params/head/bias" in message
+
+
+def test_load_params_reads_newest_checkpoint(tmp_path):
+  manager = checkpointing.make_manager(str(tmp_path), asynchronous=False, with_data=False)
+  checkpointing.save(manager, 1, _state(1), force=True)
+  checkpointing.save(manager, 5, _state(5), force=True)
+  manager.close()
+  params, step = checkpointing.load_params(str(tmp_path))
+  assert step == 5
+  np.testing.assert_array_equal(params["head"]["bias"], np.asarray(_state(5)["params"]["head"]["bias"]))
+  with pytest.raises(FileNotFoundError, match="neither a workdir"):
+    checkpointing.load_params(str(tmp_path / "nothing"))
+
+
+def test_export_round_trip_and_no_overwrite(tmp_path):
+  params = jax.tree.map(np.asarray, _state()["params"])
+  out = str(tmp_path / "export")
+  export.write_export(out, params, {"model_name": "R_micro", "input": {"image_size": 32}})
+  assert export.is_export(out)
+  metadata, loaded = export.load_export(out)
+  assert metadata["model_name"] == "R_micro" and metadata["parts"] == ["encoder", "head"]
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  with pytest.raises(FileExistsError):
+    export.write_export(out, params, {"model_name": "R_micro"})
+  with pytest.raises(FileNotFoundError, match="has no model.json"):
+    export.load_export(str(tmp_path))
