@@ -22,7 +22,7 @@ install-dev: $(VENV)/.installed-dev
 
 # Runs the REMEDIS pipeline on the built-in synthetic chest X-ray dataset at CPU scale.
 quickstart: $(VENV)/.installed-runtime
-	$(BIN)/python -m remedis_jax.quickstart --workdir=$(WORKDIR)
+	$(BIN)/python -m experiments.quickstart --workdir=$(WORKDIR)
 
 # The whole suite; CPU only, tiny models, data generated in the tests.
 test: $(VENV)/.installed-dev

@@ -2,6 +2,7 @@ r"""SimCLR pretraining of a BiT encoder on unlabeled medical images (REMEDIS sta
 
 Variants (`--config=configs/pretrain_simclr.py:<variant>`):
 
+  smoke     the smallest run that exercises everything (R_micro, 32 px, 4 steps): the tests.
   tiny      built-in synthetic chest X-rays, R_tiny at 32 px, CPU: a few minutes.
               python -m remedis_jax.main --config=configs/pretrain_simclr.py:tiny \
                 --workdir=workdirs/simclr_tiny
@@ -28,7 +29,7 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("tiny", "medmnist", "cxr", "r50x1", "r152x2")
+VARIANTS = ("tiny", "smoke", "medmnist", "cxr", "r50x1", "r152x2")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -95,6 +96,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 10
     config.checkpoint_every_steps = 100
     config.progress_every_secs = 15.0
+  elif variant == "smoke":
+    config.data.source = "synthetic"
+    config.data.image_size = 32
+    config.data.num_examples = 96
+    config.batch_size = 16
+    config.total_steps = 4
+    config.total_epochs = -1.0
+    config.model.name = "R_micro"
+    config.model.head_hidden_dims = (32,)
+    config.model.projection_dim = 16
+    config.optimizer.warmup_epochs = -1.0
+    config.optimizer.warmup_steps = 1
+    config.knn.bank_size = 32
+    config.knn.query_size = 16
+    config.knn.batch_size = 16
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    config.async_checkpointing = False
   elif variant == "medmnist":
     config.data.source = "medmnist"
     config.data.path = "pneumoniamnist.npz"

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -137,6 +137,61 @@ def make_metrics_cls(names):
   return clu_metrics.Collection.create(**fields)
 
 
+class TrainSetup(NamedTuple):
+  """Everything the loop needs besides data: built by `create_train_setup`."""
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: Callable[[int], float]
+  optimizer_config: ml_collections.ConfigDict
+  init_state: Callable[[jax.Array], TrainState]
+  abstract_state: TrainState
+  state_shardings: TrainState
+  update_fn: Callable  # jitted (state, batch) -> (state, metrics); donates `state`
+
+
+def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: int,
+                       multi_label: bool, total_steps: int, warmup_steps: int) -> TrainSetup:
+  """Model, optimiser, sharded-state initialiser and the jitted update step for `config`.
+
+  Args:
+    config: the run config (model, optimizer, loss, param_sharding, data.image_size/num_channels).
+    mesh: the device mesh.
+    num_classes: classes of the online linear probe; 0 disables the probe.
+    multi_label: whether probe labels are multi-hot (sigmoid) rather than indices (softmax).
+    total_steps: schedule length.
+    warmup_steps: linear warm-up length.
+  """
+  model = build_model(config)
+  probe = nn.Dense(num_classes, name="probe") if num_classes > 0 else None
+  opt_config = config.optimizer.copy_and_resolve_references()
+  with opt_config.unlocked():
+    opt_config.warmup_steps = warmup_steps
+    if "warmup_epochs" in opt_config:
+      del opt_config["warmup_epochs"]
+  tx, schedule = optimizers.make_optimizer(opt_config, total_steps=total_steps,
+                                           batch_size=config.batch_size)
+  image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+  def init_state(rng):
+    params = init_params(model, probe, image_shape, rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  state_shardings = sharding.param_shardings(abstract_state, mesh,
+                                             strategy=config.get("param_sharding", "replicate"))
+  metric_names = ["loss", "contrastive_accuracy", "contrastive_entropy", "grad_norm",
+                  "param_norm"]
+  if probe is not None:
+    metric_names += ["probe_loss"] + ([] if multi_label else ["probe_accuracy"])
+  update_fn = make_update_fn(model, tx, temperature=config.loss.temperature, probe=probe,
+                             multi_label=multi_label, metrics_cls=make_metrics_cls(metric_names))
+  update_fn = jax.jit(update_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
+  return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state,
+                    state_shardings, update_fn)
+
+
 # ---------------------------------------------------------------------------------- helpers
 def steps_from_config(config, num_examples: int) -> tuple[int, int, int]:
   """(total_steps, warmup_steps, steps_per_epoch): durations converted once, here."""
@@ -202,39 +257,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       worker_count=config.data.get("worker_count", 0))
   data_iterator = iter(dataset)
   total_steps, warmup_steps, steps_per_epoch = steps_from_config(config, len(source))
-  image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
   logging.info("Data: %s, %d examples, %d steps/epoch, %d total steps (%d warm-up).",
                source.name, len(source), steps_per_epoch, total_steps, warmup_steps)
 
-  # ---- model and optimiser
-  model = build_model(config)
+  # ---- model, optimiser, sharded state and the jitted update step
   use_probe = config.probe.enabled and source.num_classes > 0
-  probe = nn.Dense(source.num_classes, name="probe") if use_probe else None
-  opt_config = config.optimizer.copy_and_resolve_references()
-  with opt_config.unlocked():
-    opt_config.warmup_steps = warmup_steps
-  tx, schedule = optimizers.make_optimizer(opt_config, total_steps=total_steps,
-                                           batch_size=config.batch_size)
-
-  # ---- sharded state, created already sharded
+  setup = create_train_setup(config, mesh, num_classes=source.num_classes if use_probe else 0,
+                             multi_label=source.multi_label, total_steps=total_steps,
+                             warmup_steps=warmup_steps)
+  model, tx, schedule, update_fn = setup.model, setup.tx, setup.schedule, setup.update_fn
+  abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
   rng = jax.random.key(config.seed)
-
-  def init_state(rng):
-    params = init_params(model, probe, image_shape, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract_state = jax.eval_shape(init_state, rng)
-  state_shardings = sharding.param_shardings(abstract_state, mesh,
-                                             strategy=config.get("param_sharding", "replicate"))
-  metric_names = ["loss", "contrastive_accuracy", "contrastive_entropy", "grad_norm",
-                  "param_norm"] + (["probe_loss"] if use_probe else []) + (
-                      ["probe_accuracy"] if use_probe and not source.multi_label else [])
-  metrics_cls = make_metrics_cls(metric_names)
-  update_fn = make_update_fn(model, tx, temperature=config.loss.temperature, probe=probe,
-                             multi_label=source.multi_label, metrics_cls=metrics_cls)
-  update_fn = jax.jit(update_fn, in_shardings=(state_shardings, batch_sharding),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
 
   # ---- restore: own checkpoint -> config.model.init -> scratch
   manager = checkpointing.make_manager(
@@ -248,20 +281,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_description = f"resumed from {manager.directory}/{start_step}"
   else:
     start_step = 0
-    state = sharding.create_sharded(init_state, rng, shardings=state_shardings)
+    state = sharding.create_sharded(setup.init_state, rng, shardings=state_shardings)
     loaded = initialization.load_init(config.model.init, config.model.name)
     init_description = "scratch"
     if loaded is not None:
-      params = jax.device_get(state.params)
-      params["encoder"] = models.merge_params(loaded.encoder, params["encoder"])
-      if loaded.head is not None and config.model.get("init_head", False):
-        params["head"] = models.merge_params(loaded.head, params["head"])
-      state = state.replace(params=put_host_tree(params, state_shardings.params))
-      init_description = loaded.description
+      # Checked against the abstract tree (names, shapes; dtype cast), then placed with the
+      # run's shardings: works for FSDP-sharded parameters across hosts, too.
+      params = dict(state.params)
+      parts = ["encoder"] + (["head"] if loaded.head is not None and config.model.init_head else [])
+      for part in parts:
+        merged = models.merge_params(getattr(loaded, part), abstract_state.params[part])
+        params[part] = put_host_tree(merged, state_shardings.params[part])
+      state = state.replace(params=params)
+      init_description = loaded.description + (" (with projection head)" if "head" in parts else "")
   logging.info("Initialisation: %s", init_description)
   if jax.process_index() == 0:
     parameter_overview.log_parameter_overview(state.params)
-    logging.info("Optimiser masks:\n%s", optimizers.describe_masks(state.params, opt_config))
+    logging.info("Optimiser masks:\n%s", optimizers.describe_masks(state.params, setup.optimizer_config))
 
   # ---- evaluators
   knn = None

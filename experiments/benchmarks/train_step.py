@@ -1,0 +1,169 @@
+r"""Speed and memory of the SimCLR train step, printed as JSON lines.
+
+  python -m experiments.benchmarks.train_step --config=configs/pretrain_simclr.py:tiny
+  python -m experiments.benchmarks.train_step --config=configs/pretrain_simclr.py:r50x1 \
+      --config.batch_size=8 --mode=memory            # remat on/off peak memory, compile only
+
+Modes:
+  step    compile time, median step time, images/s, XLA memory analysis of the bare jitted
+          update step on random uint8 views; model FLOPs per step (XLA cost analysis) and, with
+          --peak_tflops or a known accelerator, model-FLOPs utilisation.
+  loop    the full training loop (`train_and_evaluate`: input pipeline, metrics, logging,
+          checkpoints) against the bare step of the same model and batch: overhead in percent.
+  memory  compile-only: peak temporary memory with and without rematerialisation.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from remedis_jax import sharding, train_simclr, writers
+
+config_flags.DEFINE_config_file("config", "configs/pretrain_simclr.py:tiny", "Config file.",
+                                lock_config=True)
+flags.DEFINE_enum("mode", "step", ["step", "loop", "memory", "all"], "What to measure.")
+flags.DEFINE_integer("steps", 20, "Timed steps (after warm-up).")
+flags.DEFINE_float("peak_tflops", 0.0, "Accelerator peak TFLOP/s for MFU (0: from device kind).")
+FLAGS = flags.FLAGS
+
+# Dense bf16 peak TFLOP/s (vendor numbers, no sparsity) by jax device_kind substring.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+               "TPU v5p": 459.0, "TPU v6": 918.0}
+
+
+def _emit(record):
+  print(json.dumps(record), flush=True)
+
+
+def _setup(config):
+  mesh = sharding.make_mesh(config.get("mesh"))
+  setup = train_simclr.create_train_setup(config, mesh, num_classes=0, multi_label=False,
+                                          total_steps=1000, warmup_steps=10)
+  size, channels = config.data.image_size, config.data.num_channels
+  views = np.random.default_rng(0).integers(
+      0, 256, (config.batch_size, 2, size, size, channels), dtype=np.uint8)
+  batch = sharding.shard_host_batch({"views": views}, sharding.batch_sharding(mesh))
+  return mesh, setup, batch
+
+
+def _memory(compiled) -> dict:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+            "alias_size_in_bytes", "generated_code_size_in_bytes")
+  out = {f: int(getattr(analysis, f, 0)) for f in fields}
+  # Peak live memory of the step: inputs + outputs + XLA's temporaries, minus donated aliases.
+  out["peak_bytes"] = (out["temp_size_in_bytes"] + out["argument_size_in_bytes"]
+                       + out["output_size_in_bytes"] - out["alias_size_in_bytes"])
+  return out
+
+
+def measure_step(config, steps: int, peak_tflops: float) -> dict:
+  mesh, setup, batch = _setup(config)
+  state = sharding.create_sharded(setup.init_state, jax.random.key(0),
+                                  shardings=setup.state_shardings)
+  start = time.perf_counter()
+  compiled = setup.update_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  device_kind = jax.devices()[0].device_kind
+  peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_kind), 0.0)
+  record = {
+      "mode": "step", "model": config.model.name, "dtype": config.model.dtype,
+      "remat": config.model.remat, "image_size": config.data.image_size,
+      "global_batch": config.batch_size, "views": 2, "devices": mesh.size,
+      "device_kind": device_kind, "compile_s": round(compile_s, 2),
+      "median_step_s": median, "images_per_s": 2 * config.batch_size / median,
+      "pairs_per_s": config.batch_size / median, "flops_per_step": flops,
+      "tflops_per_s": flops / median / 1e12 if flops else None,
+  }
+  if peak and flops:
+    record["mfu"] = flops / median / (peak * 1e12 * mesh.size)
+    record["peak_tflops_per_device"] = peak
+  record.update(_memory(compiled))
+  return record
+
+
+def measure_loop(config, steps: int) -> dict:
+  bare = measure_step(config, steps, 0.0)
+  with tempfile.TemporaryDirectory() as workdir:
+    config = config.copy_and_resolve_references()
+    config.total_steps = steps + 3
+    config.total_epochs = -1.0
+    config.log_every_steps = 1
+    config.knn.every_steps = 0
+    config.checkpoint_every_steps = 10**9
+    config.optimizer.warmup_epochs = -1.0
+    config.optimizer.warmup_steps = 1
+    train_simclr.train_and_evaluate(config, workdir)
+    records = [r for r in writers.read_metrics(workdir) if "train/loss" in r]
+  # Step times from the per-step log records; the first three include compilation.
+  stamps = [r["time"] for r in records]
+  loop_times = np.diff(stamps)[2:]
+  loop_median = float(np.median(loop_times))
+  return {
+      "mode": "loop", "model": config.model.name, "image_size": config.data.image_size,
+      "global_batch": config.batch_size, "bare_median_step_s": bare["median_step_s"],
+      "loop_median_step_s": loop_median,
+      "loop_overhead_percent": 100.0 * (loop_median / bare["median_step_s"] - 1.0),
+      "input_wait_ms_per_step": float(np.median(
+          [r["train/input_wait_ms_per_step"] for r in records[3:]])),
+  }
+
+
+def measure_memory(config) -> dict:
+  results = {}
+  for remat in (False, True):
+    config = config.copy_and_resolve_references()
+    config.model.remat = remat
+    _, setup, batch = _setup(config)
+    abstract = train_simclr.checkpointing.abstract_with_shardings(setup.abstract_state,
+                                                                  setup.state_shardings)
+    start = time.perf_counter()
+    compiled = setup.update_fn.lower(abstract, batch).compile()
+    results[remat] = dict(_memory(compiled), compile_s=round(time.perf_counter() - start, 2))
+  off, on = results[False], results[True]
+  return {
+      "mode": "memory", "model": config.model.name, "image_size": config.data.image_size,
+      "global_batch": config.batch_size, "dtype": config.model.dtype,
+      "temp_bytes_no_remat": off.get("temp_size_in_bytes"),
+      "temp_bytes_remat": on.get("temp_size_in_bytes"),
+      "peak_bytes_no_remat": off.get("peak_bytes"), "peak_bytes_remat": on.get("peak_bytes"),
+      "activation_memory_cut_percent": 100.0 * (1 - on["temp_size_in_bytes"]
+                                                / off["temp_size_in_bytes"]),
+  }
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  if FLAGS.mode in ("step", "all"):
+    _emit(measure_step(config, FLAGS.steps, FLAGS.peak_tflops))
+  if FLAGS.mode in ("loop", "all"):
+    _emit(measure_loop(config, FLAGS.steps))
+  if FLAGS.mode in ("memory", "all"):
+    _emit(measure_memory(config))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,138 @@
+"""SimCLR trainer: sharded update step, non-finite guard, end-to-end run, resume, init, export."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import pretrain_simclr
+from remedis_jax import checkpointing, export, initialization, sharding, train_simclr, writers
+
+
+def tiny_config(**overrides) -> ml_collections.ConfigDict:
+  """The `:smoke` config with dotted-key overrides, e.g. tiny_config(**{"knn.k": 5})."""
+  config = pretrain_simclr.get_config("smoke")
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def _random_views(batch, size=32, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, size=(batch, 2, size, size, 3), dtype=np.uint8)
+
+
+def _setup(config, mesh):
+  return train_simclr.create_train_setup(config, mesh, num_classes=2, multi_label=False,
+                                         total_steps=10, warmup_steps=2)
+
+
+def test_update_step_on_8_devices_equals_single_device():
+  config = tiny_config()
+  views = _random_views(16)
+  labels = np.arange(16, dtype=np.int32) % 2
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, 1), ("data", "fsdp"))
+    setup = _setup(config, mesh)
+    state = sharding.create_sharded(setup.init_state, jax.random.key(0),
+                                    shardings=setup.state_shardings)
+    batch = sharding.shard_host_batch({"views": views, "label": labels},
+                                      sharding.batch_sharding(mesh))
+    state, metrics = setup.update_fn(state, batch)
+    results.append((jax.device_get(state.params), metrics.compute()))
+  (params_1, metrics_1), (params_8, metrics_8) = results
+  assert len(jax.devices()) >= 8
+  np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics_8["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_8, params_1)
+  # The loss is NT-Xent over the whole batch of 16 pairs: at init it is near ln(2N - 1).
+  assert abs(float(metrics_1["loss"]) - np.log(31)) < 1.0
+
+
+def test_nonfinite_gradients_leave_state_unchanged():
+  config = tiny_config()
+  mesh = sharding.make_mesh(None)
+  setup = _setup(config, mesh)
+  state = sharding.create_sharded(setup.init_state, jax.random.key(0),
+                                  shardings=setup.state_shardings)
+  params = jax.device_get(state.params)
+  first = jax.tree_util.tree_leaves_with_path(params["head"])[0]
+  poisoned = jax.tree.map(lambda x: x, params)
+  leaf = first[1].copy()
+  leaf.flat[0] = np.nan
+  node = poisoned["head"]
+  keys = [k.key for k in first[0]]
+  for key in keys[:-1]:
+    node = node[key]
+  node[keys[-1]] = leaf
+  state = state.replace(params=train_simclr.put_host_tree(poisoned,
+                                                          setup.state_shardings.params))
+  before = jax.device_get(state)
+  batch = sharding.shard_host_batch({"views": _random_views(16), "label": np.zeros(16, np.int32)},
+                                    sharding.batch_sharding(mesh))
+  state, metrics = setup.update_fn(state, batch)
+  assert float(metrics.compute()["nonfinite_steps"]) == 1.0
+  after = jax.device_get(state)
+  assert int(after.step) == int(before.step)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), after.params, before.params)
+
+
+def test_end_to_end_run_resume_export_and_init(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(**{"knn.every_steps": 2, "knn.bank_size": 32, "knn.query_size": 16,
+                          "knn.batch_size": 16})
+  summary = train_simclr.train_and_evaluate(config, workdir)
+  assert summary["steps"] == 4 and not summary["preempted"]
+
+  records = writers.read_metrics(workdir)
+  losses = [r["train/loss"] for r in records if "train/loss" in r]
+  assert len(losses) == 4 and all(np.isfinite(losses))
+  assert any("knn/auc" in r for r in records)
+  assert all(r["train/skipped_records"] == 0 for r in records if "train/loss" in r)
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["name"] == "R_micro"
+  params, step = checkpointing.load_params(workdir)
+  assert step == 4 and set(params) == {"encoder", "head", "probe"}
+
+  # Rerunning the finished run resumes at its last step and trains nothing more.
+  again = train_simclr.train_and_evaluate(config, workdir)
+  assert again["steps"] == 4 and again["initialisation"].startswith("resumed")
+
+  # Export, then start a new run from it with learning rate 0: its encoder must be the export's.
+  out = str(tmp_path / "export")
+  metadata = export.export_workdir(workdir, out)
+  assert metadata["model_name"] == "R_micro" and metadata["input"]["image_size"] == 32
+  loaded = initialization.load_init(out, "R_micro")
+  jax.tree.map(np.testing.assert_array_equal, loaded.encoder, params["encoder"])
+  frozen_lr = tiny_config(**{"model.init": out, "optimizer.learning_rate": 0.0,
+                             "total_steps": 2})
+  summary = train_simclr.train_and_evaluate(frozen_lr, str(tmp_path / "from_export"))
+  assert summary["initialisation"].startswith("export")
+  new_params, _ = checkpointing.load_params(str(tmp_path / "from_export"))
+  jax.tree.map(np.testing.assert_array_equal, new_params["encoder"], params["encoder"])
+
+  with pytest.raises(ValueError, match="export of R_micro"):
+    initialization.load_init(out, "R_tiny")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    initialization.load_init(str(tmp_path / "missing"), "R_micro")
+
+
+def test_steps_from_config_converts_epochs_once():
+  config = tiny_config(total_steps=-1, total_epochs=2.5)
+  config.optimizer.warmup_epochs = 0.5
+  total, warmup, per_epoch = train_simclr.steps_from_config(config, num_examples=160)
+  assert (total, warmup, per_epoch) == (25, 5, 10)
+  config.total_epochs = -1.0
+  with pytest.raises(ValueError, match="total_steps or config.total_epochs"):
+    train_simclr.steps_from_config(config, num_examples=160)
