@@ -1,0 +1,388 @@
+"""Grain input pipelines: per-process shards, seeded shuffling, per-record augmentation, batches.
+
+Three entry points, one per use:
+
+- `make_pretrain_dataset`: SimCLR pretraining, `num_views` augmented views per record.
+  Batches: `views` uint8 (B, V, H, W, C), `label`, `site`, `skipped_records`.
+- `make_train_dataset`: supervised fine-tuning, one augmented view.
+  Batches: `image` uint8 (B, H, W, C), `label`, `site`, `skipped_records` (+ `lung_mask`).
+- `make_eval_dataset`: one deterministic pass, the last batch padded, with a `valid` mask.
+  Batches: `image`, `label`, `site`, `id`, `valid` (+ `lung_mask`).
+
+The training graph (Grain's MapDataset / IterDataset API):
+
+  source -> shard (this process's records) -> seed -> shuffle -> repeat(num_epochs)
+    -> random_map(read + augment)                [threads: read_threads]
+    -> drop bad records, counting them           (only with skip_bad_records=True)
+    -> batch(batch_size, drop_remainder=True)    [processes: worker_count]
+
+Exact resume: `random_map` seeds each record's `np.random.Generator` from (pipeline seed,
+position in the repeated, shuffled stream), so a record at a given step of a given epoch always
+gets the same views, and the iterator state is just a position. `iter(ds)` is a Grain
+`DatasetIterator` with `get_state()` / `set_state()`; it can be saved inside an Orbax composite
+with `grain.checkpoint.CheckpointSave(iterator)` and restored with `CheckpointRestore`.
+
+Sharding: every JAX process reads a disjoint strided shard (`records[shard_index::shard_count]`,
+default `jax.process_index()` / `jax.process_count()`). For training all shards get the same
+length (floor(N / shard_count); at most shard_count - 1 records are left out) so finite-epoch
+runs have the same number of steps on every process. The pipeline seed is folded with the
+shard index, so processes do not draw identical crops for their i-th records.
+
+Outputs are uint8: normalising to [-1, 1] floats is the train step's job, on the device
+(`views / 127.5 - 1`). uint8 moves 4x fewer bytes between worker processes and to the device.
+
+Performance notes (2-core CPU, SimCLR recipe at 224 px; numbers in the module docstring of
+`experiments/benchmarks/input_pipeline.py`): augmentation is PIL / scipy code that releases
+the GIL for most of its time, so reader threads in one process scale across cores without
+pickling batches between processes; `worker_count` > 0 adds Grain worker processes (batches
+travel through shared memory) for hosts with more cores or heavier decode.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import logging
+import math
+from typing import Any
+
+import grain
+import numpy as np
+
+from data_pipelines import ops as ops_lib
+from data_pipelines import ops_geometric
+from data_pipelines import ops_intensity
+from data_pipelines.errors import BadRecordError
+
+# Marks a record that failed to read; such elements never reach a batch.
+_BAD_RECORD = "_bad_record"
+# Ops that end in a fixed spatial size, so records of different sizes batch together.
+_SIZE_FIXING_OPS = (ops_geometric.RandomResizedCrop, ops_geometric.Resize,
+                    ops_geometric.CentralCrop)
+
+
+# ----------------------------------------------------------------------------------------
+# Reading: bad records either propagate (default) or become markers that are counted.
+
+
+class _RecordReader:
+  """Random-access view of `source` restricted to `indices`; turns BadRecordError into a marker.
+
+  Picklable as long as the source is, so Grain worker processes can rebuild it.
+  """
+
+  def __init__(self, source: Any, indices: np.ndarray, skip_bad_records: bool):
+    self._source = source
+    self._indices = np.asarray(indices, np.int64)
+    self._skip_bad_records = skip_bad_records
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    source_index = int(self._indices[index])
+    try:
+      return self._source[source_index]
+    except BadRecordError as error:
+      if not self._skip_bad_records:
+        raise
+      # Logged where it happens (possibly a worker process) and counted in the batch.
+      logging.warning("Skipping bad record %s: %s", error.record, error.reason)
+      return {_BAD_RECORD: f"{error.record}: {error.reason}"}
+
+
+def shard_indices(num_records: int, shard_index: int | None, shard_count: int | None,
+                  equal_shards: bool) -> np.ndarray:
+  """Source indices read by one process: a strided slice of range(num_records).
+
+  Args:
+    num_records: records in the source.
+    shard_index: this process's shard (default: jax.process_index()).
+    shard_count: number of shards (default: jax.process_count()).
+    equal_shards: give every shard floor(num_records / shard_count) records (training: every
+      process runs the same number of steps per epoch), instead of keeping every record.
+
+  Returns:
+    int64 array of source indices.
+
+  Raises:
+    ValueError: bad shard arguments, or fewer records than shards.
+  """
+  if shard_index is None or shard_count is None:
+    if (shard_index is None) != (shard_count is None):
+      raise ValueError(f"give both shard_index and shard_count or neither; got "
+                       f"shard_index={shard_index}, shard_count={shard_count}")
+    import jax  # pylint: disable=g-import-not-at-top  (only needed for the default)
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index must be in [0, {shard_count}); got {shard_index}")
+  if num_records < shard_count:
+    raise ValueError(f"the source has {num_records} records, fewer than the {shard_count} "
+                     "shards (processes); every process needs at least one record")
+  stop = (num_records // shard_count) * shard_count if equal_shards else num_records
+  return np.arange(shard_index, stop, shard_count, dtype=np.int64)
+
+
+def _shard_seed(seed: int, shard_index: int) -> int:
+  """A per-shard pipeline seed in [0, 2**32), so shards draw independent augmentations."""
+  return int(np.random.SeedSequence([int(seed), int(shard_index)]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------
+# Per-record transforms (module-level classes: picklable for worker processes).
+
+
+def _check_ops(ops: Sequence[ops_lib.Op], what: str) -> list[ops_lib.Op]:
+  ops = ops_lib.parse_ops(ops)
+  if not any(isinstance(op, _SIZE_FIXING_OPS) for op in ops):
+    raise ValueError(
+        f"{what}: the ops must contain random_resized_crop, resize or central_crop so that "
+        f"every record ends at the same size and records batch together; got {ops}")
+  return ops
+
+
+def _prepare_features(record: dict[str, Any], ops: Sequence[ops_lib.Op]) -> dict[str, Any]:
+  """The ops' input: image (uint8, unless the ops start with intensity_window) and lung_mask."""
+  image = np.asarray(record["image"])
+  if image.ndim == 2:
+    image = image[..., None]
+  features = {"image": image}
+  if image.dtype != np.uint8 and not (ops and isinstance(ops[0], ops_intensity.IntensityWindow)):
+    # High-bit-depth source without an explicit window: map the image's own range to 0..255.
+    features = ops_intensity.IntensityWindow()(features, None)
+  if "lung_mask" in record:
+    features["lung_mask"] = np.asarray(record["lung_mask"], np.uint8)
+  return features
+
+
+def _metadata(record: dict[str, Any]) -> dict[str, Any]:
+  return {"label": record["label"], "site": np.int32(record.get("site", 0))}
+
+
+class _AugmentViews:
+  """Record + rng -> {"views": (V, H, W, C) uint8, label, site}: V independent augmentations."""
+
+  def __init__(self, ops: Sequence[ops_lib.Op], num_views: int, num_channels: int):
+    self.ops, self.num_views, self.num_channels = list(ops), num_views, num_channels
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if _BAD_RECORD in record:
+      return record
+    features = _prepare_features(record, self.ops)
+    views = [ops_lib.set_channels(ops_lib.apply_ops(self.ops, features, rng)["image"],
+                                  self.num_channels) for _ in range(self.num_views)]
+    return {"views": np.stack(views), **_metadata(record)}
+
+
+class _AugmentOne:
+  """Record + rng -> {"image": (H, W, C) uint8, label, site (, lung_mask)}: one augmentation."""
+
+  def __init__(self, ops: Sequence[ops_lib.Op], num_channels: int):
+    self.ops, self.num_channels = list(ops), num_channels
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if _BAD_RECORD in record:
+      return record
+    features = ops_lib.apply_ops(self.ops, _prepare_features(record, self.ops), rng)
+    out = {"image": np.ascontiguousarray(ops_lib.set_channels(features["image"], self.num_channels)),
+           **_metadata(record)}
+    if "lung_mask" in features:
+      out["lung_mask"] = np.ascontiguousarray(features["lung_mask"])
+    return out
+
+
+class _EvalTransform:
+  """(index, record) -> deterministic eval example; `index` seeds any randomness in the ops."""
+
+  def __init__(self, ops: Sequence[ops_lib.Op], num_channels: int, num_real: int):
+    self.ops, self.num_channels, self.num_real = list(ops), num_channels, num_real
+
+  def __call__(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
+    rng = np.random.default_rng(index % self.num_real)
+    out = _AugmentOne(self.ops, self.num_channels)(record, rng)
+    out["id"] = str(record.get("id", ""))
+    out["valid"] = np.bool_(index < self.num_real)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Dropping bad records while counting them: a tiny stateless IterDataset stage.
+
+
+class _DropBadRecordsIterDataset(grain.IterDataset):
+  """Drops bad-record markers; each kept element carries how many were dropped just before it."""
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _DropBadRecordsIterator(self._parent.__iter__())
+
+
+class _DropBadRecordsIterator(grain.DatasetIterator):
+  """Holds no state between elements, so its state is its parent's (exact resume)."""
+
+  def __next__(self) -> dict[str, Any]:
+    skipped = 0
+    while True:
+      element = next(self._parent)  # StopIteration ends the stream.
+      if _BAD_RECORD in element:
+        skipped += 1
+        continue
+      element["skipped_records"] = np.int32(skipped)
+      return element
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+def _sum_skipped(batch: dict[str, Any]) -> dict[str, Any]:
+  """Per-element skip counts -> one int per batch (runs in the main process, after workers)."""
+  batch = dict(batch)
+  batch["skipped_records"] = int(np.sum(batch["skipped_records"]))
+  return batch
+
+
+# ----------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def _make_augmented_dataset(source: Any, augment: Any, *, batch_size: int, seed: int,
+                            shard_index: int | None, shard_count: int | None,
+                            num_epochs: int | None, skip_bad_records: bool, worker_count: int,
+                            read_threads: int, prefetch_buffer_size: int) -> grain.IterDataset:
+  if batch_size <= 0:
+    raise ValueError(f"batch_size (per process) must be positive; got {batch_size}")
+  if num_epochs is not None and num_epochs <= 0:
+    raise ValueError(f"num_epochs must be positive or None (repeat forever); got {num_epochs}")
+  indices = shard_indices(len(source), shard_index, shard_count, equal_shards=True)
+  if shard_index is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    shard_index = jax.process_index()
+  dataset = (grain.MapDataset.source(_RecordReader(source, indices, skip_bad_records))
+             .seed(_shard_seed(seed, shard_index))
+             .shuffle()
+             .repeat(num_epochs)
+             .random_map(augment))
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
+  dataset = _DropBadRecordsIterDataset(dataset)
+  dataset = dataset.batch(batch_size, drop_remainder=True)
+  if worker_count > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=2))
+  return dataset.map(_sum_skipped)
+
+
+def make_pretrain_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op] | str,
+                          num_views: int = 2, seed: int, shard_index: int | None = None,
+                          shard_count: int | None = None, num_epochs: int | None = None,
+                          num_channels: int = 3, skip_bad_records: bool = False,
+                          worker_count: int = 0, read_threads: int = 2,
+                          prefetch_buffer_size: int = 64) -> grain.IterDataset:
+  """The contrastive pretraining pipeline: `num_views` augmented views of every record.
+
+  Args:
+    source: random-access source (`__len__`, `__getitem__` -> record dict, see
+      data_pipelines/sources/base.py); must be picklable when worker_count > 0.
+    batch_size: records per batch on this process (the global batch / process count).
+    ops: op list (objects from `presets.get_preset`, or a spec `ops.parse_ops` accepts); must
+      end at a fixed size.
+    num_views: augmented views per record (SimCLR: 2).
+    seed: pipeline seed; the shuffle and every record's views derive from it.
+    shard_index: this process's shard (default jax.process_index()).
+    shard_count: number of shards (default jax.process_count()).
+    num_epochs: passes over the shard; None repeats forever (count steps in the trainer).
+    num_channels: 3 repeats grayscale to RGB (BiT weights expect RGB); 1 keeps one channel.
+    skip_bad_records: False: a BadRecordError from the source propagates (it names the record
+      and the reason). True: the record is dropped, logged with its reason, and counted in the
+      batch's `skipped_records`.
+    worker_count: Grain worker processes (0: augment in reader threads of this process).
+    read_threads: threads reading and augmenting records in each process.
+    prefetch_buffer_size: records prepared ahead per process.
+
+  Returns:
+    A Grain IterDataset; `iter()` gives a checkpointable iterator of dicts with `views` uint8
+    (B, num_views, H, W, C), `label` (B,) int32 or (B, K) float32, `site` (B,) int32 and
+    `skipped_records` (int).
+
+  Raises:
+    ValueError: bad sizes, shards, or ops that do not fix the output size.
+  """
+  if num_views < 1:
+    raise ValueError(f"num_views must be >= 1; got {num_views}")
+  ops = _check_ops(ops, "make_pretrain_dataset")
+  return _make_augmented_dataset(
+      source, _AugmentViews(ops, num_views, num_channels), batch_size=batch_size, seed=seed,
+      shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+      skip_bad_records=skip_bad_records, worker_count=worker_count, read_threads=read_threads,
+      prefetch_buffer_size=prefetch_buffer_size)
+
+
+def make_train_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op] | str,
+                       seed: int, shard_index: int | None = None, shard_count: int | None = None,
+                       num_epochs: int | None = None, num_channels: int = 3,
+                       skip_bad_records: bool = False, worker_count: int = 0,
+                       read_threads: int = 2, prefetch_buffer_size: int = 64) -> grain.IterDataset:
+  """The supervised fine-tuning pipeline: one augmented view per record.
+
+  Args: as `make_pretrain_dataset`, without num_views.
+
+  Returns:
+    A Grain IterDataset of dicts with `image` uint8 (B, H, W, C), `label`, `site`,
+    `skipped_records` (int), and `lung_mask` uint8 (B, H, W) when the source has masks.
+
+  Raises:
+    ValueError: bad sizes, shards, or ops that do not fix the output size.
+  """
+  ops = _check_ops(ops, "make_train_dataset")
+  return _make_augmented_dataset(
+      source, _AugmentOne(ops, num_channels), batch_size=batch_size, seed=seed,
+      shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+      skip_bad_records=skip_bad_records, worker_count=worker_count, read_threads=read_threads,
+      prefetch_buffer_size=prefetch_buffer_size)
+
+
+def num_eval_batches(num_records: int, batch_size: int, shard_count: int) -> int:
+  """Batches every process runs in an eval pass: ceil(ceil(N / shard_count) / batch_size)."""
+  return math.ceil(math.ceil(num_records / shard_count) / batch_size)
+
+
+def make_eval_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op] | str,
+                      shard_index: int | None = None, shard_count: int | None = None,
+                      num_channels: int = 3, read_threads: int = 2) -> grain.IterDataset:
+  """One deterministic pass over this process's shard, padded so all processes step together.
+
+  Every process yields `num_eval_batches(len(source), batch_size, shard_count)` full batches;
+  padding elements repeat the shard's first record with `valid` False. Concatenating the valid
+  rows of all shards gives every record exactly once.
+
+  Args:
+    source: random-access source.
+    batch_size: records per batch on this process.
+    ops: eval op list (e.g. `presets.get_preset(name, "eval", size)`); must fix the size.
+    shard_index: this process's shard (default jax.process_index()).
+    shard_count: number of shards (default jax.process_count()).
+    num_channels: 3 (grey repeated to RGB) or 1.
+    read_threads: threads reading and transforming records.
+
+  Returns:
+    A Grain IterDataset of dicts with `image` uint8 (B, H, W, C), `label`, `site` (B,) int32,
+    `id` (B,) str, `valid` (B,) bool, and `lung_mask` when the source has masks.
+
+  Raises:
+    ValueError: bad sizes or shards, or ops that do not fix the output size. Bad records are
+      never skipped in evaluation: their BadRecordError propagates.
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size (per process) must be positive; got {batch_size}")
+  ops = _check_ops(ops, "make_eval_dataset")
+  if shard_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    shard_count = jax.process_count()
+  indices = shard_indices(len(source), shard_index, shard_count, equal_shards=False)
+  padded_length = num_eval_batches(len(source), batch_size, shard_count) * batch_size
+  padded = np.concatenate([indices, np.full(padded_length - len(indices), indices[0])])
+  dataset = (grain.MapDataset.source(_RecordReader(source, padded, skip_bad_records=False))
+             .map_with_index(_EvalTransform(ops, num_channels, num_real=len(indices)))
+             .batch(batch_size))
+  return dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                                   prefetch_buffer_size=2 * batch_size))
