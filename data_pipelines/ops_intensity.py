@@ -29,7 +29,7 @@ from data_pipelines.ops_geometric import check_image, from_pil, to_pil
 
 Features = dict[str, Any]
 
-_IDENTITY = np.arange(256, dtype=np.float32)
+_IDENTITY = np.arange(256, dtype=np.float64)
 
 
 def _lut_uint8(values: np.ndarray) -> list[int]:
@@ -46,7 +46,7 @@ def _grey_mean(image: Image.Image) -> float:
   """Mean luma (ITU-R 601-2, PIL's L conversion), the contrast pivot torchvision uses."""
   grey = image if image.mode == "L" else image.convert("L")
   histogram = np.asarray(grey.histogram(), dtype=np.float64)
-  return float(histogram @ _IDENTITY.astype(np.float64) / max(histogram.sum(), 1))
+  return float(histogram @ _IDENTITY / max(histogram.sum(), 1))
 
 
 def adjust_brightness(image: Image.Image, factor: float) -> Image.Image:
@@ -253,11 +253,11 @@ class IntensityWindow:
     high = float(image.max()) if self.high is None else float(self.high)
     width = max(high - low, 1e-6)
     low, high = low + shifts[0] * width, high + shifts[1] * width
-    scale = 255.0 / max(high - low, 1e-6)
+    width = max(high - low, 1e-6)
     if image.dtype == np.uint8:
-      lut = _lut_uint8((_IDENTITY - low) * scale)
+      lut = _lut_uint8((_IDENTITY - low) * 255.0 / width)
       return {**features, "image": np.asarray(lut, dtype=np.uint8)[image]}
-    windowed = (image.astype(np.float32) - low) * scale
+    windowed = (image.astype(np.float64) - low) * 255.0 / width
     return {**features, "image": np.clip(np.rint(windowed), 0, 255).astype(np.uint8)}
 
 
