@@ -1,0 +1,32 @@
+"""Model zoo: BiT ResNet-v2 encoders, SimCLR projection heads, weight loading.
+
+Typical use:
+
+  model = create_model("R50x1")                      # encoder, no head
+  name, params = load_bit_npz("BiT-M-R50x1.npz")      # public BiT weights
+  pre_logits, out = model.apply({"params": params}, images)
+"""
+
+from remedis_jax.models.bit import VARIANTS
+from remedis_jax.models.bit import ResNetV2
+from remedis_jax.models.bit import create_model
+from remedis_jax.models.bit import infer_bit_variant
+from remedis_jax.models.bit import load_bit_npz
+from remedis_jax.models.common import count_params
+from remedis_jax.models.common import merge_params
+from remedis_jax.models.contrastive import ContrastiveModel
+from remedis_jax.models.contrastive import create_contrastive_model
+from remedis_jax.models.heads import ProjectionHead
+
+__all__ = [
+    "VARIANTS",
+    "ContrastiveModel",
+    "ProjectionHead",
+    "ResNetV2",
+    "count_params",
+    "create_contrastive_model",
+    "create_model",
+    "infer_bit_variant",
+    "load_bit_npz",
+    "merge_params",
+]
