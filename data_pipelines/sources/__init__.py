@@ -1,0 +1,154 @@
+"""Data sources: Grain random-access sources that all return the same record format.
+
+`build_source(data_config, split)` builds one from the `data` section of a config;
+`default_data_config()` lists every key with its default (the built-in synthetic set, 64 px).
+The record format and source attributes are described in `data_pipelines/sources/base.py`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import ml_collections
+
+from data_pipelines.sources.base import IndexView, Source
+from data_pipelines.sources.folder import FolderSource, parse_columns, split_by_patient
+from data_pipelines.sources.synthetic import SyntheticCXR
+
+SOURCES = ("synthetic", "medmnist", "folder", "tfds", "array_record")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every `data` key with its default: the built-in synthetic CXR set at 64 px.
+
+  Returns:
+    A ConfigDict (unlocked; the trainer configs lock it).
+  """
+  return ml_collections.ConfigDict(dict(
+      source="synthetic",       # One of SOURCES.
+      # medmnist: the .npz file. array_record: the converter's folder or a shard glob.
+      path="",
+      # folder: images are under `root`, listed by the CSV `manifest`.
+      root="",
+      manifest="",
+      image_column="path",
+      label_columns="label",    # One column (multi-class), several (multi-label), "" (none).
+      classes="",               # Declared class names of a multi-class column, in order.
+      patient_column="",
+      split_column="",
+      split_fractions="",       # "train=0.8,val=0.1,test=0.1": patient-level split when the
+      split_seed=0,             #   manifest has no split column.
+      mask_column="",
+      site_column="",
+      # tfds: a dataset prepared with file_format="array_record".
+      tfds_name="",
+      data_dir="",
+      image_key="image",
+      label_key="label",
+      # synthetic: records per split; sites each split draws from ("all", "A", "B,C").
+      num_examples=ml_collections.ConfigDict(dict(train=2048, val=512, test=512, unlabeled=8192)),
+      image_size=64,
+      sites=ml_collections.ConfigDict(dict(train="all", val="all", test="all", unlabeled="all")),
+      seed=0,
+      task="multilabel",        # synthetic: "multilabel", "any_finding" or one finding name.
+      # All file sources.
+      num_channels=1,
+      keep_bit_depth=False,
+      skip_bad_records=False,
+  ))
+
+
+def _get(config: Mapping[str, Any] | ml_collections.ConfigDict, key: str, default: Any = None):
+  try:
+    value = config[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
+
+
+def _require(config, key: str, source: str, what: str) -> Any:
+  value = _get(config, key)
+  if value in (None, ""):
+    raise ValueError(f"data.{key} is required for data.source='{source}' ({what})")
+  return value
+
+
+def _per_split(value: Any, split: str, default: Any) -> Any:
+  """A scalar applies to every split; a mapping gives one value per split."""
+  if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+    return value.get(split, value.get("train", default)) if hasattr(value, "get") else default
+  return default if value is None else value
+
+
+def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], split: str) -> Source:
+  """Builds the source named by `data_config.source` for `split`.
+
+  Args:
+    data_config: the `data` section (see `default_data_config`).
+    split: "train", "val", "test", "unlabeled" (synthetic), or any split the data has.
+
+  Returns:
+    A source following the record format of data_pipelines/sources/base.py.
+
+  Raises:
+    ValueError: unknown source (lists the valid ones) or a missing key (names it).
+  """
+  source = _get(data_config, "source", "synthetic")
+  skip = bool(_get(data_config, "skip_bad_records", False))
+  keep_bit_depth = bool(_get(data_config, "keep_bit_depth", False))
+  if source == "synthetic":
+    return SyntheticCXR(
+        split=split,
+        num_examples=int(_per_split(_get(data_config, "num_examples"), split, 1024)),
+        image_size=int(_get(data_config, "image_size", 64)),
+        sites=_per_split(_get(data_config, "sites"), split, "all"),
+        seed=int(_get(data_config, "seed", 0)),
+        task=_get(data_config, "task", "multilabel"))
+  if source == "medmnist":
+    from data_pipelines.sources.medmnist import MedMNISTSource
+    path = _require(data_config, "path", source, "the MedMNIST .npz file")
+    return MedMNISTSource(path, split, skip_bad_records=skip,
+                          class_names=parse_columns(_get(data_config, "classes")) or None)
+  if source == "folder":
+    _require(data_config, "manifest", source, "the CSV listing the images")
+    split_column = _get(data_config, "split_column", "") or None
+    fractions = _get(data_config, "split_fractions", "")
+    kwargs = dict(
+        root=_get(data_config, "root", ""), manifest=_get(data_config, "manifest"),
+        image_column=_get(data_config, "image_column", "path"),
+        label_columns=_get(data_config, "label_columns", "label"),
+        classes=parse_columns(_get(data_config, "classes")) or None,
+        patient_column=_get(data_config, "patient_column", "") or None,
+        split_column=split_column, mask_column=_get(data_config, "mask_column", "") or None,
+        site_column=_get(data_config, "site_column", "") or None,
+        num_channels=int(_get(data_config, "num_channels", 1)), keep_bit_depth=keep_bit_depth,
+        skip_bad_records=skip)
+    if split_column:
+      return FolderSource(split=split, **kwargs)
+    if fractions:
+      whole = FolderSource(split=None, **kwargs)
+      splits = split_by_patient(whole, fractions, int(_get(data_config, "split_seed", 0)))
+      if split not in splits:
+        raise ValueError(f"split {split!r} is not in data.split_fractions={fractions!r}")
+      return splits[split]
+    if split not in ("train", "unlabeled", "all"):
+      raise ValueError(f"split {split!r} asked of a folder manifest without splits: set "
+                       "data.split_column (a column of split names) or data.split_fractions "
+                       "(e.g. 'train=0.8,val=0.1,test=0.1')")
+    return FolderSource(split=None, **kwargs)
+  if source == "tfds":
+    from data_pipelines.sources.tfds_source import TFDSSource
+    return TFDSSource(_require(data_config, "tfds_name", source, "a TFDS dataset name"),
+                      split=split, data_dir=_get(data_config, "data_dir", "") or None,
+                      image_key=_get(data_config, "image_key", "image"),
+                      label_key=_get(data_config, "label_key", "label"),
+                      keep_bit_depth=keep_bit_depth)
+  if source == "array_record":
+    from data_pipelines.sources.array_record import ArrayRecordSource
+    return ArrayRecordSource(
+        _require(data_config, "path", source, "the converter's output folder or a shard glob"),
+        split=split, keep_bit_depth=keep_bit_depth)
+  raise ValueError(f"data.source={source!r} unknown; valid sources are: {', '.join(SOURCES)}")
+
+
+__all__ = ["SOURCES", "Source", "IndexView", "SyntheticCXR", "FolderSource", "build_source",
+           "default_data_config", "split_by_patient"]
