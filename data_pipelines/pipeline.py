@@ -234,6 +234,17 @@ class _DropBadRecordsIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
+def _ensure_absl_flags_parsed() -> None:
+  """Grain's worker processes read absl flags; without absl.app.run they are unparsed.
+
+  Grain then raises UnparsedFlagAccessError (a notebook, pytest, a script without app.run).
+  Marking the flags parsed keeps every flag at its default; under app.run this is a no-op.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _sum_skipped(batch: dict[str, Any]) -> dict[str, Any]:
   """Per-element skip counts -> one int per batch (runs in the main process, after workers)."""
   batch = dict(batch)
@@ -267,6 +278,7 @@ def _make_augmented_dataset(source: Any, augment: Any, *, batch_size: int, seed:
   dataset = _DropBadRecordsIterDataset(dataset)
   dataset = dataset.batch(batch_size, drop_remainder=True)
   if worker_count > 0:
+    _ensure_absl_flags_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count, per_worker_buffer_size=2))
   return dataset.map(_sum_skipped)
