@@ -212,3 +212,9 @@ def test_rank_check():
   model = create_model("R_micro")
   with pytest.raises(ValueError, match="rank 4"):
     model.init(jax.random.key(0), jnp.zeros((32, 32, 3)))
+
+
+def test_summary_counts():
+  from remedis_jax.models import summary  # pylint: disable=g-import-not-at-top
+  assert summary.variant_param_count("R_micro", 1000, in_channels=1) == \
+      bit_param_count((1, 1, 1, 1), 8, in_channels=1, num_classes=1000)
