@@ -36,8 +36,11 @@ Generative model
 
 Speed: everything is vectorised numpy on separable (row, column) coordinate vectors, so an
 ellipse is one broadcast add; the noise comes from a per-process bank cropped at a random
-offset. About 3-4k images/s at 64 px and about 600 images/s at 224 px on one core (measured
-by `python -m data_pipelines.sources.synthetic --benchmark`).
+offset. Measured 2.6-3.8k images/s at 64 px and 0.7-1.1k images/s at 224 px in one process
+on a shared 2-core CPU box (`python -m data_pipelines.sources.synthetic`).
+
+Site ids are indices into SITE_NAMES (A = 0 ... D = 3); for this source 0 is site A, not
+"unknown".
 """
 from __future__ import annotations
 
