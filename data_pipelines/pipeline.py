@@ -89,14 +89,31 @@ class _RecordReader:
       return {_BAD_RECORD: f"{error.record}: {error.reason}"}
 
 
-def shard_indices(num_records: int, shard_index: int | None, shard_count: int | None,
+def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+  """(shard_index, shard_count), defaulting to (jax.process_index(), jax.process_count()).
+
+  Raises:
+    ValueError: only one of the two is given, or the index is out of range.
+  """
+  if (shard_index is None) != (shard_count is None):
+    raise ValueError(f"give both shard_index and shard_count or neither; got "
+                     f"shard_index={shard_index}, shard_count={shard_count}")
+  if shard_index is None:
+    import jax  # pylint: disable=g-import-not-at-top  (only needed for the default)
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index must be in [0, {shard_count}); got {shard_index}")
+  return int(shard_index), int(shard_count)
+
+
+def shard_indices(num_records: int, shard_index: int, shard_count: int,
                   equal_shards: bool) -> np.ndarray:
   """Source indices read by one process: a strided slice of range(num_records).
 
   Args:
     num_records: records in the source.
-    shard_index: this process's shard (default: jax.process_index()).
-    shard_count: number of shards (default: jax.process_count()).
+    shard_index: this process's shard.
+    shard_count: number of shards.
     equal_shards: give every shard floor(num_records / shard_count) records (training: every
       process runs the same number of steps per epoch), instead of keeping every record.
 
@@ -106,14 +123,7 @@ def shard_indices(num_records: int, shard_index: int | None, shard_count: int | 
   Raises:
     ValueError: bad shard arguments, or fewer records than shards.
   """
-  if shard_index is None or shard_count is None:
-    if (shard_index is None) != (shard_count is None):
-      raise ValueError(f"give both shard_index and shard_count or neither; got "
-                       f"shard_index={shard_index}, shard_count={shard_count}")
-    import jax  # pylint: disable=g-import-not-at-top  (only needed for the default)
-    shard_index, shard_count = jax.process_index(), jax.process_count()
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index must be in [0, {shard_count}); got {shard_index}")
+  shard_index, shard_count = resolve_shard(shard_index, shard_count)
   if num_records < shard_count:
     raise ValueError(f"the source has {num_records} records, fewer than the {shard_count} "
                      "shards (processes); every process needs at least one record")
@@ -264,10 +274,8 @@ def _make_augmented_dataset(source: Any, augment: Any, *, batch_size: int, seed:
     raise ValueError(f"batch_size (per process) must be positive; got {batch_size}")
   if num_epochs is not None and num_epochs <= 0:
     raise ValueError(f"num_epochs must be positive or None (repeat forever); got {num_epochs}")
+  shard_index, shard_count = resolve_shard(shard_index, shard_count)
   indices = shard_indices(len(source), shard_index, shard_count, equal_shards=True)
-  if shard_index is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    shard_index = jax.process_index()
   dataset = (grain.MapDataset.source(_RecordReader(source, indices, skip_bad_records))
              .seed(_shard_seed(seed, shard_index))
              .shuffle()
@@ -387,9 +395,7 @@ def make_eval_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op]
   if batch_size <= 0:
     raise ValueError(f"batch_size (per process) must be positive; got {batch_size}")
   ops = _check_ops(ops, "make_eval_dataset")
-  if shard_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    shard_count = jax.process_count()
+  shard_index, shard_count = resolve_shard(shard_index, shard_count)
   indices = shard_indices(len(source), shard_index, shard_count, equal_shards=False)
   padded_length = num_eval_batches(len(source), batch_size, shard_count) * batch_size
   padded = np.concatenate([indices, np.full(padded_length - len(indices), indices[0])])

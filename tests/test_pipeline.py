@@ -115,6 +115,14 @@ def test_training_shards_have_equal_length():
   assert [len(pipeline.shard_indices(11, i, 2, equal_shards=False)) for i in range(2)] == [6, 5]
   with pytest.raises(ValueError, match="fewer than the 4"):
     pipeline.shard_indices(3, 0, 4, equal_shards=True)
+  with pytest.raises(ValueError, match="both shard_index and shard_count"):
+    pipeline.shard_indices(3, 0, None, equal_shards=True)
+
+
+def test_default_shard_is_this_jax_process():
+  assert pipeline.resolve_shard(None, None) == (0, 1)  # One process in tests.
+  batches = list(pipeline.make_eval_dataset(TinySource(5), batch_size=2, ops=_EVAL_OPS))
+  assert len(batches) == 3 and int(np.sum([b["valid"] for b in batches])) == 5
 
 
 def test_shards_draw_independent_augmentations():
