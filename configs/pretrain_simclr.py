@@ -42,6 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = common.data_config()
+  config.data.pretrain_split = "train"  # the split pretraining reads (labels, if any, only
+                                        # feed the online probe, never the encoder)
   config.batch_size = 4096              # global, over all devices and hosts
   config.total_steps = -1               # either steps ...
   config.total_epochs = 100.0           # ... or epochs (converted once, in the trainer)
@@ -78,6 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "tiny":
     config.data.source = "synthetic"
+    config.data.pretrain_split = "unlabeled"  # all sites, no labels: REMEDIS stage 2
+    config.probe.enabled = False              # no labels to probe with; kNN monitors instead
     config.data.image_size = 32
     config.batch_size = 64
     config.total_steps = 300
@@ -99,7 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "smoke":
     config.data.source = "synthetic"
     config.data.image_size = 32
-    config.data.num_examples = 96
+    config.data.num_examples.train = 96
+    config.data.num_examples.val = 32
     config.batch_size = 16
     config.total_steps = 4
     config.total_epochs = -1.0

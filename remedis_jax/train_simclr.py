@@ -109,6 +109,7 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, *, temper
         metrics["probe_accuracy"] = correct.sum() / jnp.maximum(weights.sum(), 1.0)
       metrics["probe_loss"] = probe_loss
       total = total + probe_loss
+    metrics["loss"] = loss  # the contrastive objective (the probe's loss is logged apart)
     return total, metrics
 
   def update_fn(state: TrainState, batch: dict[str, jax.Array]):
@@ -123,8 +124,8 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, *, temper
     # Keep the last good state when anything is non-finite (cheap select, no host sync).
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics["nonfinite_steps"] = 1.0 - finite.astype(jnp.float32)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["param_norm"] = optax.global_norm(state.params)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(state.params)
     return new_state, metrics_cls.single_from_model_output(**metrics)
 
   return update_fn
@@ -249,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   local_batch_size = config.batch_size // jax.process_count()
 
   # ---- data
-  source = data_sources.build_source(config.data, "train")
+  source = data_sources.build_source(config.data, config.data.get("pretrain_split", "train"))
   ops = presets.get_preset(config.data.preset, "pretrain", config.data.image_size)
   dataset = pipeline.make_pretrain_dataset(
       source, batch_size=local_batch_size, ops=ops, num_views=2, seed=config.seed,
