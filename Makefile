@@ -24,9 +24,11 @@ install-dev: $(VENV)/.installed-dev
 quickstart: $(VENV)/.installed-runtime
 	$(BIN)/python -m experiments.quickstart --workdir=$(WORKDIR)
 
-# The whole suite; CPU only, tiny models, data generated in the tests.
+# The whole suite; CPU only, tiny models, data generated in the tests. Two pytest-xdist workers
+# (compiling the tiny trainer programs is single-threaded); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

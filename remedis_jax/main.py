@@ -8,6 +8,8 @@ Multi-process runs outside TPU pods / SLURM add --coordinator_address, --num_pro
 """
 
 import importlib
+import logging as std_logging
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -23,12 +25,23 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and summaries go."
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.DEFINE_bool("verbose_libraries", False,
+                  "Keep Orbax's per-save INFO lines (by default only its warnings are shown).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO records logged from inside Orbax (about a dozen lines per checkpoint save)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.verbose_libraries:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = FLAGS.config
   if config.trainer not in TRAINERS:

@@ -26,7 +26,10 @@ TINY_FLAGS = ["--config=configs/pretrain_simclr.py:smoke"]
 
 def _env(devices: int = 1) -> dict:
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # The test session's XLA flags (e.g. -O0 from conftest), with this process's device count.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if "xla_force_host_platform_device_count" not in f]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO
   return env
