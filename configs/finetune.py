@@ -5,7 +5,8 @@ Variants (`--config=configs/finetune.py:<variant>[,lars]`):
   smoke          the smallest run that exercises everything (R_micro, 32 px, 4 steps): tests.
   tiny           built-in synthetic chest X-rays, trained on site A with 10% of the labels,
                  tested on site A (in distribution) and on sites B, C, D (out of distribution),
-                 R_tiny at 32 px, CPU:
+                 R_tiny at 32 px, CPU (~65 s on 2 cores, ~25 s of it training; expect test
+                 macro AUC ~0.65 at site A, ~0.49 at site C, whose images are inverted):
                    python -m remedis_jax.main --config=configs/finetune.py:tiny \
                      --workdir=workdirs/finetune_tiny
                  From a SimCLR pretraining run (REMEDIS) instead of scratch:
@@ -13,7 +14,8 @@ Variants (`--config=configs/finetune.py:<variant>[,lars]`):
                      --config.model.init=workdirs/simclr_tiny --workdir=workdirs/finetune_remedis
   pneumoniamnist real PneumoniaMNIST, MedMNIST v2 protocol (28 px, official train/val/test
                  splits, no augmentation, Adam lr 1e-3, batch 128, 100 epochs, model chosen on
-                 validation); prints the published ResNet-18 (28) baseline beside our numbers:
+                 validation); prints the published baselines (ResNet-18 at 28 px: AUC 0.944,
+                 ACC 0.854) beside our numbers. The file is yours: data.path has no default.
                    python -m remedis_jax.main --config=configs/finetune.py:pneumoniamnist \
                      --config.data.path=../shared/data/pneumoniamnist.npz \
                      --workdir=workdirs/finetune_pmnist
@@ -65,10 +67,8 @@ RECIPES = ("hyperrule", "lars")
 # MedMNIST v2 (Yang et al. 2023, Scientific Data, table of results): PneumoniaMNIST test AUC and
 # ACC of the published baselines.
 PNEUMONIAMNIST_BASELINES = {
-    "ResNet-18 (28)": {"macro_auc": 0.944, "accuracy": 0.854},
-    "ResNet-18 (224)": {"macro_auc": 0.956, "accuracy": 0.864},
-    "ResNet-50 (28)": {"macro_auc": 0.948, "accuracy": 0.854},
-    "ResNet-50 (224)": {"macro_auc": 0.962, "accuracy": 0.884},
+    "MedMNIST v2 ResNet-18 (28)": {"macro_auc": 0.944, "accuracy": 0.854},
+    "MedMNIST v2 ResNet-50 (224)": {"macro_auc": 0.962, "accuracy": 0.884},
 }
 
 
@@ -158,9 +158,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.label_fraction = 0.1
     config.batch_size = 32
     config.eval_batch_size = 128
-    config.total_steps = 150
-    config.optimizer.warmup_steps = 15
-    config.optimizer.learning_rate = 0.1   # x 32/256: 0.0125 peak, SGD momentum
+    config.total_steps = 300
+    config.optimizer.warmup_steps = 30
+    # From scratch the BiT lr (tuned for pretrained weights) barely moves the encoder; 1.0 x
+    # 32/256 = 0.125 peak gave val macro AUC 0.66 vs 0.60 at 0.1 (one seed, CPU).
+    config.optimizer.learning_rate = 1.0
     config.model.name = "R_tiny"
     config.model.head_hidden_dims = (256,)
     config.eval_every_steps = 50
@@ -196,8 +198,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # selected on validation, test AUC and ACC. R_tiny stands in for ResNet-18 (the BiT zoo has
     # no ResNet-18); at 28 px it has ~1.5 M parameters.
     config.data.source = "medmnist"
-    config.data.path = ("../shared/data/pneumoniamnist.npz" if variant == "pneumoniamnist"
-                        else "")
+    config.data.path = ""  # the user's file: --config.data.path=/path/to/pneumoniamnist.npz
     config.data.image_size = 28
     config.data.train_ops = "resize(28)"
     config.test_sets = ("test",)

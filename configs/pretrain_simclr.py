@@ -70,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.probe = ml_collections.ConfigDict({"enabled": True})
   config.knn = ml_collections.ConfigDict({
       "every_steps": 0, "bank_split": "train", "query_split": "val", "bank_size": 2000,
-      "query_size": 1000, "k": 20, "temperature": 0.07, "batch_size": 256})
+      "query_size": 1000, "k": 20, "temperature": 0.07, "batch_size": 256,
+      "at_start": True})  # also at step 0 of a fresh run: the baseline the curve starts from
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000

@@ -4,7 +4,7 @@ r"""`make quickstart`: the REMEDIS pretraining stage on the built-in synthetic c
 
 1. SimCLR-pretrains the tiny BiT encoder (`configs/pretrain_simclr.py:tiny`) on unlabeled
    synthetic radiographs from all sites, with a kNN monitor on the validation split;
-2. exports the encoder (`<workdir>/export`) so fine-tuning can load it with one call.
+2. exports the encoder (`<workdir>/export/step_<N>`) so fine-tuning can load it with one call.
 Rerunning resumes an interrupted run and skips finished steps.
 """
 
@@ -25,10 +25,10 @@ def run(workdir: str, total_steps: int | None = None) -> dict:
   if total_steps is not None:
     config.total_steps = total_steps
   pretrain_dir = os.path.join(workdir, "pretrain_simclr")
-  export_dir = os.path.join(workdir, "export")
   print(f"[1/2] SimCLR pretraining ({config.model.name}, {config.total_steps} steps, batch "
         f"{config.batch_size}, {config.data.image_size} px) -> {pretrain_dir}", flush=True)
   summary = train_simclr.train_and_evaluate(config, pretrain_dir)
+  export_dir = os.path.join(workdir, "export", f"step_{summary['steps']}")
   if export.is_export(export_dir):
     print(f"[2/2] Export already present: {export_dir}")
   else:

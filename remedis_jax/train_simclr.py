@@ -230,8 +230,17 @@ def put_host_tree(tree, shardings):
 
 
 # ------------------------------------------------------------------------------------ train
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pretrains with SimCLR; returns a summary (steps, final loss, checkpoint and export paths)."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       dataset=None) -> dict[str, Any]:
+  """Pretrains with SimCLR; returns a summary (steps, final loss, checkpoint and export paths).
+
+  Args:
+    config: the run config (configs/pretrain_simclr.py).
+    workdir: checkpoints, logs and summaries go here; an existing run there is resumed.
+    dataset: optional Grain dataset of host batches ({"views": uint8 (B, 2, H, W, C), ...})
+      used instead of the one `config.data` describes (benchmarks use it to take input
+      preprocessing out of the measurement). The source still sets the epoch length.
+  """
   start_time = time.time()
   workdir = os.path.abspath(workdir)
   write_run_config(config, workdir)
@@ -252,10 +261,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---- data
   source = data_sources.build_source(config.data, config.data.get("pretrain_split", "train"))
   ops = presets.get_preset(config.data.preset, "pretrain", config.data.image_size)
-  dataset = pipeline.make_pretrain_dataset(
-      source, batch_size=local_batch_size, ops=ops, num_views=2, seed=config.seed,
-      num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
-      worker_count=config.data.get("worker_count", 0))
+  if dataset is None:
+    dataset = pipeline.make_pretrain_dataset(
+        source, batch_size=local_batch_size, ops=ops, num_views=2, seed=config.seed,
+        num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
+        worker_count=config.data.get("worker_count", 0))
   data_iterator = iter(dataset)
   total_steps, warmup_steps, steps_per_epoch = steps_from_config(config, len(source))
   logging.info("Data: %s, %d examples, %d steps/epoch, %d total steps (%d warm-up).",
@@ -319,6 +329,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_loss = float("nan")
   preempted = False
   try:
+    if knn is not None and start_step == 0 and config.knn.get("at_start", False):
+      with report_progress.timed("knn"):
+        knn_values = dict(knn.run(state.params))
+      writer.write_scalars(0, {f"knn/{k}": v for k, v in knn_values.items()})
+      logging.info("kNN at initialisation: %s", knn_values)
     while step < total_steps:
       wait_start = time.monotonic()
       host_batch = next(data_iterator)

@@ -1,0 +1,200 @@
+"""Fine-tuning trainer: config checks, test sets per site, schedules, class weights, end to end
+from scratch and from an export (linear mode leaves the encoder bit-identical), finished-run
+return, results.json schema."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.utils import class_weight
+
+from configs import finetune as finetune_config
+from data_pipelines import subset as subset_lib
+from remedis_jax import checkpointing, export, models, train_finetune
+
+
+def smoke_config(**overrides):
+  """The `:smoke` config with dotted-key overrides, e.g. smoke_config(**{"model.init": p})."""
+  config = finetune_config.get_config("smoke")
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+# ------------------------------------------------------------------------ fast checks
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"label_fraction": 0.0}, ValueError, r"label_fraction=0.0 must be in \(0, 1\]"),
+    ({"label_fraction": 1.5}, ValueError, r"label_fraction=1.5 must be in \(0, 1\]"),
+    ({"model.init": "/nonexistent/BiT-M-R50x1.npz"}, FileNotFoundError,
+     r"config.model.init='/nonexistent/BiT-M-R50x1.npz' does not exist"),
+    ({"finetune_mode": "probe"}, ValueError, r"finetune_mode='probe'"),
+    ({"model.from_head_layer": True}, ValueError, "needs a pretrained projection head"),
+    ({"test_sets": ()}, ValueError, "config.test_sets is empty"),
+    ({"test_sets": ("a=test@A", "a=test@B")}, ValueError, "duplicate names"),
+    ({"robustness.test_sets": ("nope",)}, ValueError, "not in config.test_sets"),
+    ({"robustness.perturbations": ("blur(2)",)}, ValueError, "unknown name 'blur'"),
+])
+def test_bad_config_fails_before_anything_is_built(tmp_path, overrides, error, match):
+  workdir = tmp_path / "run"
+  with pytest.raises(error, match=match):
+    train_finetune.train_and_evaluate(smoke_config(**overrides), str(workdir))
+  assert not workdir.exists()  # nothing written
+
+
+def test_site_test_sets_are_the_same_patients_at_other_sites():
+  config = smoke_config()
+  test_sets = train_finetune.parse_test_sets(config.test_sets, "synthetic")
+  assert test_sets == [train_finetune.TestSet("in_distribution", "test", "A"),
+                       train_finetune.TestSet("site_C", "test", "C")]
+  site_a, site_c = (train_finetune.build_test_source(config, t) for t in test_sets)
+  np.testing.assert_array_equal(site_a.labels, site_c.labels)
+  assert set(site_a.record_sites) == {0} and set(site_c.record_sites) == {2}
+  assert not np.array_equal(site_a[0]["image"], site_c[0]["image"])
+  assert train_finetune.parse_test_sets("test,val@B", "synthetic")[1] == (
+      train_finetune.TestSet("val_B", "val", "B"))
+  with pytest.raises(ValueError, match="synthetic source only"):
+    train_finetune.parse_test_sets(("x=test@B",), "medmnist")
+
+
+def test_schedule_follows_bit_hyperrule_by_dataset_size():
+  config = smoke_config(total_steps=-1, total_epochs=-1.0, **{"optimizer.warmup_steps": -1})
+  assert train_finetune.schedule_from_config(config, 1_000)[:2] == (500, 100)
+  assert train_finetune.schedule_from_config(config, 100_000)[:2] == (10_000, 500)
+  assert train_finetune.schedule_from_config(config, 1_000_000)[:2] == (20_000, 500)
+  config = smoke_config(total_steps=-1, total_epochs=3.0)  # batch 16, warm-up 1 as given
+  assert train_finetune.schedule_from_config(config, 160) == (30, 1, 10)
+
+
+def test_balanced_class_weights_match_sklearn():
+  labels = np.array([0, 0, 0, 1, 2, 2, -1], np.int32)  # -1 (unlabeled) is ignored
+  weights = train_finetune.class_weights_from_config("balanced", labels, 3, multi_label=False)
+  expected = class_weight.compute_class_weight("balanced", classes=np.arange(3),
+                                               y=labels[labels >= 0])
+  np.testing.assert_allclose(weights, expected, rtol=1e-6)
+  assert train_finetune.class_weights_from_config("", labels, 3, False) is None
+  np.testing.assert_array_equal(
+      train_finetune.class_weights_from_config("1,2,3", labels, 3, False), [1, 2, 3])
+  with pytest.raises(ValueError, match="3 classes"):
+    train_finetune.class_weights_from_config("1,2", labels, 3, False)
+  with pytest.raises(ValueError, match="multi-class"):
+    train_finetune.class_weights_from_config("balanced", labels, 3, True)
+
+
+# ------------------------------------------------------------------------ end to end
+SCHEMA_KEYS = {"format", "finished", "steps", "total_steps", "wall_time_s", "config",
+               "initialisation", "num_train_labels", "subset_manifest", "task", "best",
+               "thresholds", "val", "test_sets", "robustness", "baselines"}
+METRIC_KEYS = {"macro_auc", "accuracy", "balanced_accuracy", "ece", "sensitivity", "specificity",
+               "num_examples"}
+
+
+def test_finetune_from_scratch_end_to_end_and_finished_rerun(tmp_path):
+  workdir = str(tmp_path / "scratch")
+  config = smoke_config()
+  results = train_finetune.train_and_evaluate(config, workdir)
+
+  assert set(results) == SCHEMA_KEYS
+  assert results["format"] == train_finetune.RESULTS_FORMAT and results["finished"]
+  assert results["steps"] == results["total_steps"] == 4
+  assert results["initialisation"] == "scratch"
+  assert results["task"] == {"multi_label": True, "num_classes": 4,
+                             "class_names": ["nodule", "opacity", "effusion", "cardiomegaly"]}
+  assert results["best"]["step"] in (2, 4) and results["best"]["split"] == "val"
+  assert len(results["thresholds"]["values"]) == 4
+  assert set(results["test_sets"]) == {"in_distribution", "site_C"}
+  for name, entry in results["test_sets"].items():
+    assert METRIC_KEYS <= set(entry["metrics"])
+    assert entry["num_examples"] == 32
+    with open(os.path.join(workdir, entry["roc_file"])) as f:
+      roc = json.load(f)
+    assert set(roc) == set(results["task"]["class_names"])
+    assert roc["nodule"]["fpr"][0] == 0.0 and roc["nodule"]["tpr"][-1] == 1.0
+  assert set(results["robustness"]) == {"in_distribution"}
+  assert set(results["robustness"]["in_distribution"]) == {"gamma(1.5)", "rotate(15)"}
+
+  # The manifest holds exactly the subset the run trained on.
+  with open(os.path.join(workdir, results["subset_manifest"])) as f:
+    manifest = json.load(f)
+  expected = subset_lib.subset(train_finetune.data_sources.build_source(config.data, "train"),
+                               0.5, 0)
+  assert manifest["ids"] == expected.ids and results["num_train_labels"] == len(expected) == 51
+
+  # The best checkpoint's validation value is what the log wrote at that step.
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if '"val/macro_auc"' in line]
+  logged = {r["step"]: r["val/macro_auc"] for r in records}
+  assert results["best"]["value"] == pytest.approx(max(logged.values()), abs=1e-6)
+  assert logged[results["best"]["step"]] == pytest.approx(max(logged.values()), abs=1e-6)
+
+  # With thresholds chosen on validation, the validation sensitivity/specificity are those of
+  # Youden's J there, so their sum is at least 1 for every class with both labels.
+  for c in results["task"]["class_names"]:
+    sens, spec = results["val"][f"sensitivity/{c}"], results["val"][f"specificity/{c}"]
+    if sens is not None and spec is not None:
+      assert sens + spec >= 1.0 - 1e-9
+
+  # A finished run returns its results without training again.
+  again = train_finetune.train_and_evaluate(config, workdir)
+  assert again == json.loads(json.dumps(results))
+
+
+def _write_export(path):
+  """An R_micro encoder + projection head, random, in the export format (a SimCLR stand-in)."""
+  model = models.create_contrastive_model("R_micro", head_hidden_dims=(32,), projection_dim=16)
+  params = jax.jit(model.init)(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.device_get(params)
+  export.write_export(str(path), {"encoder": params["encoder"], "head": params["head"]},
+                      {"model_name": "R_micro", "encoder_overrides": {}, "step": 0})
+  return params
+
+
+def test_linear_evaluation_from_export_keeps_encoder_and_head_layer_bit_identical(tmp_path):
+  exported = _write_export(tmp_path / "export")
+  workdir = str(tmp_path / "linear")
+  config = smoke_config(**{"model.init": str(tmp_path / "export"), "finetune_mode": "linear",
+                           "model.from_head_layer": True, "test_sets": ("test@A",),
+                           "robustness.perturbations": ()})
+  results = train_finetune.train_and_evaluate(config, workdir)
+  assert results["initialisation"].startswith("export ")
+  assert "first projection-head layer" in results["initialisation"]
+  assert set(results["test_sets"]) == {"test_A"} and results["robustness"] == {}
+
+  params, step = checkpointing.load_params(workdir)
+  assert step == 4
+  same = jax.tree.map(np.array_equal, params["encoder"], exported["encoder"])
+  assert all(jax.tree.leaves(same))
+  for layer in ("hidden_0", "hidden_0_norm"):
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params["head"][layer],
+                                            exported["head"][layer])))
+  # ... while the classifier did learn.
+  assert np.abs(params["classifier"]["kernel"]).sum() > 0
+
+
+def test_real_pneumoniamnist_protocol_short_run(shared_data_dir, tmp_path):
+  """The MedMNIST v2 config on real PneumoniaMNIST (a few steps): binary softmax schema,
+  official splits, baselines carried to results.json."""
+  config = finetune_config.get_config("pneumoniamnist")
+  config.data.path = str(shared_data_dir / "pneumoniamnist.npz")
+  config.model.name = "R_micro"
+  config.total_epochs = -1.0
+  config.total_steps = 2
+  config.eval_every_steps = 2
+  config.batch_size = 64
+  config.robustness.perturbations = ()
+  config.async_checkpointing = False
+  results = train_finetune.train_and_evaluate(config, str(tmp_path / "pmnist"))
+  assert results["task"] == {"multi_label": False, "num_classes": 2,
+                             "class_names": ["normal", "pneumonia"]}
+  assert results["num_train_labels"] == 3882
+  test = results["test_sets"]["test"]
+  assert test["num_examples"] == 624 and len(results["thresholds"]["values"]) == 1
+  assert {"threshold", "sensitivity", "specificity", "auc/pneumonia"} <= set(test["metrics"])
+  assert results["baselines"]["MedMNIST v2 ResNet-18 (28)"] == {"macro_auc": 0.944,
+                                                                 "accuracy": 0.854}
