@@ -84,6 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.pretrain_split = "unlabeled"  # all sites, no labels: REMEDIS stage 2
     config.probe.enabled = False              # no labels to probe with; kNN monitors instead
     config.data.image_size = 32
+    # One Grain worker process: augmenting 32 px images is GIL-bound Python, so in reader
+    # threads it stalls the step (input wait ~93 ms/step); in a worker ~1.5 ms/step
+    # (experiments/benchmarks/train_step.py --mode=loop, 2 cores).
+    config.data.worker_count = 1
     config.batch_size = 64
     config.total_steps = 300
     config.total_epochs = -1.0
