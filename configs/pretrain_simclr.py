@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.projection_dim = 128
   config.model.head_norm = "layer"
   config.model.dtype = "float32"        # compute dtype; "bfloat16" on TPU/GPU
-  config.model.remat = False            # rematerialise units: less memory, ~30% more compute
+  config.model.remat = False            # recompute each unit in the backward pass: less memory
 
   config.loss = ml_collections.ConfigDict({"temperature": 0.1})
 

@@ -323,6 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   device_keys = ("views", "label") if use_probe else ("views",)
   train_metrics = None
   input_wait = 0.0
+  # Run totals for the summary; the first batch (pipeline and worker start-up) is kept apart.
+  run_input_wait, run_waited_steps, first_batch_wait = 0.0, 0, None
   skipped_records = 0
   window_start, window_steps = time.monotonic(), 0
   step = start_step
@@ -337,7 +339,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     while step < total_steps:
       wait_start = time.monotonic()
       host_batch = next(data_iterator)
-      input_wait += time.monotonic() - wait_start
+      waited = time.monotonic() - wait_start
+      input_wait += waited
+      if first_batch_wait is None:
+        first_batch_wait = waited
+      else:
+        run_input_wait += waited
+        run_waited_steps += 1
       skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
       batch = sharding.shard_host_batch({k: host_batch[k] for k in device_keys}, batch_sharding)
       state, step_metrics = update_fn(state, batch)
@@ -391,6 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "preempted": preempted,
       "final_loss": last_loss,
       "skipped_records": skipped_records,
+      "input_wait_ms_per_step": 1000.0 * run_input_wait / max(run_waited_steps, 1),
+      "first_batch_s": first_batch_wait,
       "wall_time_s": time.time() - start_time,
       "checkpoint": f"{manager.directory}/{manager.latest_step()}",
       "initialisation": init_description,
@@ -402,6 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      f"  steps          {step}/{total_steps}",
                      f"  time           {summary['wall_time_s']:.1f} s",
                      f"  final loss     {last_loss:.4f}",
+                     f"  input wait     {summary['input_wait_ms_per_step']:.1f} ms/step "
+                     f"(after the first batch)",
                      f"  skipped bad    {skipped_records} records",
                      f"  checkpoint     {summary['checkpoint']}",
                      f"  TensorBoard    tensorboard --logdir {workdir}"]), flush=True)
