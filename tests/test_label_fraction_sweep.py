@@ -1,0 +1,361 @@
+"""Label-fraction sweep: grid planning, validation before anything is written, skipping finished
+runs, failure accounting, aggregation vs NumPy, the "smallest matching fraction" rule, CSV/JSON/
+PNG outputs, job lists that reproduce the in-process config, and one real end-to-end sweep of
+`:smoke` fine-tuning runs (plus one small subprocess-parallel case, marked slow)."""
+
+import csv
+import json
+import math
+import os
+import shlex
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import label_fraction_sweep as sweep
+from experiments import sweep_results
+from remedis_jax import export, models, train_finetune
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_fake_export(path, model_name="R_micro"):
+  """An export folder that passes the cheap init check (model.json only, no weights)."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "model.json"), "w") as f:
+    json.dump({"model_name": model_name}, f)
+  return str(path)
+
+
+def write_real_export(path):
+  """A random R_micro encoder + head in the export format (a SimCLR stand-in)."""
+  model = models.create_contrastive_model("R_micro", head_hidden_dims=(32,), projection_dim=16)
+  params = jax.device_get(jax.jit(model.init)(jax.random.key(7),
+                                              jnp.zeros((1, 32, 32, 3)))["params"])
+  export.write_export(str(path), {"encoder": params["encoder"], "head": params["head"]},
+                      {"model_name": "R_micro", "encoder_overrides": {}, "step": 0})
+  return str(path)
+
+
+def smoke_sweep(inits, fractions=(0.25, 0.5), seeds=(0,), baseline_fraction=0.5, **overrides):
+  config = sweep.default_sweep_config()
+  config.base = "configs/finetune.py:smoke"
+  config.inits = ml_collections.ConfigDict(dict(inits))
+  config.label_fractions = tuple(fractions)
+  config.seeds = tuple(seeds)
+  config.baseline = "scratch"
+  config.baseline_fraction = baseline_fraction
+  config.overrides = ml_collections.ConfigDict({
+      "robustness": {"perturbations": ()}, "test_sets": ("in_distribution=test@A",
+                                                         "site_C=test@C")})
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+# --------------------------------------------------------------------------- plan + validate
+def test_plan_is_the_full_grid_plus_the_baseline_cell(tmp_path):
+  bit = write_fake_export(tmp_path / "bit")
+  config = smoke_sweep({"scratch": "", "bit": bit}, fractions=(0.1, 0.5), seeds=(0, 3),
+                       baseline_fraction=1.0)
+  runs = sweep.plan_runs(config)
+  ids = [r.run_id for r in runs]
+  expected = [f"init={i}/frac={f}/seed={s}" for i in ("bit", "scratch") for f in ("0.1", "0.5")
+              for s in (0, 3)]
+  expected += ["init=scratch/frac=1/seed=0", "init=scratch/frac=1/seed=3"]
+  assert sorted(ids) == sorted(expected) and len(set(ids)) == len(ids) == 10
+  for run in runs:
+    overrides = dict(run.overrides)
+    # The label subset follows the seed: different labeled subsets per seed.
+    assert overrides["seed"] == overrides["label_fraction_seed"] == run.seed
+    assert overrides["label_fraction"] == run.label_fraction
+    assert overrides["model.init"] == ("" if run.init == "scratch" else os.path.abspath(bit))
+    assert overrides["test_sets"] == ("in_distribution=test@A", "site_C=test@C")
+  sweep.validate(config, runs)  # a good grid passes
+
+
+def test_relative_init_paths_become_absolute(tmp_path, monkeypatch):
+  write_fake_export(tmp_path / "exports" / "remedis")
+  monkeypatch.chdir(tmp_path)
+  config = smoke_sweep({"scratch": "", "remedis": "exports/remedis"})
+  runs = sweep.validate(config)
+  assert {r.init_path for r in runs} == {"", str(tmp_path / "exports" / "remedis")}
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(label_fractions=(0.0, 0.5)), ValueError, r"every fraction must be in \(0, 1\]"),
+    (dict(label_fractions=(0.5, 1.5)), ValueError, r"every fraction must be in \(0, 1\]"),
+    (dict(label_fractions=()), ValueError, "label_fractions is empty"),
+    (dict(seeds=()), ValueError, "seeds="),
+    (dict(baseline="supervised"), ValueError, "unknown init"),
+    (dict(inits={"scratch": "", "remedis": "/nonexistent/pretrain_simclr"}), FileNotFoundError,
+     r"inits.remedis='/nonexistent/pretrain_simclr' does not exist; fix --config.inits.remedis"),
+    (dict(inits={"scratch": "", "bit": "/nonexistent/BiT-M-R50x1.npz"}), FileNotFoundError,
+     "inits.bit='/nonexistent/BiT-M-R50x1.npz' does not exist"),
+    (dict(inits={"scratch": "", "remedis": "EMPTY_DIR"}), FileNotFoundError,
+     "holds no checkpoint"),
+    (dict(metric="f1"), ValueError, "metric='f1'"),
+    (dict(overrides={"total_stepz": 3}), KeyError, "'total_stepz' is not a key of the base"),
+    (dict(overrides={"data": {"sitez": {"train": "B"}}}), KeyError, "'data.sitez' is not a"),
+    (dict(overrides={"test_sets": ("a=test@A", "a=test@B")}), ValueError,
+     "run init=scratch/frac=0.25/seed=0: config.test_sets has duplicate names"),
+    (dict(base="configs/nope.py:tiny"), FileNotFoundError, "configs/nope.py"),
+    (dict(base="configs/pretrain_simclr.py:smoke"), ValueError, "needs a fine-tuning config"),
+])
+def test_config_mistakes_are_rejected_before_anything_is_written(tmp_path, monkeypatch, change,
+                                                                 error, match):
+  def no_training(*args):
+    raise AssertionError("a bad sweep config reached training")
+  monkeypatch.setattr(train_finetune, "train_and_evaluate", no_training)
+  empty = tmp_path / "empty_workdir"
+  empty.mkdir()
+  change = dict(change)
+  if "inits" in change:
+    change["inits"] = ml_collections.ConfigDict(
+        {k: (str(empty) if v == "EMPTY_DIR" else v) for k, v in change["inits"].items()})
+  if "overrides" in change:
+    change["overrides"] = ml_collections.ConfigDict(change["overrides"])
+  config = smoke_sweep({"scratch": ""})
+  for key, value in change.items():
+    config[key] = value
+  workdir = tmp_path / "sweep"
+  with pytest.raises(error, match=match):
+    sweep.run_sweep(config, str(workdir), verbose=False)
+  assert not workdir.exists()
+  with pytest.raises(ValueError, match="parallel=0"):
+    sweep.run_sweep(smoke_sweep({"scratch": ""}), str(workdir), parallel=0, verbose=False)
+  assert not workdir.exists()
+
+
+# -------------------------------------------------------------------------- results by hand
+def fake_results(test_metrics, *, num_train_labels=10, best_step=4):
+  """A results.json in the train_finetune schema with the given per-test-set metrics."""
+  return {"format": train_finetune.RESULTS_FORMAT, "finished": True, "steps": 4,
+          "total_steps": 4, "wall_time_s": 1.0, "num_train_labels": num_train_labels,
+          "best": {"metric": "macro_auc", "split": "val", "step": best_step, "value": 0.5},
+          "test_sets": {name: {"split": "test", "sites": "", "num_examples": 32, "roc_file": "",
+                               "metrics": m} for name, m in test_metrics.items()}}
+
+
+def write_results(path, results):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "results.json"), "w") as f:
+    json.dump(results, f)
+
+
+def test_aggregation_matches_numpy_on_hand_made_results(tmp_path):
+  config = smoke_sweep({"scratch": ""}, fractions=(0.1, 1.0), seeds=(0, 1, 2), baseline_fraction=1.0)
+  runs = sweep.plan_runs(config)
+  rng = np.random.default_rng(0)
+  values = {}
+  for run in runs:
+    m = {name: {"macro_auc": float(rng.uniform(0.5, 1)), "accuracy": float(rng.uniform()),
+                "balanced_accuracy": float(rng.uniform()), "ece": float(rng.uniform(0, 0.2))}
+         for name in ("in_distribution", "site_C")}
+    values[run.run_id] = m
+    write_results(tmp_path / run.run_id, fake_results(m, num_train_labels=int(run.label_fraction * 100)))
+  rows = sweep_results.collect_rows(str(tmp_path), runs)
+  assert len(rows) == len(runs) * 2
+  cells = sweep_results.summarize(rows)
+  assert len(cells) == 2 * 2  # fractions x test sets
+  for cell in cells:
+    ids = [sweep.run_id("scratch", cell["label_fraction"], s) for s in (0, 1, 2)]
+    for column, key in (("auc", "macro_auc"), ("accuracy", "accuracy"), ("ece", "ece")):
+      x = np.array([values[i][cell["test_set"]][key] for i in ids])
+      assert cell[f"{column}_mean"] == pytest.approx(np.mean(x), abs=1e-12)
+      assert cell[f"{column}_std"] == pytest.approx(np.std(x, ddof=1), abs=1e-12)
+    assert cell["n"] == 3 and cell["n_failed"] == 0
+  # One seed: std 0 (ddof=1 is undefined); a NaN value makes the mean NaN, not dropped.
+  rows = [dict(r, auc=math.nan) if r["run_id"].endswith("seed=2") else r for r in rows]
+  one = sweep_results.summarize([r for r in rows if r["seed"] == 0])
+  assert all(c["auc_std"] == 0.0 and c["n"] == 1 for c in one)
+  assert all(math.isnan(c["auc_mean"]) for c in sweep_results.summarize(rows))
+
+
+def cells_from(table, test_set="test"):
+  """{(init, fraction): mean} -> summarize-style cells."""
+  return [{"init": i, "label_fraction": f, "test_set": test_set, "n": 3, "n_failed": 0,
+           "auc_mean": m, "auc_std": 0.01} for (i, f), m in table.items()]
+
+
+def test_smallest_matching_fraction_rule():
+  cells = cells_from({
+      ("scratch", 0.01): 0.60, ("scratch", 0.1): 0.70, ("scratch", 1.0): 0.80,
+      ("remedis", 0.01): 0.75, ("remedis", 0.1): 0.80, ("remedis", 1.0): 0.79,  # first crossing
+      ("bit", 0.01): 0.70, ("bit", 0.1): 0.78, ("bit", 1.0): 0.799,             # never
+  })
+  matches = {m["init"]: m for m in sweep_results.matching_fractions(
+      cells, metric="auc", baseline="scratch", baseline_fraction=1.0,
+      inits=["scratch", "remedis", "bit"])}
+  assert matches["scratch"]["match_fraction"] == 1.0  # the baseline matches itself
+  assert matches["remedis"]["status"] == "matches" and matches["remedis"]["match_fraction"] == 0.1
+  assert matches["bit"]["status"] == "never" and matches["bit"]["match_fraction"] is None
+  assert (matches["bit"]["best_fraction"], matches["bit"]["best_mean"]) == (1.0, 0.799)
+  table = sweep_results.format_match_table(list(matches.values()), metric="auc",
+                                           baseline="scratch", baseline_fraction=1.0,
+                                           tolerance=0.0)
+  assert "| test | 0.800 | 100% (0.800) | 10% (0.800) | never (best 0.799 at 100%) |" in table
+  assert ">= the baseline's mean - 0 (tolerance)" in table
+  # A tolerance of 0.06 (threshold 0.74) lets bit match at 10% and remedis at 1%.
+  tolerant = {m["init"]: m["match_fraction"] for m in sweep_results.matching_fractions(
+      cells, metric="auc", baseline="scratch", baseline_fraction=1.0, tolerance=0.06)}
+  assert tolerant == {"scratch": 1.0, "remedis": 0.01, "bit": 0.1}
+  # Without the baseline cell there is nothing to match.
+  no_baseline = sweep_results.matching_fractions(
+      [c for c in cells if c["init"] != "scratch"], metric="auc", baseline="scratch")
+  assert {m["status"] for m in no_baseline} == {"no baseline"}
+
+
+# --------------------------------------------------------------------- run logic, fake trainer
+class FakeTrainer:
+  """Stands in for train_finetune.train_and_evaluate: writes results.json from the config;
+  a run whose init path contains 'broken' raises."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, config, workdir):
+    self.calls.append(workdir)
+    if "broken" in config.model.init:
+      raise ValueError("weights do not fit the model")
+    base = 0.9 if config.model.init else 0.7
+    auc = base - 0.1 * (1 - config.label_fraction) + 0.001 * config.seed
+    results = fake_results({name.partition("=")[0]: {"macro_auc": auc, "accuracy": 0.5,
+                                                     "balanced_accuracy": 0.5, "ece": 0.1}
+                            for name in config.test_sets})
+    write_results(workdir, results)
+    return results
+
+
+def test_finished_runs_are_skipped_and_failures_are_recorded(tmp_path, monkeypatch):
+  fake = FakeTrainer()
+  monkeypatch.setattr(train_finetune, "train_and_evaluate", fake)
+  good, broken = write_fake_export(tmp_path / "good"), write_fake_export(tmp_path / "broken")
+  config = smoke_sweep({"scratch": "", "remedis": good, "other": broken}, seeds=(0, 1))
+  workdir = tmp_path / "sweep"
+  summary = sweep.run_sweep(config, str(workdir), verbose=False)
+  assert len(fake.calls) == summary["num_runs"] == 12
+  assert summary["counts"] == {"finished": 8, "failed": 4}
+  assert sorted(summary["failed"]) == sorted(
+      sweep.run_id("other", f, s) for f in (0.25, 0.5) for s in (0, 1))
+  assert "weights do not fit the model" in summary["failed"]["init=other/frac=0.5/seed=1"]
+  error_file = workdir / "init=other" / "frac=0.5" / "seed=1" / sweep.ERROR_FILE
+  assert "ValueError: weights do not fit the model" in error_file.read_text()
+  # Failed runs are rows of the CSV (status failed, error kept), not silently dropped.
+  with open(summary["results_csv"]) as f:
+    rows = list(csv.DictReader(f))
+  failed_rows = [r for r in rows if r["status"] == "failed"]
+  assert len(failed_rows) == 4 and all("weights do not fit" in r["error"] for r in failed_rows)
+  assert "4 run(s) did not finish" in summary["table"]
+  # The matches: remedis (0.9 - 0.1 * (1 - f)) beats the scratch baseline at 50% already.
+  matches = {(m["test_set"], m["init"]): m for m in summary["matches"]}
+  assert matches[("in_distribution", "remedis")]["match_fraction"] == 0.25
+  assert matches[("in_distribution", "other")]["status"] == "never"
+
+  mtimes = {p: os.path.getmtime(p) for p in workdir.glob("init=*/frac=*/seed=*/results.json")}
+  fake.calls.clear()
+  again = sweep.run_sweep(config, str(workdir), verbose=False)
+  # Only the failed runs ran again; the finished ones were not touched.
+  assert sorted(os.path.relpath(c, workdir) for c in fake.calls) == sorted(summary["failed"])
+  assert again["counts"] == {"skipped": 8, "failed": 4}
+  assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
+
+  # Aggregate-only mode reads the same failures back from the run folders.
+  fake.calls.clear()
+  aggregated = sweep.run_sweep(config, str(workdir), mode="aggregate", verbose=False)
+  assert not fake.calls and aggregated["counts"] == {"finished": 8, "failed": 4}
+  assert aggregated["matches"] == summary["matches"]
+
+
+# ------------------------------------------------------------------------------ job lists
+def parse_job_line(line):
+  """The fine-tuning config a job-list line builds, parsed by ml_collections' own flags."""
+  env, python, *argv = shlex.split(line.partition("&&")[2])
+  assert env.startswith("JAX_COMPILATION_CACHE_DIR=") and os.path.basename(python).startswith(
+      "python")
+  assert argv[:2] == ["-m", "remedis_jax.main"]
+  main_args = argv[2:]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                  sys_argv=["prog"] + main_args)
+  flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+  flag_values(["prog"] + main_args)
+  return flag_values.config, flag_values.workdir
+
+
+def test_job_list_reproduces_the_in_process_configs(tmp_path):
+  config = smoke_sweep({"scratch": "", "remedis": write_fake_export(tmp_path / "export")},
+                       seeds=(0, 1))
+  workdir = tmp_path / "sweep"
+  runs = sweep.plan_runs(config)
+  write_results(workdir / runs[0].run_id, fake_results({"a": {"macro_auc": 0.5}}))
+  summary = sweep.run_sweep(config, str(workdir), mode="joblist", verbose=False)
+  lines = (workdir / "jobs.txt").read_text().splitlines()
+  assert summary["jobs_file"] == str(workdir / "jobs.txt")
+  assert len(lines) == len(runs) - 1  # the finished run is not listed
+  base = sweep.load_config_file(config.base)
+  for line, run in zip(lines, runs[1:]):
+    assert line.startswith(f"cd {shlex.quote(sweep.REPO_ROOT)} && JAX_COMPILATION_CACHE_DIR=")
+    parsed, run_workdir = parse_job_line(line)
+    assert run_workdir == str(workdir / run.run_id)
+    assert parsed.to_dict() == sweep.build_run_config(config, run, base).to_dict()
+  assert json.loads((workdir / sweep.PLAN_FILE).read_text())["runs"][1]["run_id"] == runs[1].run_id
+
+
+# ---------------------------------------------------------------------- real runs (smoke)
+@pytest.mark.slow
+def test_real_smoke_sweep_end_to_end_then_skips_everything(tmp_path):
+  """2 fractions x 2 inits x 1 seed of `configs/finetune.py:smoke`, in this process."""
+  remedis = write_real_export(tmp_path / "export")
+  config = smoke_sweep({"scratch": "", "remedis": remedis})
+  workdir = tmp_path / "sweep"
+  summary = sweep.run_sweep(config, str(workdir), verbose=False)
+  assert summary["counts"] == {"finished": 4} and not summary["failed"]
+
+  with open(summary["results_csv"]) as f:
+    reader = csv.DictReader(f)
+    rows = list(reader)
+  assert tuple(reader.fieldnames) == sweep_results.COLUMNS
+  assert {"init", "label_fraction", "seed", "test_set", "auc", "accuracy"} <= set(reader.fieldnames)
+  assert len(rows) == 4 * 2  # runs x test sets
+  for row in rows:  # every row is exactly what its run wrote
+    with open(os.path.join(row["run_dir"], "results.json")) as f:
+      results = json.load(f)
+    assert results["config"]["label_fraction"] == float(row["label_fraction"])
+    assert results["config"]["seed"] == results["config"]["label_fraction_seed"] == 0
+    assert (results["initialisation"] == "scratch") == (row["init"] == "scratch")
+    metrics = results["test_sets"][row["test_set"]]["metrics"]
+    assert float(row["auc"]) == metrics["macro_auc"]
+    assert float(row["accuracy"]) == metrics["accuracy"]
+    assert int(row["num_train_labels"]) == results["num_train_labels"]
+  assert {int(r["num_train_labels"]) for r in rows if r["label_fraction"] == "0.5"} == {51}
+
+  aggregated = json.loads((workdir / "results.json").read_text())
+  assert aggregated["format"] == sweep_results.FORMAT and len(aggregated["rows"]) == 8
+  assert len(aggregated["cells"]) == 2 * 2 * 2 and len(aggregated["matches"]) == 2 * 2
+  with open(summary["plot"], "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+  assert (workdir / "summary.md").read_text().startswith("## Smallest label fraction")
+
+  mtimes = {p: os.path.getmtime(p) for p in workdir.glob("init=*/frac=*/seed=*/*")}
+  again = sweep.run_sweep(config, str(workdir), verbose=False)
+  assert again["counts"] == {"skipped": 4}
+  assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
+  assert again["matches"] == summary["matches"]
+
+
+@pytest.mark.slow
+def test_real_subprocess_parallel_case(tmp_path):
+  """Two `python -m remedis_jax.main` processes at once (the slow path: process start-up)."""
+  config = smoke_sweep({"scratch": ""}, fractions=(0.5,), seeds=(0, 1))
+  summary = sweep.run_sweep(config, str(tmp_path / "sweep"), parallel=2, verbose=False)
+  assert summary["counts"] == {"finished": 2}, summary["failed"]
+  for seed in (0, 1):
+    run = tmp_path / "sweep" / "init=scratch" / "frac=0.5" / f"seed={seed}"
+    assert (run / "log.txt").exists() and (run / "results.json").exists()
+  assert summary["cells"][0]["n"] == 2
