@@ -11,17 +11,25 @@ Generative model
    The acquisition site is drawn uniformly from `sites`, independently of the findings, so
    prevalence is the same at every site and a label never depends on the site.
 2. Anatomy (a frontal view, MONOCHROME2: dense = bright), in normalised coordinates:
-   a soft-edged thorax ellipse of soft tissue; two lung fields (air, dark) whose union is the
-   `lung_mask`; posterior ribs (curved periodic bands inside the thorax); the mediastinum and
-   spine (a bright central band); the heart (a bright ellipse over the lower-left mediastinum)
-   whose cardiothoracic ratio (CTR) is U(0.36, 0.50) normally and U(0.46, 0.60) with
+   a soft-edged thorax ellipse of soft tissue whose width and thickness vary with body habitus;
+   two lung fields (air, dark) whose union is the `lung_mask`, each hemithorax with its own
+   width, height and dome level (left/right asymmetry varies by patient); posterior ribs
+   (curved periodic bands whose spacing, curvature and contrast vary); clavicles whose slope
+   follows shoulder position; breast / pectoral soft tissue over the lower lateral lung fields
+   (absent to marked); the mediastinum and spine (a bright central band whose width and
+   off-midline shift, as in a slightly rotated patient, vary) with an aortic knob of varying
+   size; the heart (a bright ellipse over the lower-left mediastinum, height and position
+   varying) whose cardiothoracic ratio (CTR) is U(0.36, 0.50) normally and U(0.48, 0.62) with
    cardiomegaly -- the ranges overlap, so CTR alone is not a perfect classifier.
-   Patient size, lung size, centring and rib phase vary per image; normal images also carry
-   faint vessel end-on blobs that look like small nodules.
-3. Findings are drawn into the anatomy: a nodule is a small Gaussian density (radius 3-6% of
-   the width, modest contrast) inside a lung; opacity is a larger, patchy density masked to one
-   lung; effusion fills the base of one lung up to a meniscus (blunted costophrenic angle);
-   cardiomegaly enlarges the heart.
+   Patient size, centring and rib phase also vary per image; normal images carry faint vessel
+   end-on blobs that look like small nodules. This per-patient anatomical variety is what
+   self-supervised pretraining has to tell patients apart by, as in real radiographs.
+3. Findings are drawn into the anatomy, at sizes and densities a radiologist would call them
+   on a full-resolution film, and never smaller than about a pixel so they survive at 32 px:
+   a nodule is a Gaussian density (radius 2-4.5% of the width, i.e. 1.5-3 cm on a 35 cm
+   film) inside a lung; opacity (consolidation) is a large patchy density, approaching soft
+   tissue, masked to one lung; effusion fills the base of one lung (a quarter to a half of
+   its height) up to a meniscus (blunted costophrenic angle); cardiomegaly enlarges the heart.
 4. Site acquisition, applied to the same anatomy (A, B, C, D differ as hospitals do):
      A: reference scanner: mild noise, sharp, linear response.
      B: softer detector (blur), brighter gamma, more noise, zoomed field of view, burned-in
@@ -37,7 +45,10 @@ Generative model
 Speed: everything is vectorised numpy on separable (row, column) coordinate vectors, so an
 ellipse is one broadcast add; the noise comes from a per-process bank cropped at a random
 offset. Measured 2.6-3.8k images/s at 64 px and 0.7-1.1k images/s at 224 px in one process
-on a shared 2-core CPU box (`python -m data_pipelines.sources.synthetic`).
+on a quiet 2-core CPU box before the anatomy above gained its per-patient variety; after it,
+0.6-0.9k images/s at 64 px and 0.15k at 224 px with the box shared by several jobs (load 5-7
+on 2 cores), so roughly 1.5-2x slower than before at like load
+(`python -m data_pipelines.sources.synthetic`).
 
 Site ids are indices into SITE_NAMES (A = 0 ... D = 3); for this source 0 is site A, not
 "unknown".
@@ -82,7 +93,7 @@ _GLYPHS = {
 _STREAM_FINDINGS = 0   # 0..3
 _STREAM_SITE = 4
 _STREAM_IMAGE = 16     # 16.. per-image anatomy parameters
-_NUM_IMAGE_STREAMS = 40
+_NUM_IMAGE_STREAMS = 64
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -330,14 +341,19 @@ class SyntheticCXR(Source):
     x = ((grid - p["shift_x"] - 0.06 * (u[1] - 0.5)) / zoom)[None, :]
     y = ((grid - p["shift_y"] - 0.06 * (u[2] - 0.5)) / zoom)[:, None]
 
-    thorax_a = 0.80 + 0.10 * u[3]            # thorax half-width
-    thorax_b = 0.86 + 0.08 * u[4]
-    lung_a = thorax_a * (0.36 + 0.05 * u[5])
-    lung_b = 0.60 + 0.08 * u[6]
-    lung_cy = -0.08 + 0.04 * u[7]
-    lung_dx = thorax_a * (0.47 + 0.03 * u[8])
-    lungs = ((-lung_dx, lung_cy, lung_a * 1.03, lung_b),   # patient's right (image left)
-             (lung_dx, lung_cy, lung_a, lung_b * 0.97))
+    # Body habitus and lungs. Each hemithorax has its own width, height and dome: the right
+    # hemidiaphragm usually sits higher (liver), and the asymmetry varies by patient.
+    thorax_a = 0.74 + 0.16 * u[3]            # thorax half-width (thin ... broad patients)
+    thorax_b = 0.84 + 0.10 * u[4]
+    soft_tissue = 0.42 + 0.16 * u[40]        # chest-wall thickness: denser in larger patients
+    lung_b = 0.56 + 0.12 * u[6]
+    lung_cy = -0.10 + 0.06 * u[7]
+    lung_dx = thorax_a * (0.45 + 0.05 * u[8])
+    lung_a = thorax_a * (0.33 + 0.08 * u[5])
+    lungs = ((-lung_dx * (0.96 + 0.08 * u[41]), lung_cy - 0.04 * u[42],   # patient's right
+              lung_a * (0.97 + 0.12 * u[43]), lung_b * (0.94 + 0.08 * u[44])),
+             (lung_dx * (0.96 + 0.08 * u[45]), lung_cy + 0.03 * u[46],    # patient's left
+              lung_a * (0.90 + 0.12 * u[47]), lung_b * (0.92 + 0.10 * u[48])))
 
     body = _soft_ellipse(x, y, 0.0, 0.05, thorax_a, thorax_b, 6.0)
     lung_fields = [_soft_ellipse(x, y, cx, cy, a, b, 5.0) for cx, cy, a, b in lungs]
@@ -345,18 +361,57 @@ class SyntheticCXR(Source):
     lung_mask = (lung > 0.5).astype(np.uint8)
 
     # Density map: soft tissue, minus air in the lungs, plus bone and the heart.
-    density = 0.5 * body - 0.34 * lung
-    rib_period = 0.19 + 0.02 * u[9]
-    rib_phase = (y + 0.35 * np.square(x)) * (2 * np.pi / rib_period) + 2 * np.pi * u[10]
+    density = soft_tissue * body - 0.34 * lung
+    # Breast / pectoral soft tissue over the lower lateral lung fields: a large per-patient
+    # density that real radiographs carry and a model must learn to see through.
+    breast = 0.12 * u[49]
+    if breast > 0.02:
+      for side in (-1.0, 1.0):
+        density += breast * _soft_ellipse(x, y, side * thorax_a * 0.62, 0.52 + 0.1 * u[50],
+                                          thorax_a * 0.42, 0.30, 2.0)
+    rib_period = 0.16 + 0.08 * u[9]          # intercostal spacing varies with habitus and age
+    rib_curve = 0.25 + 0.2 * u[51]
+    rib_phase = (y + rib_curve * np.square(x)) * (2 * np.pi / rib_period) + 2 * np.pi * u[10]
     ribs = np.square(np.maximum(np.cos(rib_phase), 0.0))
-    density += (0.10 * body) * ribs
-    mediastinum = np.clip((0.15 - np.abs(x - 0.02)) * 12.0, 0.0, 1.0) * np.clip((0.75 - y) * 4, 0, 1)
+    density += ((0.06 + 0.08 * u[52]) * body) * ribs
+    # Clavicles: bright bars across the apices, their slope set by shoulder position.
+    clavicle_y = -0.72 + 0.1 * u[53]
+    clavicle_slope = 0.15 + 0.25 * u[54]
+    clavicles = np.clip(1.0 - np.abs(y - (clavicle_y - clavicle_slope * np.abs(x))) * 18.0, 0, 1)
+    density += 0.16 * clavicles * (np.abs(x) < thorax_a * 0.75) * body
+    # Mediastinum and spine; a patient rotated on the detector shifts it off the midline.
+    mediastinum_x = 0.02 + 0.08 * (u[55] - 0.5)
+    mediastinum_w = 0.12 + 0.06 * u[56]
+    mediastinum = (np.clip((mediastinum_w - np.abs(x - mediastinum_x)) * 12.0, 0.0, 1.0)
+                   * np.clip((0.75 - y) * 4, 0, 1))
     density += 0.32 * mediastinum * body
-    ctr = (0.46 + 0.14 * u[11]) if has_cardiomegaly else (0.36 + 0.14 * u[11])
+    # Aortic knob: a bump on the left upper mediastinal border, larger in older patients.
+    knob = 0.05 + 0.05 * u[57]
+    density += 0.2 * _soft_ellipse(x, y, mediastinum_x + mediastinum_w + 0.02, -0.38, knob,
+                                   knob, 3.0)
+    # Heart: cardiothoracic ratio (heart width / thorax width). Normal hearts are < 0.5 (the
+    # radiologist's rule of thumb); the ranges overlap so CTR alone is not a perfect classifier.
+    ctr = (0.48 + 0.14 * u[11]) if has_cardiomegaly else (0.36 + 0.14 * u[11])
     heart_a = ctr * thorax_a
-    heart = _soft_ellipse(x, y, 0.08 + 0.3 * heart_a - 0.12, 0.30 + 0.05 * u[12], heart_a,
-                          0.28 + 0.04 * u[13], 4.0)
+    heart_cy = 0.28 + 0.08 * u[12]
+    heart = _soft_ellipse(x, y, mediastinum_x + 0.3 * heart_a - 0.08, heart_cy, heart_a,
+                          0.26 + 0.08 * u[13], 4.0)
     density += 0.30 * heart
+    # Bronchovascular markings: a per-patient pattern of branching densities filling both lungs
+    # (strongest near the hila). Every radiograph has its own; it is what lets a reader, or a
+    # contrastive model, recognise the same lungs in two different crops of one film.
+    # Drawn on a fixed 32 x 32 lattice blurred to a scale of ~1/16 of the film (a few cm) and
+    # resampled to the image size: the same patient has the same markings at any resolution,
+    # the pattern survives a resized crop and a blur augmentation, and it costs a few passes.
+    my, mx = int(u[60] * 32), int(u[61] * 32)
+    marks = _blur121(_noise_bank(32)[my:my + 32, mx:mx + 32].copy(), 2)
+    lattice = (np.arange(size) * 32) // size
+    marks = marks[lattice][:, lattice]
+    if size >= 64:
+      marks = _blur121(marks, min(3, size // 32))
+    marks *= 1.0 / max(float(marks.std()), 1e-6)
+    hilum = 1.0 - 0.5 * np.minimum(np.abs(x) / thorax_a, 1.0)
+    density += (0.05 + 0.04 * u[62]) * np.maximum(marks, 0.0) * lung * hilum
 
     # Lesions. Boxes keep the Gaussians to the pixels they touch.
     def add_blob(cx, cy, radius, amplitude, mask_by_lung, patchy=False):
@@ -376,25 +431,31 @@ class SyntheticCXR(Source):
       r, phi = 0.65 * np.sqrt(ub), 2 * np.pi * uc
       return cx + a * r * np.cos(phi), cy + b * r * np.sin(phi)
 
+    # One pixel in normalised units: findings are drawn at least this large, so that what a
+    # radiologist sees on a full-resolution film is still there (blurred) at 32 px.
+    pixel = 2.0 / size
     # Vessels seen end-on: faint nodule look-alikes in every image (the distractor).
     for k in range(3):
       vx, vy = point_in_lung(u[14 + 3 * k], u[15 + 3 * k], u[16 + 3 * k])
       add_blob(vx, vy, 0.02 + 0.01 * u[23 + k], 0.06 + 0.06 * u[26 + k], False)
     if has_nodule:
+      # 1.5-3 cm on a ~35 cm film: radius 2-4.5% of the width (0.04-0.09 here).
       nx, ny = point_in_lung(u[29], u[30], u[31])
-      add_blob(nx, ny, 0.03 + 0.03 * u[32], 0.18 + 0.16 * u[33], False)
+      add_blob(nx, ny, max(0.04 + 0.05 * u[32], 0.6 * pixel), 0.22 + 0.14 * u[33], False)
     if has_opacity:
+      # Consolidation: alveoli filled with fluid approach soft-tissue density over a lobe.
       ox, oy = point_in_lung(u[34], u[35], u[36])
-      add_blob(ox, oy, 0.12 + 0.10 * u[37], 0.10 + 0.10 * u[38], True, patchy=True)
+      add_blob(ox, oy, 0.14 + 0.12 * u[37], 0.16 + 0.12 * u[38], True, patchy=True)
     if has_effusion:
-      cx, cy, a, b = lungs[int(u[39] * 2) % 2]
-      height = (0.18 + 0.22 * u[36]) * b
+      side_index = int(u[39] * 2) % 2
+      cx, cy, a, b = lungs[side_index]
+      height = (0.25 + 0.25 * u[58]) * b
       level = cy + b - height
       # Meniscus: fluid climbs the lateral wall, so the level rises away from the midline.
       lateral = np.abs(x) - abs(cx)
       fluid = np.clip((y - (level - 0.5 * np.maximum(lateral, 0.0))) * 10.0, 0.0, 1.0)
       side = (x < 0) if cx < 0 else (x > 0)
-      density += (0.22 + 0.12 * u[37]) * fluid * lung_fields[int(u[39] * 2) % 2] * side
+      density += (0.28 + 0.10 * u[59]) * fluid * lung_fields[side_index] * side
 
     # Acquisition at the site.
     bank = _noise_bank(size)
