@@ -47,7 +47,7 @@ ellipse is one broadcast add; the noise comes from a per-process bank cropped at
 offset. Measured 2.6-3.8k images/s at 64 px and 0.7-1.1k images/s at 224 px in one process
 on a quiet 2-core CPU box before the anatomy above gained its per-patient variety; after it,
 0.6-0.9k images/s at 64 px and 0.15k at 224 px with the box shared by several jobs (load 5-7
-on 2 cores), so roughly 1.5-2x slower than before at like load
+on 2 cores); not yet re-measured on a quiet box
 (`python -m data_pipelines.sources.synthetic`).
 
 Site ids are indices into SITE_NAMES (A = 0 ... D = 3); for this source 0 is site A, not
@@ -397,21 +397,6 @@ class SyntheticCXR(Source):
     heart = _soft_ellipse(x, y, mediastinum_x + 0.3 * heart_a - 0.08, heart_cy, heart_a,
                           0.26 + 0.08 * u[13], 4.0)
     density += 0.30 * heart
-    # Bronchovascular markings: a per-patient pattern of branching densities filling both lungs
-    # (strongest near the hila). Every radiograph has its own; it is what lets a reader, or a
-    # contrastive model, recognise the same lungs in two different crops of one film.
-    # Drawn on a fixed 32 x 32 lattice blurred to a scale of ~1/16 of the film (a few cm) and
-    # resampled to the image size: the same patient has the same markings at any resolution,
-    # the pattern survives a resized crop and a blur augmentation, and it costs a few passes.
-    my, mx = int(u[60] * 32), int(u[61] * 32)
-    marks = _blur121(_noise_bank(32)[my:my + 32, mx:mx + 32].copy(), 2)
-    lattice = (np.arange(size) * 32) // size
-    marks = marks[lattice][:, lattice]
-    if size >= 64:
-      marks = _blur121(marks, min(3, size // 32))
-    marks *= 1.0 / max(float(marks.std()), 1e-6)
-    hilum = 1.0 - 0.5 * np.minimum(np.abs(x) / thorax_a, 1.0)
-    density += (0.05 + 0.04 * u[62]) * np.maximum(marks, 0.0) * lung * hilum
 
     # Lesions. Boxes keep the Gaussians to the pixels they touch.
     def add_blob(cx, cy, radius, amplitude, mask_by_lung, patchy=False):
