@@ -46,8 +46,8 @@ Speed: everything is vectorised numpy on separable (row, column) coordinate vect
 ellipse is one broadcast add; the noise comes from a per-process bank cropped at a random
 offset. Measured 2.6-3.8k images/s at 64 px and 0.7-1.1k images/s at 224 px in one process
 on a quiet 2-core CPU box before the anatomy above gained its per-patient variety; after it,
-0.6-0.9k images/s at 64 px and 0.15k at 224 px with the box shared by several jobs (load 5-7
-on 2 cores); not yet re-measured on a quiet box
+1.0k images/s at 64 px and 0.22k at 224 px with the box shared by several jobs (load ~5 on
+2 cores); not yet re-measured on a quiet box
 (`python -m data_pipelines.sources.synthetic`).
 
 Site ids are indices into SITE_NAMES (A = 0 ... D = 3); for this source 0 is site A, not
