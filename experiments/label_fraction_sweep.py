@@ -323,6 +323,16 @@ def validate(sweep_config: ml_collections.ConfigDict, runs: Sequence[Run] | None
         train_finetune.check_config(config)
       except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"run {run.run_id}: {e}") from None
+  if check_runs and runs:
+    # Every run reads the same data: open its training split once now (a missing file or
+    # an empty data.path fails here, not in each of N runs).
+    from data_pipelines import sources  # pylint: disable=g-import-not-at-top
+    config = apply_overrides(base, runs[0].overrides)
+    try:
+      sources.build_source(config.data, config.data.train_split)
+    except (ValueError, OSError, KeyError) as e:
+      raise type(e)(f"sweep config base={sweep_config.base!r} + overrides: the training data "
+                    f"cannot be opened ({e}); set e.g. --config.overrides.data.path=...") from None
   return runs
 
 
