@@ -1,49 +1,85 @@
-r"""`make quickstart`: the REMEDIS pretraining stage on the built-in synthetic chest X-rays, on CPU.
+r"""`make quickstart`: the whole REMEDIS pipeline on the built-in synthetic chest X-rays, on CPU.
 
   python -m experiments.quickstart --workdir=workdirs/quickstart
 
 1. SimCLR-pretrains the tiny BiT encoder (`configs/pretrain_simclr.py:tiny`) on unlabeled
    synthetic radiographs from all sites, with a kNN monitor on the validation split;
-2. exports the encoder (`<workdir>/export/step_<N>`) so fine-tuning can load it with one call.
-Rerunning resumes an interrupted run and skips finished steps.
+2. exports the encoder (`<workdir>/export/step_<N>`) so fine-tuning loads it with one call;
+3. runs the small label-fraction sweep of `configs/sweeps/tiny.py`: fine-tunes from scratch and
+   from the export (REMEDIS) on fractions of the site-A labels, tests at site A (in
+   distribution) and site B, and writes the table, `data_efficiency.png` and `results.csv`.
+
+Rerunning resumes: finished pretraining steps and finished sweep runs are skipped. The numbers
+are what this CPU-sized run measures, whatever they show; the README reports one run of it.
 """
 
 import os
+import time
 
 from absl import app, flags, logging
 
 from configs import pretrain_simclr
+from configs.sweeps import tiny as tiny_sweep
+from experiments import label_fraction_sweep
 from remedis_jax import export, train_simclr
 
 flags.DEFINE_string("workdir", "workdirs/quickstart", "Where everything is written.")
 flags.DEFINE_integer("total_steps", None, "Override the pretraining length (steps).")
+flags.DEFINE_bool("sweep", True, "Run the label-fraction sweep after pretraining.")
 FLAGS = flags.FLAGS
 
 
-def run(workdir: str, total_steps: int | None = None) -> dict:
+def run(workdir: str, total_steps: int | None = None, sweep: bool = True) -> dict:
+  """Pretrains, exports and (optionally) sweeps; returns {"pretrain", "export", "sweep"}."""
+  start = time.time()
   config = pretrain_simclr.get_config("tiny")
   if total_steps is not None:
     config.total_steps = total_steps
+  num_stages = 3 if sweep else 2
   pretrain_dir = os.path.join(workdir, "pretrain_simclr")
-  print(f"[1/2] SimCLR pretraining ({config.model.name}, {config.total_steps} steps, batch "
-        f"{config.batch_size}, {config.data.image_size} px) -> {pretrain_dir}", flush=True)
+  print(f"[1/{num_stages}] SimCLR pretraining ({config.model.name}, {config.total_steps} steps, "
+        f"batch {config.batch_size}, {config.data.image_size} px, unlabeled images from all "
+        f"sites) -> {pretrain_dir}", flush=True)
   summary = train_simclr.train_and_evaluate(config, pretrain_dir)
   export_dir = os.path.join(workdir, "export", f"step_{summary['steps']}")
   if export.is_export(export_dir):
-    print(f"[2/2] Export already present: {export_dir}")
+    print(f"[2/{num_stages}] Export already present: {export_dir}")
   else:
-    print(f"[2/2] Exporting the encoder -> {export_dir}", flush=True)
+    print(f"[2/{num_stages}] Exporting the encoder -> {export_dir}", flush=True)
     export.export_workdir(pretrain_dir, export_dir, include_head=True)
-  print(f"\nDone. TensorBoard: tensorboard --logdir {pretrain_dir}\n"
-        f"Metrics (text): {os.path.join(pretrain_dir, 'metrics.jsonl')}\n"
-        f"Encoder export: {export_dir}")
-  return summary
+  result = {"pretrain": summary, "export": export_dir, "sweep": None}
+
+  if sweep:
+    sweep_config = tiny_sweep.get_config()
+    sweep_config.inits.remedis = os.path.abspath(export_dir)
+    sweep_dir = os.path.join(workdir, "sweep")
+    num_runs = len(label_fraction_sweep.plan_runs(sweep_config))
+    print(f"\n[3/{num_stages}] Label-fraction sweep: {', '.join(sweep_config.inits.keys())} x "
+          f"{len(sweep_config.label_fractions)} fractions x {len(sweep_config.seeds)} seeds "
+          f"({num_runs} fine-tuning runs of configs/finetune.py:tiny) -> {sweep_dir}", flush=True)
+    result["sweep"] = label_fraction_sweep.run_sweep(
+        sweep_config, sweep_dir, title="quickstart: scratch vs REMEDIS (built-in data, CPU)",
+        sweep_spec="configs/sweeps/tiny.py")
+
+  print(f"\nDone in {time.time() - start:.0f} s.\n"
+        f"  TensorBoard:     tensorboard --logdir {workdir}\n"
+        f"  Pretraining:     {os.path.join(pretrain_dir, 'metrics.jsonl')}\n"
+        f"  Encoder export:  {export_dir}")
+  if result["sweep"] is not None:
+    print(f"  Sweep table:     {result['sweep']['table_file']}\n"
+          f"  Sweep plot:      {result['sweep']['plot']}\n"
+          f"  Sweep results:   {result['sweep']['results_csv']}")
+    if result["sweep"].get("failed"):
+      print(f"  {len(result['sweep']['failed'])} sweep run(s) failed; rerun to retry them.")
+  return result
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  run(FLAGS.workdir, FLAGS.total_steps)
+  result = run(FLAGS.workdir, FLAGS.total_steps, FLAGS.sweep)
+  if result["sweep"] is not None and result["sweep"].get("failed"):
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":
