@@ -30,7 +30,7 @@ Variants (`--config=configs/finetune.py:<variant>[,lars]`):
                  by dataset size); init from a REMEDIS export:
                    python -m remedis_jax.main --config=configs/finetune.py:r50x1 \
                      --config.data.source=array_record --config.data.path=/data/shards \
-                     --config.model.init=/exports/remedis_r50x1 --workdir=gs://bucket/ft
+                     --config.model.init=/exports/remedis_r50x1 --workdir=/shared/runs/ft
 
 Appending `,lars` to a variant switches to the SimCLR fine-tuning recipe: LARS, momentum 0.9,
 no weight decay, learning rate linear in batch/256 (a starting point to tune), cosine decay.

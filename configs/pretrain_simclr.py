@@ -20,7 +20,7 @@ Variants (`--config=configs/pretrain_simclr.py:<variant>`):
             128-d projection; TPU pods / GPU clusters. r152x2 shards parameters (FSDP).
               python -m remedis_jax.main --config=configs/pretrain_simclr.py:r152x2 \
                 --config.data.source=array_record --config.data.path='/data/cxr_shards/*' \
-                --config.model.init=/weights/BiT-M-R152x2.npz --workdir=gs://bucket/simclr
+                --config.model.init=/weights/BiT-M-R152x2.npz --workdir=/shared/runs/simclr
 
 Any key can be overridden with --config.<key>=<value>; a mistyped key is an error.
 """
