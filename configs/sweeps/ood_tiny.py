@@ -6,8 +6,8 @@ r"""Out-of-distribution study at quickstart scale (built-in synthetic chest X-ra
 Step 1 fine-tunes scratch and REMEDIS (the quickstart's SimCLR run) on all site-A labels and
 tests at A, and zero-shot at B and C (C stores inverted images: the hardest shift). Step 2
 fine-tunes each init on 2%, 10% and 100% of site-B labels; the headline is the smallest site-B
-fraction at which REMEDIS matches scratch trained on all site-B labels. 2 seeds, 150 steps per
-run: 2 x 2 + 2 x 3 x 2 = 16 runs. Point REMEDIS elsewhere with
+fraction at which REMEDIS matches scratch trained on all site-B labels. 2 seeds, 800 steps per
+run (the tiny sweep's overrides): 2 x 2 + 2 x 3 x 2 = 16 runs. Point REMEDIS elsewhere with
 --config.inits.remedis=<pretraining workdir or export>; `:scratch` drops it (no pretraining
 needed; there is then no headline init, so headline_init becomes scratch).
 """
