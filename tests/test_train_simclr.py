@@ -128,6 +128,20 @@ def test_end_to_end_run_resume_export_and_init(tmp_path):
     initialization.load_init(str(tmp_path / "missing"), "R_micro")
 
 
+def test_window_merge_equals_numpy_means():
+  metrics_cls = train_simclr.make_metrics_cls(("loss", "accuracy"))
+  rng = np.random.default_rng(0)
+  losses, accuracies = rng.normal(size=7), rng.uniform(size=7)
+  nonfinite = np.array([0, 0, 1, 0, 0, 0, 0], np.float32)
+  window = tuple(metrics_cls.single_from_model_output(
+      loss=jnp.float32(l), accuracy=jnp.float32(a), nonfinite_steps=jnp.float32(n))
+                 for l, a, n in zip(losses, accuracies, nonfinite))
+  values = train_simclr.merge_metrics(window).compute()
+  np.testing.assert_allclose(values["loss"], losses.mean(), rtol=1e-6)
+  np.testing.assert_allclose(values["accuracy"], accuracies.mean(), rtol=1e-6)
+  np.testing.assert_allclose(values["nonfinite_steps"], 1 / 7, rtol=1e-6)
+
+
 def test_steps_from_config_converts_epochs_once():
   config = tiny_config(total_steps=-1, total_epochs=2.5)
   config.optimizer.warmup_epochs = 0.5
