@@ -56,6 +56,8 @@ macro AUC, mean±std over seeds; scratch 0.672±0.026 at 2%, 0.789±0.005 at 10%
   T 0.2, batch_size=128                          144 s  0.569 / 0.619  -
   T 0.2, ops GEO (top-1 8% instead of 3%)         70 s  0.571 / 0.639  0.681±0.028 / 0.798±0.024
   T 0.2, ops MILD                                 71 s  0.576 / 0.637  -
+  T 0.2, optimizer.weight_decay=1e-4             122 s  0.582 / 0.637  -
+  T 0.2, optimizer.weight_decay=1e-3             123 s  0.578 / 0.629  -
   T 0.1, crop area 0.5-1 (earlier run)            72 s  0.530 / 0.590  -
   T 0.2, fine-tune from_head_layer=True          (T 0.2 export)  0.675±0.006 / 0.765±0.011
   GEO  = --pretrain_ops="random_resized_crop(32, area=(0.2, 1.0))|flip_lr(0.5)|gaussian_blur(0.5)"
