@@ -149,9 +149,9 @@ def load_params(path: str) -> tuple[dict[str, Any], int]:
   Raises:
     FileNotFoundError: no finished checkpoint under `path`.
   """
-  directory = path
-  if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
-    directory = os.path.join(path, CHECKPOINT_SUBDIR)
+  directory = os.path.abspath(path)  # Orbax's OCDBT reader rejects relative paths
+  if os.path.isdir(os.path.join(directory, CHECKPOINT_SUBDIR)):
+    directory = os.path.join(directory, CHECKPOINT_SUBDIR)
   if not os.path.isdir(directory):
     raise FileNotFoundError(
         f"{path} is neither a workdir with a '{CHECKPOINT_SUBDIR}/' folder nor an export folder")

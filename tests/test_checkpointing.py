@@ -79,7 +79,7 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
   assert "params/probe/kernel" in message and "params/head/bias" in message
 
 
-def test_load_params_reads_newest_checkpoint(tmp_path):
+def test_load_params_reads_newest_checkpoint(tmp_path, monkeypatch):
   manager = checkpointing.make_manager(str(tmp_path), asynchronous=False, with_data=False)
   checkpointing.save(manager, 1, _state(1), force=True)
   checkpointing.save(manager, 5, _state(5), force=True)
@@ -89,6 +89,11 @@ def test_load_params_reads_newest_checkpoint(tmp_path):
   np.testing.assert_array_equal(params["head"]["bias"], np.asarray(_state(5)["params"]["head"]["bias"]))
   with pytest.raises(FileNotFoundError, match="neither a workdir"):
     checkpointing.load_params(str(tmp_path / "nothing"))
+  # A relative workdir (what `make quickstart` passes) reads the same checkpoint.
+  monkeypatch.chdir(tmp_path.parent)
+  params_rel, step_rel = checkpointing.load_params(tmp_path.name)
+  assert step_rel == 5
+  np.testing.assert_array_equal(params_rel["head"]["bias"], params["head"]["bias"])
 
 
 def test_export_round_trip_and_no_overwrite(tmp_path):
