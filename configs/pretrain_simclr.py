@@ -8,8 +8,8 @@ Variants (`--config=configs/pretrain_simclr.py:<variant>`):
                 --workdir=workdirs/simclr_tiny
             Expect the loss to fall from about ln(2N-1) (4.8 for batch 64) to about 3.9; the
             contrastive top-1 stays low (3-4% of 127 candidates) and the kNN macro AUC on the
-            validation split barely moves (0.508 at step 0, 0.52-0.53 at steps 100-300, 2-core
-            CPU, 70-90 s). At this scale the encoder learns little that fine-tuning can use:
+            validation split barely moves (0.508 at step 0, 0.50-0.53 at steps 100-300 in
+            two runs; 60-90 s on a 2-core CPU). At this scale the encoder learns little that fine-tuning can use:
             REMEDIS from it is NOT better than scratch (experiments/benchmarks/
             remedis_vs_scratch.py has the numbers and the recipes tried).
   medmnist  a MedMNIST .npz (e.g. PneumoniaMNIST), R_tiny at 32 px, CPU: minutes.
