@@ -66,6 +66,8 @@ REGISTRY: dict[str, type] = {
     "equalize": ops_intensity.Equalize,
     "gaussian_noise": ops_intensity.GaussianNoise,
     "stain_jitter": ops_intensity.StainJitter,
+    "energy_intensity": ops_intensity.EnergyIntensity,
+    "linear_intensity": ops_intensity.LinearIntensity,
 }
 
 

@@ -323,3 +323,118 @@ class StainJitter:
     stains = stains * scale.astype(np.float32) + shift.astype(np.float32)
     rgb = 256.0 * np.exp(-(stains @ _RGB_FROM_HED.astype(np.float32))) - 1.0
     return {**features, "image": np.clip(rgb + 0.5, 0, 255).astype(np.uint8)}
+
+
+# ----------------------------------------------------------------------------------------
+# Radiograph intensity ops of Ghesu et al. 2022 ("Contrastive self-supervised learning from 100
+# million medical images with optional supervision", J. Med. Imaging 9(6); arXiv 2201.01283).
+
+
+@dataclasses.dataclass(frozen=True)
+class EnergyIntensity:
+  """Energy-based intensity adjustment of a radiograph: a simulated change of beam energy.
+
+  From the paper: radiographs get an energy-based intensity augmentation, so that two views of
+  one image differ as acquisitions of the same patient at different X-ray beam energies would.
+  The paper's own formula was not available to us (only its description); the physical model
+  below is our approximation, kept simple and monotonic:
+
+  * A displayed radiograph pixel (log-transformed, MONOCHROME2: dense = bright) is a line
+    integral of attenuation, so the normalised intensity a = I / 255 in [0, 1] is read as the
+    attenuation along the ray at the acquisition energy E.
+  * Attenuation has a Compton part, nearly energy-independent over diagnostic energies
+    (20-150 keV), and a photoelectric part falling as E**-n with n ~ 3. Photoelectric
+    absorption grows steeply with atomic number, so its share is larger in bone than in soft
+    tissue; we let the share grow with the attenuation itself: phi(a) = f * a, where f is the
+    photoelectric share of the densest pixel (a = 1).
+  * At a new energy E' = s * E each pixel's attenuation becomes
+      a'(a) = a * ((1 - phi(a)) + phi(a) * s**-n) = a + d * a**2,  d = f * (s**-n - 1),
+    and the display re-normalises to the densest pixel: a'' = a'(a) / a'(1). A higher energy
+    (s > 1) lowers bone-to-soft-tissue contrast (mid grey levels rise towards bone), a lower
+    one raises it: the familiar kVp trade-off.
+  * The curve is one 256-entry lookup table, the same for every channel. It is strictly
+    increasing for any s when f <= 0.5 (slope 1 + 2 d a with d >= -f), so the order of grey
+    levels is always kept (uint8 rounding may merge neighbours), 0 stays 0 and 255 stays 255,
+    and s = 1 is the identity.
+
+  A Compton energy dependence E**-c would only change the effective exponent to n - c after the
+  re-normalisation, so it is not a separate parameter. Images stored inverted (MONOCHROME1)
+  should be inverted before this op; on them the curve still preserves the order of grey
+  levels but bends the wrong tissue.
+
+  Attributes:
+    energy_ratio: (min, max) of s = E' / E, sampled log-uniformly; (1, 1) is the identity.
+      The default (0.8, 1.25) is about +-20 kVp around a 90 kVp chest technique (our choice).
+    photoelectric_fraction: f, the photoelectric share of the densest pixel's attenuation, in
+      [0, 0.5] (bone at chest-radiography energies: roughly 0.3-0.5; soft tissue less).
+    photoelectric_exponent: n in E**-n.
+    p: probability of applying the adjustment.
+  """
+  energy_ratio: tuple[float, float] = (0.8, 1.25)
+  photoelectric_fraction: float = 0.4
+  photoelectric_exponent: float = 3.0
+  p: float = 0.5
+
+  def __post_init__(self):
+    low, high = self.energy_ratio
+    if not 0 < low <= high:
+      raise ValueError(
+          f"energy_intensity: energy_ratio must satisfy 0 < min <= max; got {self.energy_ratio}")
+    if not 0 <= self.photoelectric_fraction <= 0.5:
+      raise ValueError("energy_intensity: photoelectric_fraction must be in [0, 0.5] (above 0.5 "
+                       "the curve can fold over and reorder grey levels); got "
+                       f"{self.photoelectric_fraction}")
+    if self.photoelectric_exponent < 0:
+      raise ValueError("energy_intensity: photoelectric_exponent must be >= 0; got "
+                       f"{self.photoelectric_exponent}")
+
+  def curve(self, energy_ratio: float) -> np.ndarray:
+    """The float (256,) table 255 * a''(a) of the module model for one energy ratio s."""
+    d = self.photoelectric_fraction * (energy_ratio ** -self.photoelectric_exponent - 1.0)
+    a = _IDENTITY / 255.0
+    return 255.0 * (a + d * a * a) / (1.0 + d)
+
+  def __call__(self, features: Features, rng: np.random.Generator) -> Features:
+    image = check_image(features, "energy_intensity")
+    apply = rng.random() < self.p
+    low, high = self.energy_ratio
+    energy_ratio = math.exp(rng.uniform(math.log(low), math.log(high)))
+    if not apply:
+      return features
+    lut = np.asarray(_lut_uint8(self.curve(energy_ratio)), dtype=np.uint8)
+    return {**features, "image": lut[image]}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearIntensity:
+  """Random linear intensity transform I' = a * I + b on the [0, 1] scale, clipped.
+
+  From the paper: linear intensity transforms are among its intensity augmentations (window
+  width / level and detector gain and offset differ between scanners). The parameterisation
+  and ranges are our choice: a uniform in `scale`, b uniform in `shift`. Unlike `color_jitter`'s contrast, the
+  pivot is black (0), not the image mean, so the op is the same point-wise map for every image.
+
+  Attributes:
+    scale: (min, max) of the gain a, > 0 (a negative gain would invert the image).
+    shift: (min, max) of the offset b, in units of the full range (0.1 = 25.5 grey levels).
+    p: probability of applying the transform.
+  """
+  scale: tuple[float, float] = (0.8, 1.2)
+  shift: tuple[float, float] = (-0.1, 0.1)
+  p: float = 0.5
+
+  def __post_init__(self):
+    if not 0 < self.scale[0] <= self.scale[1]:
+      raise ValueError(f"linear_intensity: scale must satisfy 0 < min <= max; got {self.scale}")
+    if not self.shift[0] <= self.shift[1]:
+      raise ValueError(f"linear_intensity: shift must satisfy min <= max; got {self.shift}")
+
+  def __call__(self, features: Features, rng: np.random.Generator) -> Features:
+    image = check_image(features, "linear_intensity")
+    apply = rng.random() < self.p
+    scale = rng.uniform(self.scale[0], self.scale[1])
+    shift = rng.uniform(self.shift[0], self.shift[1])
+    if not apply:
+      return features
+    lut = np.asarray(_lut_uint8(255.0 * (scale * (_IDENTITY / 255.0) + shift)), dtype=np.uint8)
+    return {**features, "image": lut[image]}

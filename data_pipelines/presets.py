@@ -13,14 +13,25 @@ Three recipes per modality:
 
 All recipes end in uint8 (image_size, image_size, C); the device turns that into [-1, 1]
 floats. Channel repetition to RGB happens after the ops, in the pipeline (`num_channels`).
+
+Presets: "cxr", "derm", "pathology", "fundus", "mammo", "generic" (SimCLR on natural images)
+and "ghesu", the radiograph recipe of Ghesu et al. 2022 (energy-based, linear and gamma
+intensity augmentations with SwAV-style multi-crop). `get_multicrop_ops(name, global_size,
+local_size)` gives the (global, local) op lists of a multi-crop pipeline
+(`pipeline.make_multicrop_dataset`) for any preset.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 
 from data_pipelines import ops as ops_lib
+from data_pipelines import ops_geometric
 
 MODES = ("pretrain", "finetune", "eval")
+# Crop area range of multi-crop's local views (SwAV's small crops, widened; see
+# `get_multicrop_ops`).
+LOCAL_CROP_AREA = (0.05, 0.3)
 
 
 def _eval(image_size: int, crop_fraction: float) -> str:
@@ -157,6 +168,36 @@ def mammo(mode: str, image_size: int) -> str:
   return _eval(image_size, 1.0)
 
 
+def ghesu(mode: str, image_size: int) -> str:
+  """Radiographs as in Ghesu et al. 2022 (contrastive + online clustering, optional labels).
+
+  From the paper: intensity augmentations built for medical images - an energy-based intensity
+  adjustment for radiographs, linear intensity transforms and gamma correction - together
+  with multi-scale crops (SwAV-style multi-crop: a few large global views plus several small,
+  low-resolution local views of the same image; the local recipe is `get_multicrop_ops`).
+  Our choices (the paper's exact ranges and probabilities were not available to us):
+  pretrain (the global-view recipe): random resized crop with area 0.3-1 (the global scale
+  range; local views take 0.05-0.3, so the two scales do not overlap, as in SwAV where the
+  split is at 0.14, moved up here because a small crop of a radiograph is often featureless),
+  horizontal flip and +-10 deg rotation (as the cxr preset: positioning varies, the anatomy has
+  an up), then the intensity chain in acquisition order: energy_intensity (beam energy: bone
+  vs soft-tissue contrast), linear_intensity (detector gain / window), random_gamma (display
+  curve), each with p=0.5; SimCLR/SwAV's Gaussian blur (p=0.5). No colour distortion: grey
+  images.
+  finetune: mild crop (area 0.6-1), +-10 deg rotation, mild linear intensity; no flip
+  (laterality can be part of the label).
+  eval: resize + centre crop of the whole image (crop fraction 1.0).
+  """
+  if mode == "pretrain":
+    return (f"random_resized_crop({image_size}, area=(0.3, 1.0))|flip_lr(0.5)|rotate(10, p=0.5)"
+            "|energy_intensity(p=0.5)|linear_intensity(p=0.5)|random_gamma((0.7, 1.5), p=0.5)"
+            "|gaussian_blur(0.5)")
+  if mode == "finetune":
+    return (f"random_resized_crop({image_size}, area=(0.6, 1.0))|rotate(10, p=0.5)"
+            "|linear_intensity(scale=(0.9, 1.1), shift=(-0.05, 0.05), p=0.5)")
+  return _eval(image_size, 1.0)
+
+
 PRESETS: dict[str, Callable[[str, int], str]] = {
     "cxr": cxr,
     "derm": derm,
@@ -164,6 +205,7 @@ PRESETS: dict[str, Callable[[str, int], str]] = {
     "fundus": fundus,
     "mammo": mammo,
     "generic": generic,
+    "ghesu": ghesu,
 }
 
 
@@ -194,7 +236,7 @@ def get_preset(name: str, mode: str, image_size: int) -> list[ops_lib.Op]:
   """Builds the op list of a modality preset.
 
   Args:
-    name: "cxr", "derm", "pathology", "fundus", "mammo" or "generic".
+    name: "cxr", "derm", "pathology", "fundus", "mammo", "generic" or "ghesu".
     mode: "pretrain" (two-view SimCLR recipe), "finetune" (light) or "eval" (deterministic).
     image_size: output side in pixels.
 
@@ -206,3 +248,41 @@ def get_preset(name: str, mode: str, image_size: int) -> list[ops_lib.Op]:
     ValueError: unknown mode.
   """
   return ops_lib.parse_ops(get_preset_spec(name, mode, image_size))
+
+
+def get_multicrop_ops(name: str, global_size: int,
+                      local_size: int) -> tuple[list[ops_lib.Op], list[ops_lib.Op]]:
+  """The (global, local) op lists of a multi-crop pipeline (SwAV, Ghesu et al. 2022).
+
+  The global ops are the preset's "pretrain" recipe at `global_size`. The local ops are the
+  same recipe with its random_resized_crop replaced by one of area LOCAL_CROP_AREA
+  (0.05-0.3 of the image, same aspect-ratio range) at `local_size`: the small, low-resolution
+  views whose predictions the loss ties to the global views. Every other op (flips, intensity)
+  is shared, so local and global views differ in scale and resolution only. This holds for
+  every preset; for "ghesu" the global crops cover 0.3-1, so the two scale ranges do not
+  overlap, while e.g. "generic" (0.08-1) keeps SimCLR's global range.
+
+  Args:
+    name: one of PRESETS.
+    global_size: side of the global views in pixels (e.g. 224).
+    local_size: side of the local views in pixels (e.g. 96); usually < global_size.
+
+  Returns:
+    (global_ops, local_ops), lists for `pipeline.make_multicrop_dataset`.
+
+  Raises:
+    KeyError: unknown preset name. ValueError: a non-positive size, or a preset whose
+      pretrain recipe has no random_resized_crop to rescale.
+  """
+  if int(local_size) <= 0:
+    raise ValueError(f"local_size must be positive; got {local_size}")
+  global_ops = get_preset(name, "pretrain", global_size)
+  crops = [i for i, op in enumerate(global_ops)
+           if isinstance(op, ops_geometric.RandomResizedCrop)]
+  if not crops:
+    raise ValueError(f"preset {name!r}: the pretrain recipe has no random_resized_crop, so "
+                     f"there is no crop to turn into local views; recipe: {global_ops}")
+  local_ops = list(global_ops)
+  local_ops[crops[0]] = dataclasses.replace(global_ops[crops[0]], size=int(local_size),
+                                            area=LOCAL_CROP_AREA)
+  return global_ops, local_ops
