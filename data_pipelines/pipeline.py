@@ -1,9 +1,13 @@
 """Grain input pipelines: per-process shards, seeded shuffling, per-record augmentation, batches.
 
-Three entry points, one per use:
+Four entry points, one per use:
 
 - `make_pretrain_dataset`: SimCLR pretraining, `num_views` augmented views per record.
   Batches: `views` uint8 (B, V, H, W, C), `label`, `site`, `skipped_records`.
+- `make_multicrop_dataset`: multi-crop pretraining (SwAV; Ghesu et al. 2022), `num_global`
+  large and `num_local` small views per record, plus which records count as labeled.
+  Batches: `global_views` uint8 (B, G_n, G, G, C), `local_views` uint8 (B, L_n, L, L, C),
+  `label`, `labeled`, `site`, `skipped_records`.
 - `make_train_dataset`: supervised fine-tuning, one augmented view.
   Batches: `image` uint8 (B, H, W, C), `label`, `site`, `skipped_records` (+ `lung_mask`).
 - `make_eval_dataset`: one deterministic pass, the last batch padded, with a `valid` mask.
@@ -57,6 +61,8 @@ from data_pipelines.errors import BadRecordError
 
 # Marks a record that failed to read; such elements never reach a batch.
 _BAD_RECORD = "_bad_record"
+# The record's index in the source, added by _IndexedRecordReader (never reaches a batch).
+_SOURCE_INDEX = "_source_index"
 # Ops that end in a fixed spatial size, so records of different sizes batch together.
 _SIZE_FIXING_OPS = (ops_geometric.RandomResizedCrop, ops_geometric.Resize,
                     ops_geometric.CentralCrop)
@@ -90,6 +96,16 @@ class _RecordReader:
       # Logged where it happens (possibly a worker process) and counted in the batch.
       logging.warning("Skipping bad record %s: %s", error.record, error.reason)
       return {_BAD_RECORD: f"{error.record}: {error.reason}"}
+
+
+class _IndexedRecordReader(_RecordReader):
+  """A _RecordReader whose good records also carry their source index (for `labeled`)."""
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    record = super().__getitem__(index)
+    if _BAD_RECORD in record:
+      return record
+    return {**record, _SOURCE_INDEX: int(self._indices[index])}
 
 
 def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -202,6 +218,46 @@ class _AugmentOne:
     return out
 
 
+class _AugmentMultiCrop:
+  """Record + rng -> global views, local views, label, labeled, site (multi-crop).
+
+  The views are drawn from the record's generator in a fixed order (all global views, then all
+  local ones), so the same record at the same stream position always gets the same crops.
+  """
+
+  def __init__(self, global_ops: Sequence[ops_lib.Op], local_ops: Sequence[ops_lib.Op],
+               num_global: int, num_local: int, num_channels: int,
+               labeled_indices: np.ndarray | None):
+    self.global_ops, self.local_ops = list(global_ops), list(local_ops)
+    self.num_global, self.num_local, self.num_channels = num_global, num_local, num_channels
+    self.labeled_indices = labeled_indices  # Sorted unique int64, or None.
+
+  def _is_labeled(self, record: dict[str, Any]) -> bool:
+    if self.labeled_indices is None:
+      # No explicit subset: a record is labeled when its source gives a label (-1 = unlabeled,
+      # all -1 for multi-label; see data_pipelines/sources/base.py).
+      return bool(np.all(np.asarray(record["label"]) >= 0))
+    index = record[_SOURCE_INDEX]
+    position = int(np.searchsorted(self.labeled_indices, index))
+    return position < len(self.labeled_indices) and self.labeled_indices[position] == index
+
+  def _views(self, ops: list[ops_lib.Op], record: dict[str, Any], count: int,
+             rng: np.random.Generator) -> np.ndarray:
+    features = _prepare_features(record, ops)
+    return np.stack([ops_lib.set_channels(ops_lib.apply_ops(ops, features, rng)["image"],
+                                          self.num_channels) for _ in range(count)])
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if _BAD_RECORD in record:
+      return record
+    out = {"global_views": self._views(self.global_ops, record, self.num_global, rng)}
+    if self.num_local > 0:
+      out["local_views"] = self._views(self.local_ops, record, self.num_local, rng)
+    out["labeled"] = np.float32(self._is_labeled(record))
+    out.update(_metadata(record))
+    return out
+
+
 class _EvalTransform:
   """(index, record) -> deterministic eval example; `index` seeds any randomness in the ops."""
 
@@ -272,14 +328,15 @@ def _sum_skipped(batch: dict[str, Any]) -> dict[str, Any]:
 def _make_augmented_dataset(source: Any, augment: Any, *, batch_size: int, seed: int,
                             shard_index: int | None, shard_count: int | None,
                             num_epochs: int | None, skip_bad_records: bool, worker_count: int,
-                            read_threads: int, prefetch_buffer_size: int) -> grain.IterDataset:
+                            read_threads: int, prefetch_buffer_size: int,
+                            reader_type: type[_RecordReader] = _RecordReader) -> grain.IterDataset:
   if batch_size <= 0:
     raise ValueError(f"batch_size (per process) must be positive; got {batch_size}")
   if num_epochs is not None and num_epochs <= 0:
     raise ValueError(f"num_epochs must be positive or None (repeat forever); got {num_epochs}")
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
   indices = shard_indices(len(source), shard_index, shard_count, equal_shards=True)
-  dataset = (grain.MapDataset.source(_RecordReader(source, indices, skip_bad_records))
+  dataset = (grain.MapDataset.source(reader_type(source, indices, skip_bad_records))
              .seed(_shard_seed(seed, shard_index))
              .shuffle()
              .repeat(num_epochs)
@@ -338,6 +395,98 @@ def make_pretrain_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib
       shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
       skip_bad_records=skip_bad_records, worker_count=worker_count, read_threads=read_threads,
       prefetch_buffer_size=prefetch_buffer_size)
+
+
+def _check_labeled_indices(labeled_indices: Any, num_records: int) -> np.ndarray:
+  """Sorted unique int64 source indices, or a ValueError naming the problem."""
+  indices = np.asarray(labeled_indices)
+  if indices.ndim != 1 or not (indices.size == 0 or np.issubdtype(indices.dtype, np.integer)):
+    hint = (" (a boolean mask? pass np.flatnonzero(mask))" if indices.dtype == np.bool_ else "")
+    raise ValueError("labeled_indices must be a 1-D integer array of source indices, e.g. from "
+                     "data_pipelines.subset.subset_indices; got dtype "
+                     f"{indices.dtype}, shape {indices.shape}{hint}")
+  indices = np.unique(indices.astype(np.int64))
+  if indices.size and (indices[0] < 0 or indices[-1] >= num_records):
+    raise ValueError(f"labeled_indices must lie in [0, {num_records}) (the source has "
+                     f"{num_records} records); got values from {indices[0]} to {indices[-1]}")
+  return indices
+
+
+def make_multicrop_dataset(source: Any, *, batch_size: int,
+                           global_ops: Sequence[ops_lib.Op] | str,
+                           local_ops: Sequence[ops_lib.Op] | str | None, num_global: int = 2,
+                           num_local: int = 4, seed: int,
+                           labeled_indices: np.ndarray | None = None,
+                           shard_index: int | None = None, shard_count: int | None = None,
+                           num_epochs: int | None = None, num_channels: int = 3,
+                           skip_bad_records: bool = False, worker_count: int = 0,
+                           read_threads: int = 2,
+                           prefetch_buffer_size: int = 64) -> grain.IterDataset:
+  """The multi-crop pretraining pipeline (SwAV; Ghesu et al. 2022): global + local views.
+
+  Same graph, sharding, shuffle, per-record seeding, bad-record counting and checkpointable
+  iterator as `make_pretrain_dataset`; each record gives `num_global` views from `global_ops`
+  and then `num_local` views from `local_ops` (e.g. `presets.get_multicrop_ops`), all from the
+  record's own generator, so a resumed run sees the same crops.
+
+  `labeled` marks the labeled part of a batch for the hybrid (contrastive + supervised) loss:
+  with `labeled_indices`, 1.0 exactly for records whose SOURCE index is in it (the label
+  fraction, e.g. `data_pipelines.subset.subset_indices(source, fraction, seed)`); without
+  it, 1.0 for records whose label is not the unlabeled marker (label >= 0; all entries >= 0
+  for multi-label). `label` is passed through as the source gives it either way: the loss must
+  mask it with `labeled`.
+
+  Args:
+    source: random-access source (see `make_pretrain_dataset`).
+    batch_size: records per batch on this process.
+    global_ops: op list of the global views; must end at a fixed size G.
+    local_ops: op list of the local views; must end at a fixed size L. May be None when
+      num_local is 0.
+    num_global: global views per record (>= 1; swapped prediction and NT-Xent need 2).
+    num_local: local views per record (>= 0). With 0 the batches have NO `local_views` key
+      (no empty (B, 0, ...) array): the loss then runs on global views only.
+    seed: pipeline seed; the shuffle and every record's views derive from it.
+    labeled_indices: 1-D integer array of source indices that count as labeled, or None.
+    shard_index: this process's shard (default jax.process_index()).
+    shard_count: number of shards (default jax.process_count()).
+    num_epochs: passes over the shard; None repeats forever.
+    num_channels: 3 repeats grayscale to RGB; 1 keeps one channel.
+    skip_bad_records: as in `make_pretrain_dataset`.
+    worker_count: Grain worker processes (0: augment in reader threads of this process).
+    read_threads: threads reading and augmenting records in each process.
+    prefetch_buffer_size: records prepared ahead per process.
+
+  Returns:
+    A Grain IterDataset; `iter()` gives a checkpointable iterator of dicts with
+    `global_views` uint8 (B, num_global, G, G, C), `local_views` uint8 (B, num_local, L, L, C)
+    (only when num_local > 0), `label` (B,) int32 or (B, K) float32, `labeled` (B,) float32
+    in {0, 1}, `site` (B,) int32 and `skipped_records` (int).
+
+  Raises:
+    ValueError: bad view counts, sizes, shards or labeled_indices, or ops that do not fix the
+      output size.
+  """
+  if num_global < 1:
+    raise ValueError(f"num_global must be >= 1; got {num_global}")
+  if num_local < 0:
+    raise ValueError(f"num_local must be >= 0; got {num_local}")
+  global_ops = _check_ops(global_ops, "make_multicrop_dataset (global_ops)")
+  if num_local > 0:
+    if local_ops is None:
+      raise ValueError(f"make_multicrop_dataset: num_local={num_local} needs local_ops "
+                       "(e.g. from presets.get_multicrop_ops); got None")
+    local_ops = _check_ops(local_ops, "make_multicrop_dataset (local_ops)")
+  else:
+    local_ops = []
+  if labeled_indices is not None:
+    labeled_indices = _check_labeled_indices(labeled_indices, len(source))
+  augment = _AugmentMultiCrop(global_ops, local_ops, num_global, num_local, num_channels,
+                              labeled_indices)
+  return _make_augmented_dataset(
+      source, augment, batch_size=batch_size, seed=seed, shard_index=shard_index,
+      shard_count=shard_count, num_epochs=num_epochs, skip_bad_records=skip_bad_records,
+      worker_count=worker_count, read_threads=read_threads,
+      prefetch_buffer_size=prefetch_buffer_size, reader_type=_IndexedRecordReader)
 
 
 def make_train_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op] | str,
