@@ -17,11 +17,13 @@ from remedis_jax.models.common import merge_params
 from remedis_jax.models.contrastive import ContrastiveModel
 from remedis_jax.models.contrastive import create_contrastive_model
 from remedis_jax.models.heads import ProjectionHead
+from remedis_jax.models.heads import Prototypes
 
 __all__ = [
     "VARIANTS",
     "ContrastiveModel",
     "ProjectionHead",
+    "Prototypes",
     "ResNetV2",
     "count_params",
     "create_contrastive_model",

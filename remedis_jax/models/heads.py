@@ -88,3 +88,64 @@ class ProjectionHead(nn.Module):
       z = nn.LayerNorm(use_bias=False, dtype=jnp.float32,
                        param_dtype=self.param_dtype, name="output_norm")(z)
     return z.astype(jnp.float32), intermediates
+
+
+# Squared-norm floor for l2 normalisation: an all-zero projection (e.g. an empty
+# queue slot) scores exactly 0 against every prototype instead of 0/0 = NaN.
+_NORM_EPS_SQUARED = 1e-24
+
+
+def _l2_normalize(x: Array, axis: int) -> Array:
+  squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPS_SQUARED))
+
+
+def _unit_column_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> Array:
+  """Normal draws with every column (prototype) scaled to unit l2 norm."""
+  return _l2_normalize(jax.random.normal(key, shape, jnp.float32), axis=0).astype(dtype)
+
+
+class Prototypes(nn.Module):
+  """K learnable prototypes scored by cosine similarity (SwAV's prototype layer).
+
+  SwAV (Caron et al. 2020) keeps its prototype matrix unit-norm by
+  re-normalising the weights in place before every step. Here the kernel is
+  l2-normalised inside the forward pass instead, which is pure (no state
+  edited outside the optimiser) and gives the same scores; the gradient then
+  has no radial component, which SwAV's re-normalisation discards anyway. The
+  kernel starts with unit-norm columns, so at initialisation a step moves the
+  prototypes as SwAV's does (to first order in the learning rate); its norm
+  drifts during
+  training (up under SGD, down under weight decay), which only rescales that
+  learning rate, and LARS's trust ratio is scale-free.
+
+  SwAV freezes the prototypes for its first iterations
+  (`freeze_prototypes_niters`, 313 steps): that is the trainer's job (zero
+  the gradients of the "prototypes" parameters while step < n).
+
+  Attributes:
+    num_prototypes: number of prototypes K (SwAV: 3000 for ImageNet).
+    param_dtype: kernel dtype; the scores are computed in float32.
+  """
+  num_prototypes: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    """Cosine similarity of each projection to each prototype.
+
+    Args:
+      z: (N, D) projections, not necessarily normalised; any float dtype.
+
+    Returns:
+      (N, K) float32 scores in [-1, 1]: l2-normalised z times the
+      column-normalised kernel (param "kernel", shape (D, K)). An all-zero
+      row of z scores 0 everywhere.
+    """
+    kernel = self.param("kernel", _unit_column_init, (z.shape[-1], self.num_prototypes),
+                        self.param_dtype)
+    z = _l2_normalize(z.astype(jnp.float32), axis=-1)
+    kernel = _l2_normalize(kernel.astype(jnp.float32), axis=0)
+    # HIGHEST keeps the matmul in float32 on TPU: Sinkhorn divides these scores
+    # by epsilon = 0.05, which would amplify bf16 rounding 20x.
+    return jnp.matmul(z, kernel, precision=jax.lax.Precision.HIGHEST)
