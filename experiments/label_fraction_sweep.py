@@ -54,6 +54,7 @@ JAX_COMPILATION_CACHE_DIR is set) so only the first run pays for XLA.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
@@ -528,6 +529,64 @@ def _write_plan(sweep_config, runs: Sequence[Run], workdir: str) -> None:
                     "overrides": dict(r.overrides)} for r in runs]}
   with open(os.path.join(workdir, PLAN_FILE), "w", encoding="utf-8") as f:
     json.dump(plan, f, indent=1, default=str)
+
+
+_RUN_FOLDER = re.compile(r"^init=(?P<init>[A-Za-z0-9_\-+]+)/frac=(?P<fraction>[0-9.eE+\-]+)/"
+                         r"seed=(?P<seed>-?\d+)$")
+
+
+def list_runs(workdir: str) -> tuple[dict[str, Any], list[Run]]:
+  """The runs of an existing sweep folder, for reports that get only --workdir.
+
+  Reads WORKDIR/sweep_plan.json (written by --mode=run, joblist and aggregate), so runs that
+  never started are listed too. Without a plan, the run folders init=<name>/frac=<f>/seed=<s>
+  that exist are listed (a run that never started cannot be known then).
+
+  Args:
+    workdir: the sweep's folder.
+
+  Returns:
+    (the sweep config as stored in the plan, {} without a plan; the runs in plan order, or
+    sorted by init, fraction and seed without a plan).
+
+  Raises:
+    FileNotFoundError: the folder does not exist, or holds neither a plan nor a run folder.
+  """
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"sweep folder {workdir} does not exist; give the --workdir of "
+                            "experiments.label_fraction_sweep")
+  plan_path = os.path.join(workdir, PLAN_FILE)
+  if os.path.isfile(plan_path):
+    with open(plan_path, encoding="utf-8") as f:
+      plan = json.load(f)
+    runs = [Run(r["init"], r.get("init_path", ""), float(r["label_fraction"]), int(r["seed"]),
+                r["run_id"], tuple((r.get("overrides") or {}).items())) for r in plan["runs"]]
+    return plan.get("sweep_config") or {}, runs
+  runs = []
+  for path in glob.glob(os.path.join(workdir, "init=*", "frac=*", "seed=*")):
+    relative = os.path.relpath(path, workdir).replace(os.sep, "/")
+    match = _RUN_FOLDER.match(relative)
+    if match and os.path.isdir(path):
+      runs.append(Run(match["init"], "", float(match["fraction"]), int(match["seed"]),
+                      relative, ()))
+  if not runs:
+    raise FileNotFoundError(f"{workdir} holds no {PLAN_FILE} and no run folder "
+                            "init=<name>/frac=<f>/seed=<s>; is it a label-fraction sweep's "
+                            "--workdir?")
+  runs.sort(key=lambda r: (r.init, r.label_fraction, r.seed))
+  return {}, runs
+
+
+def run_status(workdir: str, run: Run) -> str:
+  """"finished" (results.json says so), "failed" (sweep_error.txt), "unfinished" (the folder
+  exists: running, interrupted or preempted) or "missing" (never started)."""
+  path = run_dir(workdir, run)
+  if is_finished(path):
+    return "finished"
+  if os.path.isfile(os.path.join(path, ERROR_FILE)):
+    return "failed"
+  return "unfinished" if os.path.isdir(path) else "missing"
 
 
 def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel: int = 1,
