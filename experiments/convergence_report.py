@@ -172,7 +172,7 @@ def compute_targets(runs: Sequence[dict[str, Any]], *, baseline: str, target: fl
 
   Returns:
     {label_fraction: {"target" (NaN: no target), "baseline_best_mean", "baseline_seeds",
-    "source" ("absolute" | "fraction_of_baseline" | "no baseline run")}}.
+    "source" ("absolute" | "fraction_of_baseline" | "no baseline curve")}}.
   """
   fractions = sorted({_fraction_key(r["label_fraction"]) for r in runs})
   targets = {}
@@ -188,7 +188,7 @@ def compute_targets(runs: Sequence[dict[str, Any]], *, baseline: str, target: fl
     elif bests:
       entry = {"target": fraction_of_baseline * baseline_best, "source": "fraction_of_baseline"}
     else:
-      entry = {"target": math.nan, "source": "no baseline run"}
+      entry = {"target": math.nan, "source": "no baseline curve"}
     entry.update(baseline_best_mean=baseline_best, baseline_seeds=seeds)
     targets[fraction] = entry
   return targets
@@ -425,6 +425,7 @@ def convergence_report(workdir: str, *, metric: str = "macro_auc", target: float
   sweep_config, runs = collect_runs(workdir, metric)
   baseline = baseline or sweep_config.get("baseline") or DEFAULT_BASELINE
   inits = list(sweep_config.get("inits") or {}) or list(dict.fromkeys(r["init"] for r in runs))
+  inits = [baseline] + [i for i in inits if i != baseline]  # the reference first
   if baseline not in {r["init"] for r in runs}:
     raise ValueError(f"--baseline={baseline!r} has no run in {workdir}; inits there: "
                      f"{', '.join(dict.fromkeys(r['init'] for r in runs))}")

@@ -246,6 +246,8 @@ def robustness_report(workdir: str, *, metric: str = "macro_auc", output_dir: st
         "the sweep into a fresh --workdir (finished runs are skipped, not re-evaluated).")
   cells = summarize(rows)
   inits = list(sweep_config.get("inits") or {})
+  baseline = sweep_config.get("baseline", convergence_report.DEFAULT_BASELINE)
+  inits = ([baseline] if baseline in inits else []) + [i for i in inits if i != baseline]
   table = format_tables(cells, metric=metric, inits=inits)
   if status["without_robustness"]:
     table += (f"\n\n**{len(status['without_robustness'])} finished run(s) have no robustness "

@@ -35,9 +35,10 @@ A subset of the inits: `--config=configs/sweeps/methods_tiny.py:scratch,simclr` 
 names; scratch, the baseline, is always kept). Another pretraining run:
 `--config.inits.cluster=workdirs/my_cluster_run`.
 
-Reading the numbers. The hybrid pretraining uses labels: if they are the same site-A training
-labels the fine-tuning subsets are drawn from, its 2% and 10% cells have seen more labels than
-their fraction says, and they are an upper bound, not a like-for-like comparison. At this scale
+Reading the numbers. The hybrid pretraining uses labels (configs/pretrain_cluster.py:
+hybrid_tiny: 10% of a separate labeled synthetic split), in ADDITION to the fine-tuning labels:
+its cells have seen more labels than their fraction says, so they are not a like-for-like
+comparison at equal label counts (most visible at 2% and 10%). At this scale
 SimCLR from the tiny recipe does not beat scratch (configs/pretrain_simclr.py, experiments/
 benchmarks/remedis_vs_scratch.py); 2 seeds give a rough spread only, and the convergence
 resolution is the validation interval (100 steps). A smoke-level demonstration, not evidence.
