@@ -16,7 +16,8 @@ from ml_collections import config_flags
 
 from remedis_jax import distributed
 
-TRAINERS = {"simclr": "remedis_jax.train_simclr", "finetune": "remedis_jax.train_finetune"}
+TRAINERS = {"simclr": "remedis_jax.train_simclr", "cluster": "remedis_jax.train_cluster",
+            "finetune": "remedis_jax.train_finetune"}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from remedis_jax import losses, sharding, train_simclr, writers
+from remedis_jax import checkpointing, losses, sharding, train_simclr, writers
 
 config_flags.DEFINE_config_file("config", "configs/pretrain_simclr.py:tiny", "Config file.",
                                 lock_config=True)
@@ -211,7 +211,7 @@ def measure_memory(config) -> dict:
     config.model.remat = remat
     saved = saved_for_backward_bytes(config)
     _, setup, batch = _setup(config)
-    abstract = train_simclr.checkpointing.abstract_with_shardings(setup.abstract_state,
+    abstract = checkpointing.abstract_with_shardings(setup.abstract_state,
                                                                   setup.state_shardings)
     start = time.perf_counter()
     compiled = setup.update_fn.lower(abstract, batch).compile()

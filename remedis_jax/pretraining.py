@@ -1,0 +1,324 @@
+"""The pretraining loop every self-supervised objective shares, and its small helpers.
+
+A trainer (train_simclr.py, train_cluster.py) owns what is specific to its objective: the model,
+the pure update step, and which input pipeline feeds it. This module owns what is the same for
+all of them, so that resume, preemption, NaN handling, metrics and the kNN monitor behave
+identically whichever objective is trained:
+
+  workdir + config -> mesh -> source -> trainer's dataset -> trainer's TrainSetup (model,
+  optimiser, sharded state, jitted update step) -> restore (own checkpoint, else config.model.
+  init, else scratch) -> loop (log window, kNN, checkpoints, preemption) -> run summary.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics as clu_metrics
+from clu import parameter_overview, periodic_actions
+
+from data_pipelines import sources as data_sources
+from remedis_jax import checkpointing, export, initialization, models, optimizers
+from remedis_jax import preemption, sharding, writers
+from remedis_jax.evaluators import knn as knn_evaluator
+
+
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 pixels -> float32 in [-1, 1] (BiT convention); runs on the device."""
+  return images.astype(jnp.float32) * (1.0 / 127.5) - 1.0
+
+
+class TrainSetup(NamedTuple):
+  """Everything the loop needs besides data: built by a trainer's `create_train_setup`."""
+  model: nn.Module  # the encoder + projection head (kNN monitor and export read it)
+  tx: optax.GradientTransformation
+  schedule: Callable[[int], float]
+  optimizer_config: ml_collections.ConfigDict
+  init_state: Callable[[jax.Array], Any]
+  abstract_state: Any  # a state with .step and .params (params["encoder"], params["head"])
+  state_shardings: Any
+  update_fn: Callable  # jitted (state, batch) -> (state, metrics); donates `state`
+  batch_keys: tuple[str, ...] = ("views",)  # host batch entries the update step reads
+
+
+@jax.jit
+def merge_metrics(window):
+  """Merges one logging window's per-step metric collections in a single compiled call.
+
+  Merging eagerly after every step dispatches a few tiny device ops per metric per step, which
+  shows up as loop overhead when steps are short; this runs once per `log_every_steps`.
+  """
+  return functools.reduce(lambda a, b: a.merge(b), window)
+
+
+def make_metrics_cls(names):
+  """A clu Collection averaging every named per-step metric over the logging window."""
+  fields = {name: clu_metrics.Average.from_output(name) for name in names}
+  fields["nonfinite_steps"] = clu_metrics.Average.from_output("nonfinite_steps")
+  return clu_metrics.Collection.create(**fields)
+
+
+def keep_if_finite(new_state, old_state, total_loss, grads):
+  """`new_state` if the loss and every gradient are finite, else `old_state` (no host sync).
+
+  Returns:
+    (state, finite): the chosen state and the float32 scalar flag.
+  """
+  finite = jnp.isfinite(total_loss) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
+  return state, finite.astype(jnp.float32)
+
+
+def steps_from_config(config, num_examples: int) -> tuple[int, int, int]:
+  """(total_steps, warmup_steps, steps_per_epoch): durations converted once, here."""
+  steps_per_epoch = max(num_examples // config.batch_size, 1)
+  if config.get("total_steps", -1) and config.total_steps > 0:
+    total_steps = int(config.total_steps)
+  elif config.get("total_epochs", -1) and config.total_epochs > 0:
+    total_steps = int(round(config.total_epochs * steps_per_epoch))
+  else:
+    raise ValueError("set config.total_steps or config.total_epochs to a positive number")
+  if config.optimizer.get("warmup_epochs", -1) is not None and \
+      config.optimizer.get("warmup_epochs", -1) >= 0:
+    warmup_steps = int(round(config.optimizer.warmup_epochs * steps_per_epoch))
+  else:
+    warmup_steps = int(config.optimizer.warmup_steps)
+  return total_steps, min(warmup_steps, total_steps), steps_per_epoch
+
+
+def make_optimizer(config, *, total_steps: int, warmup_steps: int):
+  """(tx, schedule, resolved optimiser config) with the warm-up given in steps."""
+  opt_config = config.optimizer.copy_and_resolve_references()
+  with opt_config.unlocked():
+    opt_config.warmup_steps = warmup_steps
+    if "warmup_epochs" in opt_config:
+      del opt_config["warmup_epochs"]
+  tx, schedule = optimizers.make_optimizer(opt_config, total_steps=total_steps,
+                                           batch_size=config.batch_size)
+  return tx, schedule, opt_config
+
+
+def write_run_config(config, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, export.RUN_CONFIG_FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+  os.replace(path + ".tmp", path)
+
+
+def put_host_tree(tree, shardings):
+  """Host numpy tree -> global jax.Arrays with `shardings` (the same values on every process)."""
+  def put(value, sharding_):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def _restore_or_init(config, setup: TrainSetup, manager, data_iterator, rng):
+  """(state, start_step, description): own checkpoint -> config.model.init -> scratch."""
+  abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
+  restored = checkpointing.restore_latest(
+      manager, checkpointing.abstract_with_shardings(abstract_state, state_shardings),
+      data_iterator)
+  if restored is not None:
+    state, start_step = restored
+    return state, start_step, f"resumed from {manager.directory}/{start_step}"
+  state = sharding.create_sharded(setup.init_state, rng, shardings=state_shardings)
+  loaded = initialization.load_init(config.model.init, config.model.name)
+  if loaded is None:
+    return state, 0, "scratch"
+  # Checked against the abstract tree (names, shapes; dtype cast), then placed with the run's
+  # shardings: works for FSDP-sharded parameters across hosts, too. Parts the init does not
+  # have (prototypes, classifier, probe) keep their fresh initialisation.
+  params = dict(state.params)
+  parts = ["encoder"] + (["head"] if loaded.head is not None and config.model.init_head else [])
+  for part in parts:
+    merged = models.merge_params(getattr(loaded, part), abstract_state.params[part])
+    params[part] = put_host_tree(merged, state_shardings.params[part])
+  state = state.replace(params=params)
+  return state, 0, loaded.description + (" (with projection head)" if "head" in parts else "")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
+        make_dataset: Callable[..., Any], create_setup: Callable[..., TrainSetup],
+        dataset=None) -> dict[str, Any]:
+  """Runs (or resumes) one pretraining job; returns its summary.
+
+  Args:
+    config: the run config (configs/pretrain_*.py).
+    workdir: checkpoints, logs and summaries go here; an existing run there is resumed.
+    title: the objective's name in messages ("SimCLR", "Clustering").
+    make_dataset: `(config, source, local_batch_size) -> Grain dataset` of host batches.
+    create_setup: `(config, mesh, source, total_steps=, warmup_steps=) -> TrainSetup`.
+    dataset: optional dataset used instead of `make_dataset`'s (benchmarks use it to take
+      input preprocessing out of the measurement). The source still sets the epoch length.
+
+  Returns:
+    {steps, total_steps, preempted, final_loss, skipped_records, input_wait_ms_per_step,
+     first_batch_s, wall_time_s, checkpoint, initialisation}.
+  """
+  start_time = time.time()
+  workdir = os.path.abspath(workdir)
+  write_run_config(config, workdir)
+  writer = writers.create_writer(workdir)
+  writer.write_hparams(writers.flatten_config(config.to_dict()))
+
+  # ---- mesh
+  mesh = sharding.make_mesh(config.get("mesh"))
+  batch_sharding = sharding.batch_sharding(mesh)
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
+                     f"processes ({jax.process_count()})")
+  if config.batch_size % mesh.size:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "
+                     f"devices ({mesh.size})")
+  local_batch_size = config.batch_size // jax.process_count()
+
+  # ---- data
+  source = data_sources.build_source(config.data, config.data.get("pretrain_split", "train"))
+  if dataset is None:
+    dataset = make_dataset(config, source, local_batch_size)
+  data_iterator = iter(dataset)
+  total_steps, warmup_steps, steps_per_epoch = steps_from_config(config, len(source))
+  logging.info("Data: %s, %d examples, %d steps/epoch, %d total steps (%d warm-up).",
+               source.name, len(source), steps_per_epoch, total_steps, warmup_steps)
+
+  # ---- model, optimiser, sharded state and the jitted update step
+  setup = create_setup(config, mesh, source, total_steps=total_steps, warmup_steps=warmup_steps)
+  update_fn, schedule = setup.update_fn, setup.schedule
+
+  # ---- restore: own checkpoint -> config.model.init -> scratch
+  manager = checkpointing.make_manager(
+      workdir, max_to_keep=config.keep_checkpoints,
+      asynchronous=config.get("async_checkpointing", True))
+  state, start_step, init_description = _restore_or_init(
+      config, setup, manager, data_iterator, jax.random.key(config.seed))
+  logging.info("Initialisation: %s", init_description)
+  if jax.process_index() == 0:
+    parameter_overview.log_parameter_overview(state.params)
+    logging.info("Optimiser masks:\n%s",
+                 optimizers.describe_masks(state.params, setup.optimizer_config))
+
+  # ---- evaluators
+  knn = None
+  if config.knn.every_steps > 0:
+    knn = knn_evaluator.KnnEvaluator.from_config(config, setup.model, mesh)
+
+  # ---- loop
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
+  progress_bar = writers.ProgressBar(total_steps, initial_step=start_step)
+  watcher = preemption.PreemptionWatcher(manager)
+  window_metrics = []  # per-step metric collections of the current logging window
+  input_wait = 0.0
+  # Run totals for the summary; the first batch (pipeline and worker start-up) is kept apart.
+  run_input_wait, run_waited_steps, first_batch_wait = 0.0, 0, None
+  skipped_records = 0
+  window_start, window_steps = time.monotonic(), 0
+  step = start_step
+  last_loss = float("nan")
+  preempted = False
+  try:
+    if knn is not None and start_step == 0 and config.knn.get("at_start", False):
+      with report_progress.timed("knn"):
+        knn_values = dict(knn.run(state.params))
+      writer.write_scalars(0, {f"knn/{k}": v for k, v in knn_values.items()})
+      logging.info("kNN at initialisation: %s", knn_values)
+    while step < total_steps:
+      wait_start = time.monotonic()
+      host_batch = next(data_iterator)
+      waited = time.monotonic() - wait_start
+      input_wait += waited
+      if first_batch_wait is None:
+        first_batch_wait = waited
+      else:
+        run_input_wait += waited
+        run_waited_steps += 1
+      skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
+      batch = sharding.shard_host_batch({k: host_batch[k] for k in setup.batch_keys},
+                                        batch_sharding)
+      state, step_metrics = update_fn(state, batch)
+      step += 1
+      window_steps += 1
+      window_metrics.append(step_metrics)
+      report_progress(step)
+      progress_bar.update(step)
+      preempted = watcher.reached(step)
+      is_last = step == total_steps
+
+      if step % config.log_every_steps == 0 or is_last or preempted:
+        train_metrics = merge_metrics(tuple(window_metrics))
+        values = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
+        elapsed = time.monotonic() - window_start
+        values["train/learning_rate"] = float(schedule(step - 1))
+        values["train/input_wait_ms_per_step"] = 1000.0 * input_wait / window_steps
+        values["train/input_wait_fraction"] = input_wait / max(elapsed, 1e-9)
+        values["train/skipped_records"] = float(skipped_records)
+        values["train/images_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
+        writer.write_scalars(step, values)
+        last_loss = values["train/loss"]
+        progress_bar.set_postfix(f"loss {last_loss:.4f}")
+        if values["train/nonfinite_steps"] > 0:
+          raise FloatingPointError(
+              f"non-finite loss or gradients in the {window_steps} steps before step {step} "
+              f"(those updates were skipped). The last good checkpoint is kept: "
+              f"{manager.directory}/{manager.latest_step()}. Lower the learning rate, enable "
+              "gradient clipping (config.optimizer.grad_clip_norm) or check the input data.")
+        window_metrics, input_wait, window_steps = [], 0.0, 0
+        window_start = time.monotonic()
+
+      if knn is not None and (step % config.knn.every_steps == 0 or is_last):
+        with report_progress.timed("knn"):
+          knn_values = dict(knn.run(state.params))
+        writer.write_scalars(step, {f"knn/{k}": v for k, v in knn_values.items()})
+
+      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last)
+      if preempted:
+        logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
+        break
+  finally:
+    manager.wait_until_finished()
+    progress_bar.close()
+    watcher.close()
+    writer.flush()
+
+  summary = {
+      "steps": step,
+      "total_steps": total_steps,
+      "preempted": preempted,
+      "final_loss": last_loss,
+      "skipped_records": skipped_records,
+      "input_wait_ms_per_step": 1000.0 * run_input_wait / max(run_waited_steps, 1),
+      "first_batch_s": first_batch_wait,
+      "wall_time_s": time.time() - start_time,
+      "checkpoint": f"{manager.directory}/{manager.latest_step()}",
+      "initialisation": init_description,
+  }
+  manager.close()
+  if jax.process_index() == 0:
+    logging.info("Run summary: %s", summary)
+    print("\n".join([f"{title} pretraining {'preempted' if preempted else 'finished'}:",
+                     f"  steps          {step}/{total_steps}",
+                     f"  time           {summary['wall_time_s']:.1f} s",
+                     f"  final loss     {last_loss:.4f}",
+                     f"  input wait     {summary['input_wait_ms_per_step']:.1f} ms/step "
+                     f"(after the first batch)",
+                     f"  skipped bad    {skipped_records} records",
+                     f"  checkpoint     {summary['checkpoint']}",
+                     f"  TensorBoard    tensorboard --logdir {workdir}"]), flush=True)
+  return summary
