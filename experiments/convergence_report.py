@@ -172,7 +172,7 @@ def compute_targets(runs: Sequence[dict[str, Any]], *, baseline: str, target: fl
 
   Returns:
     {label_fraction: {"target" (NaN: no target), "baseline_best_mean", "baseline_seeds",
-    "source" ("absolute" | "fraction_of_baseline" | "no baseline curve")}}.
+    "source" ("absolute" | "fraction_of_baseline" | "no finished baseline run")}}.
   """
   fractions = sorted({_fraction_key(r["label_fraction"]) for r in runs})
   targets = {}
@@ -188,7 +188,7 @@ def compute_targets(runs: Sequence[dict[str, Any]], *, baseline: str, target: fl
     elif bests:
       entry = {"target": fraction_of_baseline * baseline_best, "source": "fraction_of_baseline"}
     else:
-      entry = {"target": math.nan, "source": "no baseline curve"}
+      entry = {"target": math.nan, "source": "no finished baseline run"}
     entry.update(baseline_best_mean=baseline_best, baseline_seeds=seeds)
     targets[fraction] = entry
   return targets
@@ -298,6 +298,8 @@ def format_table(cells: Sequence[dict[str, Any]], *, metric: str, baseline: str,
       steps = f"{cell['steps_to_target_mean']:.0f} +- {cell['steps_to_target_std']:.0f}"
     elif not cell["n_finished"]:
       steps = "no finished run"
+    elif not math.isfinite(cell["target"]):
+      steps = "no target"
     else:
       steps = "not reached"
     if math.isfinite(cell["reduction"]):

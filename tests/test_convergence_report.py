@@ -192,6 +192,12 @@ def test_absolute_target_and_the_reduction_formula(fake_sweep):
   assert slower["targets"][1.0]["target"] == pytest.approx(0.8 * 0.90)
   # target 0.72: simclr 100/100; scratch 0.75 at 300, 0.75 at 300 -> 1 - 300/100 = -2.
   assert cell(slower, "scratch", 1.0)["reduction"] == pytest.approx(-2.0)
+  # A baseline without a finished run gives no target: nothing is "reached", nothing is dropped.
+  no_target = convergence.convergence_report(fake_sweep, baseline="cluster", verbose=False)
+  assert {t["source"] for t in no_target["targets"].values()} == {"no finished baseline run"}
+  assert all(c["n_reached"] == 0 and math.isnan(c["reduction"]) for c in no_target["cells"])
+  assert "| 100% | scratch | n/a (no finished baseline run) | no target | 0/2 |" in (
+      no_target["table"])
 
 
 def test_csv_and_json_round_trip_and_the_plot(fake_sweep):
