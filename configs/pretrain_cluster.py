@@ -71,26 +71,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.multicrop = ml_collections.ConfigDict({"num_local": 6, "local_size": 96})
   config.hybrid = ml_collections.ConfigDict({"label_fraction": 1.0, "label_fraction_seed": 0})
 
-  if base == "tiny":
-    config.data.preset = "ghesu"
-    config.cluster.num_prototypes = 32
-    config.cluster.freeze_prototypes_steps = 30
+  config.data.preset = "ghesu"
+  if base in ("tiny", "smoke", "medmnist"):
+    # 32 px global views: 2 local views of 16 px; fewer prototypes than images per batch x 2.
+    config.cluster.num_prototypes = {"tiny": 32, "smoke": 8, "medmnist": 32}[base]
+    config.cluster.freeze_prototypes_steps = {"tiny": 30, "smoke": 2, "medmnist": 50}[base]
     config.multicrop.num_local = 2
     config.multicrop.local_size = 16
-  elif base == "smoke":
-    config.data.preset = "ghesu"
-    config.cluster.num_prototypes = 8
-    config.cluster.freeze_prototypes_steps = 2
-    config.multicrop.num_local = 2
-    config.multicrop.local_size = 16
-  elif base == "medmnist":
-    config.data.preset = "ghesu"
-    config.cluster.num_prototypes = 32
-    config.cluster.freeze_prototypes_steps = 50
-    config.multicrop.num_local = 2
-    config.multicrop.local_size = 16
-  elif base == "r50x1":
-    config.data.preset = "ghesu"
 
   if hybrid:
     config.loss.supervised_weight = 1.0

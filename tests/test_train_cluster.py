@@ -154,3 +154,12 @@ def test_queue_is_used_from_the_step_it_is_full():
   assert train_cluster.queue_full_step(48, 16, 2) == 2
   assert train_cluster.queue_full_step(65, 16, 2) == 3
   assert train_cluster.queue_full_step(0, 16, 2) == 0
+
+
+@pytest.mark.parametrize("variant", pretrain_cluster.VARIANTS)
+def test_every_variant_builds_and_names_the_cluster_trainer(variant):
+  from remedis_jax import main  # pylint: disable=g-import-not-at-top
+  config = pretrain_cluster.get_config(variant)
+  assert main.TRAINERS[config.trainer] == "remedis_jax.train_cluster"
+  assert config.multicrop.num_local >= 0 and config.cluster.num_prototypes > 0
+  assert (config.loss.supervised_weight > 0) == variant.startswith("hybrid_")
