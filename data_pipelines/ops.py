@@ -39,6 +39,7 @@ import numpy as np
 
 from data_pipelines import ops_geometric
 from data_pipelines import ops_intensity
+from data_pipelines import ops_masking
 
 Features = dict[str, Any]
 Op = Callable[[Features, np.random.Generator], Features]
@@ -68,6 +69,8 @@ REGISTRY: dict[str, type] = {
     "stain_jitter": ops_intensity.StainJitter,
     "energy_intensity": ops_intensity.EnergyIntensity,
     "linear_intensity": ops_intensity.LinearIntensity,
+    # Masking (GMML corruption: adds gmml_mask / gmml_fill, see ops_masking.py).
+    "group_mask": ops_masking.GroupMask,
 }
 
 
