@@ -17,7 +17,8 @@ from ml_collections import config_flags
 from remedis_jax import distributed
 
 TRAINERS = {"simclr": "remedis_jax.train_simclr", "cluster": "remedis_jax.train_cluster",
-            "finetune": "remedis_jax.train_finetune"}
+            "finetune": "remedis_jax.train_finetune",
+            "segment": "remedis_jax.train_segment"}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
