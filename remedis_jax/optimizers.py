@@ -60,6 +60,10 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
       momentum, nesterov: heavy-ball momentum for 'lars' and 'sgd'.
       weight_decay: coupled L2 for 'lars'/'sgd' (added to the gradient before
         the trust ratio, as in SimCLR); decoupled for 'adamw'.
+      weight_decay_end: None (constant weight decay, the default) or the
+        final value of a cosine weight-decay schedule from `weight_decay` at
+        update 0 to this at the last update ('adamw' and 'sgd'; DINO / GMML
+        ramp 0.04 -> 0.4 for ViTs).
       weight_decay_exclude: regexes of params that get no weight decay.
       lars_exclude: regexes of params that skip the LARS trust ratio.
       trust_coefficient: LARS eta.
@@ -78,6 +82,7 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-6
+  config.weight_decay_end = None
   config.weight_decay_exclude = NORM_AND_BIAS_REGEXES
   config.lars_exclude = NORM_AND_BIAS_REGEXES
   config.trust_coefficient = 0.001
@@ -192,6 +197,14 @@ def _resolve_config(config: Union[ml_collections.ConfigDict, dict]) -> ml_collec
     raise ValueError(f"optimizer config warmup_steps must be >= 0; got {resolved.warmup_steps}.")
   if resolved.end_lr_factor < 0:
     raise ValueError(f"optimizer config end_lr_factor must be >= 0; got {resolved.end_lr_factor}.")
+  if resolved.weight_decay_end is not None:
+    if resolved.weight_decay_end < 0:
+      raise ValueError("optimizer config weight_decay_end must be None or >= 0; got "
+                       f"{resolved.weight_decay_end}.")
+    if resolved.name == "lars":
+      raise ValueError("optimizer config weight_decay_end (a weight-decay schedule) is not "
+                       "supported with name='lars' (optax.lars takes a constant); use "
+                       "'adamw' or 'sgd', or set weight_decay_end=None.")
   if resolved.grad_clip_norm is not None and resolved.grad_clip_norm <= 0:
     raise ValueError(
         f"optimizer config grad_clip_norm must be None or > 0; got {resolved.grad_clip_norm}.")
@@ -225,6 +238,35 @@ def _make_schedule(config: ml_collections.ConfigDict, peak_lr: float, total_step
       return decayed
     warmup = peak_lr * step / warmup_steps
     return jnp.where(step < warmup_steps, warmup, decayed)
+
+  return schedule
+
+
+def make_weight_decay_schedule(config: Union[ml_collections.ConfigDict, dict],
+                               total_steps: int) -> Union[float, Schedule]:
+  """The weight decay: a constant, or a cosine from `weight_decay` to `weight_decay_end`.
+
+  The cosine runs over all `total_steps` updates without warm-up (DINO's and GMML's
+  `cosine_scheduler(wd, wd_end, epochs, iters)`): update k uses
+  end + (start - end) * (1 + cos(pi * k / (total_steps - 1))) / 2.
+
+  Args:
+    config: optimiser config (fields as in `default_optimizer_config()`).
+    total_steps: number of optimiser updates in the run.
+
+  Returns:
+    A float (weight_decay_end is None) or `schedule(step) -> weight decay`.
+  """
+  config = _resolve_config(config)
+  start = float(config.weight_decay)
+  if config.weight_decay_end is None:
+    return start
+  end = float(config.weight_decay_end)
+  horizon = max(int(total_steps) - 1, 1)
+
+  def schedule(step):
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / horizon, 0.0, 1.0)
+    return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
 
   return schedule
 
@@ -294,13 +336,16 @@ def make_optimizer(
     )
   elif config.name == "sgd":
     tx = optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+        optax.add_decayed_weights(make_weight_decay_schedule(config, total_steps),
+                                  mask=weight_decay_mask),
         optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),
     )
   else:  # adamw
+    # optax.adamw (0.2.8) takes a schedule for weight_decay: decoupled decay
+    # lr(k) * wd(k) * p, as PyTorch's AdamW with DINO/GMML's per-step wd schedule.
     tx = optax.adamw(
         schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-        weight_decay=config.weight_decay, mask=weight_decay_mask)
+        weight_decay=make_weight_decay_schedule(config, total_steps), mask=weight_decay_mask)
 
   if config.grad_clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
