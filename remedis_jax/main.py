@@ -18,7 +18,8 @@ from remedis_jax import distributed
 
 TRAINERS = {"simclr": "remedis_jax.train_simclr", "cluster": "remedis_jax.train_cluster",
             "finetune": "remedis_jax.train_finetune",
-            "segment": "remedis_jax.train_segment"}
+            "segment": "remedis_jax.train_segment",
+            "gmml": "remedis_jax.train_gmml"}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).",
