@@ -50,6 +50,11 @@ class TrainSetup(NamedTuple):
   state_shardings: Any
   update_fn: Callable  # jitted (state, batch) -> (state, metrics); donates `state`
   batch_keys: tuple[str, ...] = ("views",)  # host batch entries the update step reads
+  # Optional objective-specific monitor (e.g. GMML's held-out reconstruction): an object with
+  # `every_steps` and `run(params, step) -> {name: float}`, run like the kNN monitor (at step 0
+  # of a fresh run, every `every_steps` steps and at the last step); its values go to the
+  # writer as logged.
+  monitor: Any = None
 
 
 @jax.jit
@@ -238,6 +243,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
         knn_values = dict(knn.run(state.params))
       writer.write_scalars(0, {f"knn/{k}": v for k, v in knn_values.items()})
       logging.info("kNN at initialisation: %s", knn_values)
+    if setup.monitor is not None and start_step == 0:
+      writer.write_scalars(0, setup.monitor.run(state.params, 0))
     while step < total_steps:
       wait_start = time.monotonic()
       host_batch = next(data_iterator)
@@ -285,6 +292,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
         with report_progress.timed("knn"):
           knn_values = dict(knn.run(state.params))
         writer.write_scalars(step, {f"knn/{k}": v for k, v in knn_values.items()})
+
+      if setup.monitor is not None and (step % setup.monitor.every_steps == 0 or is_last):
+        writer.write_scalars(step, setup.monitor.run(state.params, step))
 
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last)
