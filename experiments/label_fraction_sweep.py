@@ -10,6 +10,11 @@ of this script: a grid over label fractions x initialisations x seeds of
 The grid (sweep config, configs/sweeps/*.py):
   base                the fine-tuning config every run starts from, "configs/finetune.py:tiny".
   overrides           nested keys of the base config applied to every run (e.g. total_steps).
+  init_overrides      init name -> nested keys applied to that init's runs only, after
+                      `overrides` (e.g. a ViT init: init_overrides.gmml_vit.model.name=
+                      "ViT-tiny/4", so scratch stays a ResNet); absent or empty: no change. A
+                      name that is not in `inits`, or a key the grid sets itself (model.init,
+                      label_fraction, label_fraction_seed, seed), is an error.
   label_fractions     shares of the training labels, each in (0, 1].
   seeds               one run per seed; a run uses it as `seed` (model init, augmentation, data
                       order) AND as `label_fraction_seed`, so every seed sees a different
@@ -89,6 +94,7 @@ def default_sweep_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.base = "configs/finetune.py:tiny"
   config.overrides = ml_collections.ConfigDict()
+  config.init_overrides = ml_collections.ConfigDict()
   config.label_fractions = DEFAULT_LABEL_FRACTIONS
   config.seeds = (0, 1, 2)
   config.inits = ml_collections.ConfigDict({"scratch": ""})
@@ -197,6 +203,29 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
 
 
 # --------------------------------------------------------------------------- plan + validate
+# Keys every run gets from the grid itself; an init's overrides may not set them.
+GRID_KEYS = ("model.init", "label_fraction", "label_fraction_seed", "seed")
+
+
+def init_overrides(sweep_config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """`sweep_config.init_overrides` as {init name: {dotted key: value}} ({} when absent).
+
+  Accepts nested blocks (`{"gmml_vit": {"model": {"name": "ViT-tiny/4"}}}`, what a ConfigDict
+  holds) and, in a plain dict, dotted keys (`{"gmml_vit": {"model.name": "ViT-tiny/4"}}`).
+
+  Raises:
+    ValueError: an entry that is not a block of keys.
+  """
+  per_init = sweep_config.get("init_overrides") or {}
+  flat = {}
+  for name, block in per_init.items():
+    if not isinstance(block, (dict, ml_collections.ConfigDict)):
+      raise ValueError(f"sweep config init_overrides.{name}={block!r}: expected a block of "
+                       f"config keys, e.g. init_overrides.{name}.model.name='ViT-tiny/4'")
+    flat[name] = flatten(block)
+  return flat
+
+
 def plan_runs(sweep_config: ml_collections.ConfigDict) -> list[Run]:
   """The grid: inits x label_fractions x seeds, plus the baseline cell if the grid lacks it.
 
@@ -211,16 +240,18 @@ def plan_runs(sweep_config: ml_collections.ConfigDict) -> list[Run]:
     cells.append(baseline_cell)
   cells.sort(key=lambda c: (list(inits).index(c[0]), c[1]))
   shared = flatten(sweep_config.overrides)
+  per_init = init_overrides(sweep_config)
   runs = []
   for name, fraction in cells:
     path = inits[name].strip()
     path = "" if path.lower() in SCRATCH else (path if "://" in path else os.path.abspath(path))
     for seed in sweep_config.seeds:
       overrides = dict(shared)
-      overrides.update({"model.init": path, "label_fraction": fraction,
-                        "label_fraction_seed": int(seed), "seed": int(seed)})
       if sweep_config.finetune_mode:
         overrides["finetune_mode"] = sweep_config.finetune_mode
+      overrides.update(per_init.get(name, {}))  # the init's own keys win over the shared ones
+      overrides.update({"model.init": path, "label_fraction": fraction,
+                        "label_fraction_seed": int(seed), "seed": int(seed)})
       runs.append(Run(name, path, fraction, int(seed), run_id(name, fraction, int(seed)),
                       tuple(overrides.items())))
   return runs
@@ -310,11 +341,22 @@ def validate(sweep_config: ml_collections.ConfigDict, runs: Sequence[Run] | None
   if sweep_config.finetune_mode not in FINETUNE_MODES:
     raise ValueError(f"sweep config finetune_mode={sweep_config.finetune_mode!r}; expected one "
                      f"of {FINETUNE_MODES} ('' keeps the base config's)")
+  per_init = init_overrides(sweep_config)
+  for name, overrides in per_init.items():
+    if name not in sweep_config.inits:
+      raise ValueError(f"sweep config init_overrides.{name}: {name!r} is not one of the inits "
+                       f"({', '.join(sweep_config.inits.keys())}); unknown init")
+    grid_keys = sorted(set(overrides) & set(GRID_KEYS))
+    if grid_keys:
+      raise ValueError(f"sweep config init_overrides.{name} sets {grid_keys}, which the grid "
+                       f"sets for every run; use inits.{name}, label_fractions or seeds instead")
   base = load_config_file(sweep_config.base)
   if base.get("trainer") != "finetune":
     raise ValueError(f"sweep config base={sweep_config.base!r} is a {base.get('trainer')!r} "
                      "config; a label-fraction sweep needs a fine-tuning config "
                      "(configs/finetune.py:<variant>)")
+  for name, overrides in per_init.items():
+    apply_overrides(base, overrides.items(), where=f"init_overrides.{name}")
   runs = plan_runs(sweep_config) if runs is None else list(runs)
   for run in runs:
     config = apply_overrides(base, run.overrides)  # raises on unknown keys

@@ -262,3 +262,63 @@ def test_dispatcher():
     models.create_model("ViT-micro/4", widht=3)
   with pytest.raises(ValueError, match="unknown ResNetV2 field"):
     models.create_model("R_micro", patch_size=4)
+
+
+# ------------------------------------------------------------------ fine-tuning and export
+def _smoke_config(**overrides):
+  from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  config = finetune_config.get_config("smoke")
+  config.model.name = "ViT-micro/4"
+  config.test_sets = ("test@A",)
+  config.robustness.perturbations = ()
+  # Validate and checkpoint once, at the last step: the same code paths, less time.
+  config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = 4
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def test_export_round_trip_then_linear_and_full_finetuning_from_it(tmp_path):
+  from remedis_jax import checkpointing, export, train_finetune  # pylint: disable=g-import-not-at-top
+  model = models.create_model("ViT-micro/4")
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  encoder = jax.device_get(_random_params(model, images, seed=3))
+  encoder = jax.tree.map(lambda a: a * 0.3, encoder)  # a trainable scale, not a saturated net
+  export_dir = str(tmp_path / "export")
+  export.write_export(export_dir, {"encoder": encoder},
+                      {"model_name": "ViT-micro/4", "encoder_overrides": {}, "step": 0})
+
+  module, params = export.create_encoder_from_export(export_dir)
+  assert module == model
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params, encoder)))
+  np.testing.assert_array_equal(module.apply({"params": params}, images)[0],
+                                model.apply({"params": encoder}, images)[0])
+
+  def same_as_export(tree):
+    return all(jax.tree.leaves(jax.tree.map(np.array_equal, tree, encoder)))
+
+  # Linear evaluation: the loaded ViT is bit-identical after training, the classifier learned.
+  linear_dir = str(tmp_path / "linear")
+  results = train_finetune.train_and_evaluate(
+      _smoke_config(**{"model.init": export_dir, "finetune_mode": "linear"}), linear_dir)
+  assert results["finished"] and results["config"]["model"] == "ViT-micro/4"
+  assert results["initialisation"].startswith("export ")
+  trained, step = checkpointing.load_params(linear_dir)
+  assert step == 4
+  assert same_as_export(trained["encoder"])
+  assert np.abs(trained["classifier"]["kernel"]).sum() > 0
+
+  # Full fine-tuning with rematerialised blocks: the same start, and the encoder moves.
+  full_dir = str(tmp_path / "full")
+  results = train_finetune.train_and_evaluate(
+      _smoke_config(**{"model.init": export_dir, "model.remat": True}), full_dir)
+  assert results["finished"] and results["steps"] == 4
+  assert 0.0 <= results["test_sets"]["test_A"]["metrics"]["macro_auc"] <= 1.0
+  trained, _ = checkpointing.load_params(full_dir)
+  assert trained["encoder"]["pos_embedding"].shape == (1, 64, 32)
+  assert trained["classifier"]["kernel"].shape == (32, 4)
+  assert not same_as_export(trained["encoder"])

@@ -1,0 +1,174 @@
+"""Label-fraction sweep `init_overrides` (per-init config keys, e.g. a ViT init beside a ResNet
+scratch baseline): planning, validation before anything is written, backwards compatibility, the
+in-process and job-list paths, and the configs/sweeps/gmml_tiny.py grid."""
+
+import json
+import os
+import shlex
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import label_fraction_sweep as sweep
+from remedis_jax import train_finetune
+
+VIT = "ViT-micro/4"
+
+
+def _sweep(init_overrides=None, inits=(("scratch", ""), ("vit", ""))):
+  config = sweep.default_sweep_config()
+  config.base = "configs/finetune.py:smoke"
+  config.inits = ml_collections.ConfigDict(dict(inits))
+  config.label_fractions = (0.5,)
+  config.seeds = (0, 1)
+  config.baseline_fraction = 0.5
+  config.overrides = ml_collections.ConfigDict({
+      "robustness": {"perturbations": ()}, "test_sets": ("test@A",),
+      "optimizer": {"learning_rate": 0.05}})
+  if init_overrides is not None:
+    config.init_overrides = init_overrides
+  return config
+
+
+def _vit_overrides(**extra):
+  block = {"model": {"name": VIT}}
+  block.update(extra)
+  return ml_collections.ConfigDict({"vit": block})
+
+
+def _by_init(runs):
+  return {run.init: dict(run.overrides) for run in runs}
+
+
+def test_init_overrides_apply_to_that_init_only_and_win_over_shared_keys():
+  config = _sweep(_vit_overrides(optimizer={"learning_rate": 0.01}))
+  runs = sweep.validate(config)
+  assert len(runs) == 4
+  per_init = _by_init(runs)
+  assert per_init["vit"]["model.name"] == VIT
+  assert per_init["vit"]["optimizer.learning_rate"] == 0.01
+  assert "model.name" not in per_init["scratch"]
+  assert per_init["scratch"]["optimizer.learning_rate"] == 0.05
+  base = sweep.load_config_file(config.base)
+  for run in runs:
+    built = sweep.build_run_config(config, run, base)
+    assert built.model.name == (VIT if run.init == "vit" else "R_micro")
+    assert built.seed == built.label_fraction_seed == run.seed  # grid keys untouched
+  # Plain dicts with dotted keys (the brief's spelling) mean the same.
+  dotted = _sweep()
+  dotted.init_overrides = ml_collections.ConfigDict()
+  dotted_runs = sweep.plan_runs(_PlainInitOverrides(
+      dotted, {"vit": {"model.name": VIT, "optimizer.learning_rate": 0.01}}))
+  assert [r.overrides for r in dotted_runs] == [r.overrides for r in runs]
+
+
+class _PlainInitOverrides:
+  """A sweep config whose init_overrides is a plain dict (dotted keys are legal there)."""
+
+  def __init__(self, config, init_overrides):
+    self._config, self._init_overrides = config, init_overrides
+
+  def get(self, key, default=None):
+    return self._init_overrides if key == "init_overrides" else self._config.get(key, default)
+
+  def __getattr__(self, key):
+    return getattr(self._config, key)
+
+
+def test_absent_or_empty_init_overrides_change_nothing():
+  with_empty = sweep.plan_runs(_sweep())
+  legacy = _sweep()
+  del legacy["init_overrides"]  # a sweep config written before the key existed
+  assert "init_overrides" not in legacy
+  assert sweep.plan_runs(legacy) == with_empty
+  assert all("model.name" not in dict(r.overrides) for r in with_empty)
+  sweep.validate(legacy, check_runs=False)
+
+
+@pytest.mark.parametrize("init_overrides, error, match", [
+    ({"gmml_vit": {"model": {"name": VIT}}}, ValueError,
+     r"init_overrides.gmml_vit: 'gmml_vit' is not one of the inits \(scratch, vit\); unknown init"),
+    ({"vit": {"model": {"init": "/elsewhere"}}}, ValueError,
+     r"init_overrides.vit sets \['model.init'\], which the grid sets"),
+    ({"vit": {"seed": 3}}, ValueError, r"init_overrides.vit sets \['seed'\]"),
+    ({"vit": {"model": {"nmae": VIT}}}, KeyError,
+     r"sweep config init_overrides.vit: 'model.nmae' is not a key of the base config"),
+    ({"vit": {"model": {"name": VIT}, "optimizer": {"learning_rate": "fast"}}}, TypeError,
+     r"init_overrides.vit: optimizer.learning_rate='fast' does not fit"),
+])
+def test_mistakes_are_rejected_before_anything_runs_or_is_written(tmp_path, monkeypatch,
+                                                                  init_overrides, error, match):
+  def no_training(*args):
+    raise AssertionError("a bad sweep config reached training")
+  monkeypatch.setattr(train_finetune, "train_and_evaluate", no_training)
+  config = _sweep(ml_collections.ConfigDict(init_overrides))
+  workdir = tmp_path / "sweep"
+  with pytest.raises(error, match=match):
+    sweep.run_sweep(config, str(workdir), verbose=False)
+  assert not workdir.exists()
+
+
+def test_in_process_runs_and_job_list_get_the_init_model(tmp_path, monkeypatch):
+  seen = {}
+
+  def fake_training(config, workdir):
+    seen[os.path.relpath(workdir, tmp_path / "sweep")] = config.model.name
+    results = {"format": train_finetune.RESULTS_FORMAT, "finished": True, "steps": 4,
+               "total_steps": 4, "wall_time_s": 1.0, "num_train_labels": 48,
+               "best": {"metric": "macro_auc", "split": "val", "step": 4, "value": 0.5},
+               "test_sets": {"test_A": {"split": "test", "sites": "A", "num_examples": 32,
+                                        "roc_file": "", "metrics": {"macro_auc": 0.6}}}}
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f)
+    return results
+
+  monkeypatch.setattr(train_finetune, "train_and_evaluate", fake_training)
+  config = _sweep(_vit_overrides())
+  summary = sweep.run_sweep(config, str(tmp_path / "sweep"), verbose=False)
+  assert summary["counts"] == {"finished": 4}
+  assert seen == {f"init={i}/frac=0.5/seed={s}": (VIT if i == "vit" else "R_micro")
+                  for i in ("scratch", "vit") for s in (0, 1)}
+  plan = json.loads((tmp_path / "sweep" / sweep.PLAN_FILE).read_text())
+  assert {r["run_id"]: r["overrides"].get("model.name") for r in plan["runs"]} == {
+      f"init={i}/frac=0.5/seed={s}": (VIT if i == "vit" else None)
+      for i in ("scratch", "vit") for s in (0, 1)}
+
+  # The subprocess command line of a ViT run parses back to the ViT config.
+  run = next(r for r in sweep.plan_runs(config) if r.init == "vit")
+  argv = sweep.run_command(config, run, str(tmp_path / "sweep"))
+  assert f"--config.model.name={VIT}" in argv
+  main_args = shlex.split(shlex.join(argv[3:]))  # through a shell's quoting, as jobs.txt is
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                  sys_argv=["prog", *main_args])
+  flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+  flag_values(["prog", *main_args])
+  assert flag_values.config.to_dict() == sweep.build_run_config(config, run).to_dict()
+
+
+def test_gmml_tiny_sweep_config(tmp_path, monkeypatch):
+  scratch_only = sweep.load_config_file("configs/sweeps/gmml_tiny.py:scratch")
+  assert set(scratch_only.inits) == {"scratch", "vit_scratch"}
+  runs = sweep.validate(scratch_only, check_runs=False)
+  assert len(runs) == 2 * 3 * 2
+  names = {r.init: dict(r.overrides).get("model.name") for r in runs}
+  assert names == {"scratch": None, "vit_scratch": "ViT-tiny/4"}
+
+  full = sweep.load_config_file("configs/sweeps/gmml_tiny.py")
+  assert full.inits.gmml_vit == "workdirs/gmml/pretrain"
+  assert full.init_overrides.gmml_vit.model.name == "ViT-tiny/4"
+  # The pretraining workdir is checked like any init: missing -> named, with the fix.
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"inits.gmml_vit='.*workdirs/gmml/pretrain'"):
+    sweep.validate(full, check_runs=False)
+  (tmp_path / "workdirs" / "gmml" / "pretrain" / "checkpoints" / "10").mkdir(parents=True)
+  runs = sweep.validate(full, check_runs=False)
+  gmml = [r for r in runs if r.init == "gmml_vit"]
+  assert len(gmml) == 6 and all(
+      dict(r.overrides)["model.init"] == str(tmp_path / "workdirs/gmml/pretrain") and
+      dict(r.overrides)["model.name"] == "ViT-tiny/4" for r in gmml)
+  with pytest.raises(ValueError, match="unknown argument 'vit'"):
+    sweep.load_config_file("configs/sweeps/gmml_tiny.py:vit")
