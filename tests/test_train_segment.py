@@ -1,0 +1,124 @@
+"""Segmentation trainer: loss vs NumPy, config checks, and an end-to-end smoke run."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import segment as segment_config
+from remedis_jax import checkpointing, main as main_lib, train_segment
+
+
+def _np_loss(logits, masks, dice_weight):
+  probs = 1.0 / (1.0 + np.exp(-logits))
+  bce = np.mean(-(masks * np.log(probs) + (1 - masks) * np.log(1 - probs)))
+  intersection = (probs * masks).sum(axis=(1, 2))
+  sizes = probs.sum(axis=(1, 2)) + masks.sum(axis=(1, 2))
+  soft_dice = np.mean(1 - (2 * intersection + 1) / (sizes + 1))
+  predicted = logits >= 0
+  hard = []
+  for p, m in zip(predicted, masks.astype(bool)):
+    denominator = p.sum() + m.sum()
+    hard.append(1.0 if denominator == 0 else 2 * (p & m).sum() / denominator)
+  return bce + dice_weight * soft_dice, bce, soft_dice, np.mean(hard)
+
+
+def test_segmentation_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 6, 5)).astype(np.float32) * 2
+  masks = (rng.random((3, 6, 5)) < 0.4).astype(np.uint8)
+  masks[2] = 0
+  logits[2] = -np.abs(logits[2])  # empty mask and empty prediction: hard Dice 1
+  loss, metrics = train_segment.segmentation_loss(jnp.asarray(logits), jnp.asarray(masks), 0.7)
+  expected = _np_loss(logits.astype(np.float64), masks.astype(np.float64), 0.7)
+  np.testing.assert_allclose(float(loss), expected[0], rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["bce"]), expected[1], rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["soft_dice_loss"]), expected[2], rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["dice"]), expected[3], rtol=1e-6)
+
+
+def test_config_checks_name_the_key(tmp_path):
+  config = segment_config.get_config("smoke")
+  config.label_fraction = 0.0
+  with pytest.raises(ValueError, match="config.label_fraction"):
+    train_segment.check_config(config)
+  config = segment_config.get_config("smoke")
+  config.model.init = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="config.model.init"):
+    train_segment.check_config(config)
+  config = segment_config.get_config("smoke")
+  config.freeze_encoder = True
+  with pytest.raises(ValueError, match="freeze_encoder"):
+    train_segment.check_config(config)
+
+
+def test_every_variant_builds_and_names_the_segment_trainer():
+  for variant in segment_config.VARIANTS:
+    config = segment_config.get_config(variant)
+    assert main_lib.TRAINERS[config.trainer] == "remedis_jax.train_segment"
+  with pytest.raises(ValueError, match="unknown config variant"):
+    segment_config.get_config("huge")
+
+
+def test_require_masks_names_the_fix():
+  class NoMasks:
+    name = "folder/train"
+
+    def __len__(self):
+      return 1
+
+    def __getitem__(self, index):
+      return {"image": np.zeros((4, 4, 1), np.uint8), "label": np.int32(0)}
+
+  with pytest.raises(ValueError, match="mask_column"):
+    train_segment.require_masks(NoMasks(), "data.train_split='train'")
+
+
+def test_smoke_run_writes_results_then_init_from_it_with_frozen_encoder(tmp_path):
+  config = segment_config.get_config("smoke")
+  workdir = str(tmp_path / "scratch")
+  results = train_segment.train_and_evaluate(config, workdir)
+
+  with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+    on_disk = json.load(f)
+  assert on_disk["format"] == train_segment.RESULTS_FORMAT and on_disk["finished"]
+  assert on_disk["steps"] == config.total_steps
+  assert on_disk["initialisation"] == "scratch"
+  assert on_disk["num_train_masks"] == 32  # half of the 64 training records
+  assert set(on_disk["test_sets"]) == {"in_distribution", "site_C"}
+  for name, entry in on_disk["test_sets"].items():
+    metrics = entry["metrics"]
+    assert metrics["num_examples"] == config.data.num_examples.test
+    for key in ("dice", "iou", "dice_global", "iou_global"):
+      assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["iou"] <= metrics["dice"] + 1e-12  # IoU <= Dice image by image
+    assert os.path.isfile(os.path.join(workdir, entry["figure"]))
+  assert entry["sites"] == "C"
+  assert on_disk["best"]["metric"] == "dice" and on_disk["best"]["step"] in (2, 4)
+  manifest = json.load(open(os.path.join(workdir, "subset_manifest.json"), encoding="utf-8"))
+  assert len(json.dumps(manifest)) > 0
+  assert results["test_sets"].keys() == on_disk["test_sets"].keys()
+  # A finished run returns its results without training again.
+  assert train_segment.train_and_evaluate(config, workdir) == on_disk
+
+  # Initialise from the first run's workdir and train the decoder only: the encoder must come
+  # out bit-identical to the first run's final encoder, the decoder must change.
+  first_params, _ = checkpointing.load_params(workdir)
+  config = segment_config.get_config("smoke")
+  config.model.init = workdir
+  config.freeze_encoder = True
+  config.test_sets = ("in_distribution=test@A",)
+  config.total_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+  config.num_figure_examples = 0
+  second = str(tmp_path / "from_first")
+  results = train_segment.train_and_evaluate(config, second)
+  assert results["initialisation"].startswith(f"workdir {workdir}")
+  assert results["test_sets"]["in_distribution"]["figure"] is None
+  second_params, _ = checkpointing.load_params(second)
+  jax.tree.map(np.testing.assert_array_equal, second_params["encoder"], first_params["encoder"])
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
+                                         second_params["decoder"], first_params["decoder"]))
+  assert any(changed)
