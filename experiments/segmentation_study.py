@@ -2,7 +2,7 @@ r"""Lung segmentation from GMML pretraining vs from scratch, over label fraction
 in distribution and at shifted sites (test-time drift).
 
   python -m experiments.segmentation_study --workdir=workdirs/segmentation_study \
-    --gmml_init=workdirs/gmml/pretrain [--fractions=0.01,0.05,1.0] [--seeds=0,1] [--steps=200]
+    --gmml_init=workdirs/gmml/pretrain [--fractions=0.01,0.05,1.0] [--seeds=0,1] [--steps=150]
 
 Every run is `remedis_jax.train_segment` with `configs/segment.py:tiny` (synthetic CXR at 32 px,
 ViT-tiny/4, trained and validated on site A, tested on sites A, B, C, D) and these changes:
@@ -160,32 +160,37 @@ def run_study(workdir: str, *, gmml_init: str, fractions: Sequence[float], seeds
   else:
     notes.append(f"no GMML run at {gmml_init!r} (no checkpoints/): scratch only")
   rows, failed = [], {}
-  for init, init_path in inits.items():
-    for fraction in fractions:
-      for seed in seeds:
-        run = run_id(init, fraction, seed)
-        path = os.path.join(workdir, run)
-        config = build_config(init_path=init_path, fraction=fraction, seed=seed, steps=steps,
-                              model=model, variant=variant)
-        start = time.time()
-        try:
-          results = train_segment.train_and_evaluate(config, path)
-        except Exception as error:  # pylint: disable=broad-except  (recorded, study goes on)
-          failed[run] = f"{type(error).__name__}: {error}"
-          row = {c: "" for c in COLUMNS}
-          row.update({m: math.nan for m in METRICS})
-          row.update(run_id=run, init=init, label_fraction=float(fraction), seed=int(seed),
-                     status="failed", error=failed[run], run_dir=path)
-          rows.append(row)
-          continue
-        print(f"{run}: in-distribution Dice "
-              f"{results['test_sets'][IN_DISTRIBUTION]['metrics']['dice']:.4f} "
-              f"({time.time() - start:.0f} s)", flush=True)
-        rows.extend(rows_from_results(results, run=run, init=init, fraction=fraction, seed=seed,
-                                      run_dir=path))
   study = {"model": model, "variant": variant, "steps": steps, "fractions": list(fractions),
            "seeds": list(seeds), "inits": inits, "notes": notes, "failed": failed}
-  table = write_outputs(rows, workdir, study)
+  table = ""
+  # Seed-major, inits innermost: an interrupted study still holds matched (scratch, gmml) pairs.
+  plan = [(init, init_path, fraction, seed) for seed in seeds for fraction in fractions
+          for init, init_path in inits.items()]
+  for init, init_path, fraction, seed in plan:
+    run = run_id(init, fraction, seed)
+    path = os.path.join(workdir, run)
+    config = build_config(init_path=init_path, fraction=fraction, seed=seed, steps=steps,
+                          model=model, variant=variant)
+    start = time.time()
+    try:
+      results = train_segment.train_and_evaluate(config, path)
+    except Exception as error:  # pylint: disable=broad-except  (recorded, study goes on)
+      failed[run] = f"{type(error).__name__}: {error}"
+      row = {c: "" for c in COLUMNS}
+      row.update({m: math.nan for m in METRICS})
+      row.update(run_id=run, init=init, label_fraction=float(fraction), seed=int(seed),
+                 status="failed", error=failed[run], run_dir=path)
+      rows.append(row)
+      continue
+    print(f"{run}: in-distribution Dice "
+          f"{results['test_sets'][IN_DISTRIBUTION]['metrics']['dice']:.4f} "
+          f"({time.time() - start:.0f} s)", flush=True)
+    rows.extend(rows_from_results(results, run=run, init=init, fraction=fraction, seed=seed,
+                                  run_dir=path))
+    # After every run, so a study stopped early still leaves its tables.
+    table = write_outputs(rows, workdir, study)
+  if failed or not rows:
+    table = write_outputs(rows, workdir, study)
   return {"rows": rows, "table": table, "failed": failed}
 
 
@@ -211,7 +216,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("gmml_init", "workdirs/gmml/pretrain", "GMML pretraining workdir/export.")
   flags.DEFINE_list("fractions", ["0.01", "0.05", "1.0"], "Shares of the training masks.")
   flags.DEFINE_list("seeds", ["0", "1"], "Seeds (also the subset seeds).")
-  flags.DEFINE_integer("steps", 200, "Training steps of every run (<= 0: the config's).")
+  flags.DEFINE_integer("steps", 150, "Training steps of every run (<= 0: the config's).")
   flags.DEFINE_string("model", "ViT-tiny/4", "Encoder (the GMML run's model).")
   flags.DEFINE_string("variant", "tiny", "configs/segment.py variant.")
   app.run(main)

@@ -122,3 +122,31 @@ def test_smoke_run_writes_results_then_init_from_it_with_frozen_encoder(tmp_path
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
                                          second_params["decoder"], first_params["decoder"]))
   assert any(changed)
+
+
+def test_study_outputs_from_hand_made_results(tmp_path):
+  from experiments import segmentation_study as study
+
+  def results(dice_a, dice_c):
+    entry = lambda d: {"metrics": {"dice": d, "iou": d / (2 - d), "dice_global": d,
+                                   "iou_global": None}}
+    return {"test_sets": {"in_distribution": entry(dice_a), "site_C": entry(dice_c)},
+            "num_train_masks": 10, "best": {"step": 4, "value": 0.9}, "steps": 4,
+            "wall_time_s": 1.0}
+
+  rows = []
+  for init, seed, dice_a, dice_c in (("scratch", 0, 0.80, 0.50), ("scratch", 1, 0.90, 0.60),
+                                     ("gmml", 0, 0.95, 0.70)):
+    rows += study.rows_from_results(results(dice_a, dice_c), run=f"{init}/{seed}", init=init,
+                                    fraction=0.05, seed=seed, run_dir="")
+  table = study.write_outputs(rows, str(tmp_path), {"model": "ViT-tiny/4", "steps": 4,
+                                                    "seeds": [0, 1], "notes": ["note"]})
+  # scratch: mean 0.85, std (ddof=1) of (0.8, 0.9) = 0.0707; drift (0.55 - 0.85) = -0.300.
+  assert "| scratch | 0.850 +- 0.071 (2) |" in table
+  assert "| scratch | 5% | 0.850 +- 0.071 | 0.550 (-0.300) |" in table
+  assert "| gmml | 5% | 0.950 +- 0.000 | 0.700 (-0.250) |" in table
+  with open(tmp_path / study.CSV_FILE, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  assert lines[0].split(",") == list(study.COLUMNS) and len(lines) == 1 + 6
+  assert (tmp_path / study.PLOT_FILE).is_file() and (tmp_path / study.JSON_FILE).is_file()
+  assert not study.gmml_available(str(tmp_path)) and not study.gmml_available("")
