@@ -202,6 +202,31 @@ def test_bfloat16_compute_keeps_float32_outputs():
   assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.bfloat16)}
 
 
+def _primitive_outputs(jaxpr, name):
+  """Output avals of every `name` equation, including inside nested jaxprs (jit, remat)."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == name:
+      found += [v.aval for v in eqn.outvars]
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)  # ClosedJaxpr (jit) or Jaxpr (remat)
+      if hasattr(inner, "eqns"):
+        found += _primitive_outputs(inner, name)
+  return found
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_bfloat16_attention_softmax_runs_in_float32(remat):
+  model = models.create_model("ViT-micro/4", dtype=jnp.bfloat16, remat=remat)
+  images = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  jaxpr = jax.make_jaxpr(model.apply)(variables, images).jaxpr
+  # The softmax's exp over the (B, heads, N, N) attention logits, one per block.
+  softmax_exps = [a for a in _primitive_outputs(jaxpr, "exp") if a.shape == (2, 2, 64, 64)]
+  assert len(softmax_exps) == 2
+  assert {a.dtype for a in softmax_exps} == {jnp.dtype(jnp.float32)}
+
+
 def test_zero_initialised_head_gives_zero_logits():
   model = models.create_model("ViT-micro/4", num_classes=5)
   images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
@@ -225,7 +250,8 @@ def test_deterministic_init_and_apply():
 
 
 def test_remat_gives_same_outputs_and_gradients():
-  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
+  # 16 px (a 4 x 4 grid, resized position embeddings): the backward pass is the slow part.
+  images = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
   plain = models.create_model("ViT-micro/4", num_classes=2)
   remat = models.create_model("ViT-micro/4", num_classes=2, remat=True)
   params = _random_params(plain, images)
