@@ -190,3 +190,12 @@ def test_every_variant_builds_and_names_the_gmml_trainer(variant):
       total_steps=100, batch_size=config.batch_size)
   kwargs = train_gmml.gmml_dataset_kwargs(config)
   assert config.data.image_size % kwargs["patch_size"] == 0
+  # Abstract (eval_shape) state only: ViT-S/16 is never initialised for real in a test.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  setup = train_gmml.create_train_setup(config, mesh, total_steps=100, warmup_steps=10)
+  params = setup.abstract_state.params
+  if variant == "vit_s16":
+    # Head: 3 x Dense(384 -> 384) + Dense(384 -> 16 * 16 * 3), with biases.
+    head = 3 * (384 * 384 + 384) + 384 * 768 + 768
+    assert sum(x.size for x in jax.tree.leaves(params["head"])) == head
+    assert 21e6 < sum(x.size for x in jax.tree.leaves(params["encoder"])) < 22.5e6
