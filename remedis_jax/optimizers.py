@@ -82,7 +82,9 @@ def default_optimizer_config() -> ml_collections.ConfigDict:
   config.momentum = 0.9
   config.nesterov = False
   config.weight_decay = 1e-6
-  config.weight_decay_end = None
+  # A typed placeholder (None, but a float may be set), so --config.optimizer.weight_decay_end
+  # works on the command line.
+  config.weight_decay_end = ml_collections.config_dict.placeholder(float)
   config.weight_decay_exclude = NORM_AND_BIAS_REGEXES
   config.lars_exclude = NORM_AND_BIAS_REGEXES
   config.trust_coefficient = 0.001
