@@ -58,6 +58,7 @@ JAX_COMPILATION_CACHE_DIR is set) so only the first run pays for XLA.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import glob
 import importlib.util
@@ -182,7 +183,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
     KeyError: the key does not exist in the base config.
     TypeError: the value's type does not fit the field.
   """
-  config = ml_collections.ConfigDict(config)  # a copy
+  # A deep copy: ConfigDict(config) shares the nested blocks, so setting `model.name` for one
+  # run would leak into every later run built from the same base.
+  config = copy.deepcopy(config)
   for key, value in overrides:
     node = config
     *parents, leaf = key.split(".")

@@ -172,3 +172,13 @@ def test_gmml_tiny_sweep_config(tmp_path, monkeypatch):
       dict(r.overrides)["model.name"] == "ViT-tiny/4" for r in gmml)
   with pytest.raises(ValueError, match="unknown argument 'vit'"):
     sweep.load_config_file("configs/sweeps/gmml_tiny.py:vit")
+
+
+def test_overrides_never_leak_into_the_base_or_later_runs():
+  # Regression: ConfigDict(base) shares nested blocks, so a ViT run built first (gmml_vit sorts
+  # before scratch) turned the later scratch runs of the same in-process sweep into ViTs.
+  base = ml_collections.ConfigDict({"model": {"name": "R_micro", "init": ""}, "seed": 0})
+  vit = sweep.apply_overrides(base, [("model.name", VIT), ("model.init", "x")])
+  later = sweep.apply_overrides(base, [("seed", 1)])
+  assert vit.model.name == VIT and base.model.name == "R_micro" and base.model.init == ""
+  assert later.model.name == "R_micro" and later.model.init == ""
