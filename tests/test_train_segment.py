@@ -150,3 +150,44 @@ def test_study_outputs_from_hand_made_results(tmp_path):
   assert lines[0].split(",") == list(study.COLUMNS) and len(lines) == 1 + 6
   assert (tmp_path / study.PLOT_FILE).is_file() and (tmp_path / study.JSON_FILE).is_file()
   assert not study.gmml_available(str(tmp_path)) and not study.gmml_available("")
+
+
+def test_folder_source_with_mask_column_trains_and_evaluates(tmp_path):
+  """Masks from a CSV's mask-path column (the `folder` variant) go through the whole trainer."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rows = []
+  for i in range(24):
+    image = rng.integers(0, 60, (32, 32), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    top, left = rng.integers(2, 14, size=2)
+    mask[top:top + 14, left:left + 12] = 255
+    image[mask > 0] += 120  # the "lung" is brighter than the background
+    Image.fromarray(image).save(tmp_path / f"img{i}.png")
+    Image.fromarray(mask).save(tmp_path / f"mask{i}.png")
+    split = "train" if i < 16 else ("val" if i < 20 else "test")
+    rows.append(f"img{i}.png,mask{i}.png,{split}")
+  (tmp_path / "manifest.csv").write_text("path,mask,split\n" + "\n".join(rows) + "\n")
+
+  config = segment_config.get_config("folder")
+  smoke = segment_config.get_config("smoke")
+  config.data.root = str(tmp_path)
+  config.data.manifest = "manifest.csv"
+  config.data.image_size = 32
+  config.data.train_ops = "resize(32)"
+  config.data.eval_ops = "resize(32)"
+  config.test_sets = ("test",)
+  config.model.dtype = "float32"
+  for key in ("name", "decoder"):
+    config.model[key] = smoke.model[key]
+  for key in ("batch_size", "eval_batch_size", "total_steps", "eval_every_steps",
+              "log_every_steps", "checkpoint_every_steps", "async_checkpointing",
+              "num_figure_examples"):
+    config[key] = smoke[key]
+  config.optimizer.warmup_steps = 1
+  workdir = str(tmp_path / "run")
+  results = train_segment.train_and_evaluate(config, workdir)
+  assert results["num_train_masks"] == 16
+  metrics = results["test_sets"]["test"]["metrics"]
+  assert metrics["num_examples"] == 4 and 0.0 <= metrics["dice"] <= 1.0
+  assert os.path.isfile(os.path.join(workdir, "predictions", "test.png"))
