@@ -50,19 +50,24 @@ def _step(setup, state, batch, mesh):
   return setup.update_fn(state, device_batch)
 
 
-def test_hybrid_update_step_on_8_devices_equals_single_device():
-  """Codes are balanced over the GLOBAL batch: 8 shards of 2 images give the 1-device step."""
-  config = smoke_config("hybrid_smoke", **{"cluster.queue_size": 64})
+def test_hybrid_update_step_freezing_queue_and_8_devices():
+  """One compiled hybrid step (1 and 8 devices) checks sharding, freezing, queue and the mask.
+
+  Codes are balanced over the GLOBAL batch: 8 shards of 2 images give the 1-device step.
+  """
+  config = smoke_config("hybrid_smoke", **{"cluster.queue_size": 48,
+                                            "cluster.freeze_prototypes_steps": 1})
   batch = _batch(labeled=(np.arange(16) % 2).astype(np.float32))
   results = []
-  for devices in (1, 8):
+  for devices in (8, 1):
     mesh = _mesh(devices)
     setup = _setup(config, mesh)
     state = sharding.create_sharded(setup.init_state, jax.random.key(0),
                                     shardings=setup.state_shardings)
+    initial = jax.device_get(state.params)
     state, metrics = _step(setup, state, batch, mesh)
     results.append((jax.device_get(state), metrics.compute()))
-  (state_1, metrics_1), (state_8, metrics_8) = results
+  (state_8, metrics_8), (state_1, metrics_1) = results
   for name in ("loss", "contrastive_loss", "cluster_loss", "supervised_loss",
                "cluster_usage_entropy", "grad_norm"):
     np.testing.assert_allclose(metrics_8[name], metrics_1[name], rtol=1e-4, err_msg=name)
@@ -76,33 +81,10 @@ def test_hybrid_update_step_on_8_devices_equals_single_device():
   # Half the records are labeled (labeled = 0/1 alternating); all have 4 valid labels.
   np.testing.assert_allclose(metrics_1["labeled_fraction"], 0.5)
 
-  # A batch without a labeled record gives no supervised signal: loss 0 and the zero-initialised
-  # classifier gets no gradient (momentum starts at 0 and weight decay keeps zeros at zero).
-  state = sharding.create_sharded(setup.init_state, jax.random.key(0),
-                                  shardings=setup.state_shardings)
-  initial = jax.device_get(state.params["classifier"])
-  state, metrics = _step(setup, state, _batch(labeled=np.zeros(16, np.float32)), mesh)
-  values = metrics.compute()
-  assert float(values["supervised_loss"]) == 0.0 and float(values["labeled_fraction"]) == 0.0
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["classifier"]),
-               initial)
-
-
-def test_prototypes_frozen_then_trained_and_queue_holds_projections():
-  config = smoke_config(**{"cluster.freeze_prototypes_steps": 1, "cluster.queue_size": 48,
-                           "probe.enabled": False, "optimizer.warmup_steps": 0})
-  mesh = _mesh(1)
-  setup = _setup(config, mesh)
-  state = sharding.create_sharded(setup.init_state, jax.random.key(0),
-                                  shardings=setup.state_shardings)
-  initial = jax.device_get(state.params)
-  batch = _batch()
-  state, _ = _step(setup, state, batch, mesh)
-  after_1 = jax.device_get(state)
-  # Step 0 < freeze: the prototypes did not move; the encoder did.
-  np.testing.assert_array_equal(after_1.params["prototypes"]["kernel"],
+  # Step 0 < freeze_prototypes_steps: the prototypes did not move; the encoder did.
+  np.testing.assert_array_equal(state_1.params["prototypes"]["kernel"],
                                 initial["prototypes"]["kernel"])
-  assert not np.allclose(after_1.params["encoder"]["root_block"]["conv_root"]["kernel"],
+  assert not np.allclose(state_1.params["encoder"]["root_block"]["conv_root"]["kernel"],
                          initial["encoder"]["root_block"]["conv_root"]["kernel"])
   # The queue's newest 32 rows are the l2-normalised projections of this batch's global views
   # (computed with the parameters the step started from), the rest still empty.
@@ -111,13 +93,25 @@ def test_prototypes_frozen_then_trained_and_queue_holds_projections():
                            images, train=True)
   z = np.asarray(z, np.float64)
   z /= np.linalg.norm(z, axis=1, keepdims=True)
-  np.testing.assert_allclose(after_1.queue[:32], z, atol=1e-5)
-  np.testing.assert_array_equal(after_1.queue[32:], 0.0)
+  np.testing.assert_allclose(state_1.queue[:32], z, atol=1e-5)
+  np.testing.assert_array_equal(state_1.queue[32:], 0.0)
+
+  # Step 1: the prototypes train; FIFO moved the first batch's rows back (16 still fit).
+  state = jax.device_put(state_1, setup.state_shardings)
   state, _ = _step(setup, state, _batch(seed=1), mesh)
   after_2 = jax.device_get(state)
   assert not np.allclose(after_2.params["prototypes"]["kernel"], initial["prototypes"]["kernel"])
-  # FIFO: the first batch's rows moved back by one batch (16 of them still fit).
-  np.testing.assert_allclose(after_2.queue[32:48], after_1.queue[:16])
+  np.testing.assert_allclose(after_2.queue[32:48], state_1.queue[:16])
+
+  # A batch without a labeled record gives no supervised signal: loss 0 and the zero-initialised
+  # classifier gets no gradient (momentum starts at 0 and weight decay keeps zeros at zero).
+  state = sharding.create_sharded(setup.init_state, jax.random.key(0),
+                                  shardings=setup.state_shardings)
+  state, metrics = _step(setup, state, _batch(labeled=np.zeros(16, np.float32)), mesh)
+  values = metrics.compute()
+  assert float(values["supervised_loss"]) == 0.0 and float(values["labeled_fraction"]) == 0.0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["classifier"]),
+               initial["classifier"])
 
 
 def test_hybrid_without_labels_is_rejected():
@@ -128,9 +122,7 @@ def test_hybrid_without_labels_is_rejected():
 
 def test_cluster_run_resume_and_export(tmp_path):
   workdir = str(tmp_path / "run")
-  config = smoke_config(**{"total_steps": 3, "cluster.queue_size": 32,
-                           "knn.every_steps": 3, "knn.bank_size": 32, "knn.query_size": 16,
-                           "knn.batch_size": 16})
+  config = smoke_config(**{"total_steps": 3, "cluster.queue_size": 32})
   summary = train_cluster.train_and_evaluate(config, workdir)
   assert summary["steps"] == 3 and summary["initialisation"] == "scratch"
   records = [r for r in writers.read_metrics(workdir) if "train/loss" in r]
