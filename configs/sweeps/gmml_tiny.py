@@ -29,6 +29,7 @@ Like configs/sweeps/tiny.py, the numbers are a CPU-scale demonstration, not evid
 
 import ml_collections
 
+from configs import finetune
 from experiments import label_fraction_sweep
 
 VIT = "ViT-tiny/4"
@@ -44,10 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.label_fractions = (0.02, 0.1, 1.0)
   config.seeds = (0, 1)
   config.inits = ml_collections.ConfigDict({"scratch": "", "vit_scratch": ""})
-  config.init_overrides = ml_collections.ConfigDict({"vit_scratch": {"model": {"name": VIT}}})
+  # The ViT inits fine-tune with configs/finetune.py:tiny_vit's recipe (ViT-tiny/4, AdamW);
+  # the ResNet baseline keeps tiny's SGD.
+  config.init_overrides = ml_collections.ConfigDict({"vit_scratch": finetune.vit_tiny_recipe()})
   if arg != "scratch":
     config.inits.gmml_vit = GMML_WORKDIR
-    config.init_overrides.gmml_vit = ml_collections.ConfigDict({"model": {"name": VIT}})
+    config.init_overrides.gmml_vit = ml_collections.ConfigDict(finetune.vit_tiny_recipe())
   config.baseline = "scratch"
   config.baseline_fraction = 1.0
   config.metric = "macro_auc"
