@@ -182,3 +182,16 @@ def test_overrides_never_leak_into_the_base_or_later_runs():
   later = sweep.apply_overrides(base, [("seed", 1)])
   assert vit.model.name == VIT and base.model.name == "R_micro" and base.model.init == ""
   assert later.model.name == "R_micro" and later.model.init == ""
+
+
+def test_gmml_tiny_vit_inits_use_the_tiny_vit_recipe():
+  from configs import finetune  # pylint: disable=g-import-not-at-top
+  config = sweep.load_config_file("configs/sweeps/gmml_tiny.py")
+  variant = finetune.get_config("tiny_vit")
+  for run in sweep.plan_runs(config):
+    built = sweep.build_run_config(config, run)
+    if run.init == "scratch":
+      assert built.model.name == "R_tiny" and built.optimizer.name == "sgd"
+    else:
+      assert built.model.name == variant.model.name == "ViT-tiny/4"
+      assert built.optimizer.to_dict() == variant.optimizer.to_dict()
