@@ -135,18 +135,17 @@ def make_update_fn(model: nn.Module, prototypes: nn.Module, tx: optax.GradientTr
     # batch (plus the queue once it is full), without gradient.
     scores = prototypes.apply({"params": params["prototypes"]},
                               z_all.reshape((b * num_views, dim))).reshape((b, num_views, -1))
-    codes = []
-    for view in range(num_global):
-      plain = clustering.sinkhorn_knopp(scores[:, view], num_iters=cluster_cfg.sinkhorn_iters,
-                                        epsilon=cluster_cfg.sinkhorn_epsilon)
-      if queue_size > 0:
-        queue_scores = prototypes.apply({"params": params["prototypes"]}, queue)
-        with_queue = clustering.codes_with_queue(
-            scores[:, view], queue_scores, num_iters=cluster_cfg.sinkhorn_iters,
-            epsilon=cluster_cfg.sinkhorn_epsilon)
-        plain = jnp.where(step >= queue_ready_step, with_queue, plain)
-      codes.append(plain)
-    codes = jnp.stack(codes, axis=1)
+    queue_scores = None
+    if queue_size > 0:
+      # Until the queue is full it joins as zeros: all-zero score rows are empty slots that
+      # codes_with_queue leaves out, so one Sinkhorn per view covers both cases.
+      ready = (step >= queue_ready_step).astype(jnp.float32)
+      queue_scores = prototypes.apply({"params": params["prototypes"]}, queue * ready)
+    codes = jnp.stack([
+        clustering.codes_with_queue(scores[:, view], queue_scores,
+                                    num_iters=cluster_cfg.sinkhorn_iters,
+                                    epsilon=cluster_cfg.sinkhorn_epsilon)
+        for view in range(num_global)], axis=1)
     cluster, cluster_metrics = clustering.swapped_prediction_loss(
         scores, codes, temperature=cluster_cfg.temperature)
     metrics.update(cluster_metrics)
