@@ -90,9 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_size = 32
     # Two Grain worker processes: augmenting 32 px images is GIL-bound Python, so in reader
     # threads it stalls the step (input wait ~93 ms/step). The pipeline alone gives a batch of
-    # 64 every 154 / 122 / 43 ms with 0 / 1 / 2 workers (Grain's per-record overhead is ~2x the
-    # 0.7 ms of rendering + augmenting); in the 300-step run the step waited 32.0 ms/step with
-    # one worker and 1.1 ms/step with two (idle 2-core box; 53.9 s vs 58.0 s in all).
+    # 64 every 148 / 134 / 38 ms with 0 / 1 / 2 workers (experiments/benchmarks/input_pipeline.py,
+    # README "Benchmarks"); in the 300-step run the step waited 32.0 ms/step with one worker and
+    # 1.1 ms/step with two (idle 2-core box; 53.9 s vs 58.0 s in all).
     config.data.worker_count = 2
     config.batch_size = 64
     config.total_steps = 300
