@@ -83,7 +83,11 @@ def vit_tiny_recipe() -> dict:
   Measured (all 2048 site-A labels, ViT-tiny/4 from scratch, test macro AUC at site A): the SGD
   recipe of `tiny` (peak lr 0.125) 0.589 at 400 steps; AdamW peak 3e-4 / 1e-3 / 3e-3 (50 warm-up
   steps, weight decay 0.05) 0.617 / 0.658 / 0.541 at 400 steps; 1e-3 at 800 steps 0.661 (R_tiny
-  with SGD: 0.88). A nested dict, so sweeps can pass it as one init's `init_overrides`.
+  with SGD: 0.88). Each run: python -m remedis_jax.main --config=configs/finetune.py:tiny_vit
+  --config.label_fraction=1.0 --config.total_steps=400 --config.optimizer.learning_rate=LR
+  --config.robustness.perturbations='()' --workdir=DIR (the SGD run: :tiny with
+  --config.model.name=ViT-tiny/4). A nested dict, so sweeps can pass it as one init's
+  `init_overrides`.
   """
   return {"model": {"name": "ViT-tiny/4"},
           "optimizer": {"name": "adamw", "learning_rate": 1e-3, "lr_scaling": "none",
