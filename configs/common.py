@@ -23,6 +23,19 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   return data
 
 
+def linear_probe_config(train_split: str = "train", eval_split: str = "val",
+                        train_size: int = 2000) -> ml_collections.ConfigDict:
+  """The end-of-pretraining linear probe (remedis_jax/evaluators/linear_probe.py).
+
+  A logistic regression on frozen `pre_logits` of a stratified sample of `train_size` records of
+  `train_split`, scored (macro AUC) on all of `eval_split`, beside a random encoder's. Switches
+  itself off, with a log line, when the data has no such labeled splits.
+  """
+  return ml_collections.ConfigDict({
+      "enabled": True, "train_split": train_split, "eval_split": eval_split,
+      "train_size": train_size, "l2": 1.0, "seed": 0, "batch_size": 256})
+
+
 def mesh_config(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
   """Device mesh: `data` x `fsdp` devices (-1: all remaining devices)."""
   return ml_collections.ConfigDict({"data": data, "fsdp": fsdp})

@@ -17,6 +17,13 @@ REMEDIS reports fine-tuning with 1%, 10%, ... of the labels; this module picks t
 
 The result is a view with the source's record format and attributes, plus `write_manifest` /
 `read_manifest` so a run records exactly which labels it saw.
+
+`sample(source, n, seed)` is the fixed-SIZE counterpart, for evaluation subsets (kNN bank and
+query, held-out monitor batches, figure grids): exactly n records, allocated to the same strata
+in proportion to their sizes (largest-remainder rounding; every stratum gets one when n allows),
+each stratum's records drawn by a seeded permutation. Never the first n records: real files are
+often sorted by class, site or date (PneumoniaMNIST's training split starts with 3494 pneumonia
+images, so a first-n kNN bank held one class and its AUC sat at 0.5).
 """
 from __future__ import annotations
 
@@ -135,6 +142,88 @@ def subset(source: Source, fraction: float, seed: int = 0, stratify: bool = True
   """
   indices = subset_indices(source, fraction, seed, stratify)
   return SubsetView(source, indices, fraction, seed, stratify)
+
+
+def sample_counts(stratum_sizes: dict[str, int], n: int) -> dict[str, int]:
+  """Records per stratum of an n-record sample: proportional, exactly n in all.
+
+  Each stratum's quota is n * size / total; every stratum gets the floor of its quota and the
+  records left over go to the largest fractional parts (largest-remainder / Hamilton rounding;
+  ties to the larger stratum, then the key, so the result does not depend on record order).
+  When n >= the number of non-empty strata, a stratum left with none takes one record from the
+  stratum whose count exceeds its quota the most (among those with two or more).
+
+  Args:
+    stratum_sizes: {stratum key: number of records}.
+    n: sample size; at most the total (larger values keep every record).
+
+  Returns:
+    {stratum key: records to draw}, summing to min(n, total) (0 for n <= 0).
+  """
+  sizes = {key: int(size) for key, size in stratum_sizes.items() if size > 0}
+  total = sum(sizes.values())
+  n = max(0, min(int(n), total))
+  if n == total:
+    return dict(sizes)
+  counts = {key: 0 for key in sizes}
+  if n == 0:
+    return counts
+  quota = {key: n * size / total for key, size in sizes.items()}
+  for key in sizes:
+    counts[key] = math.floor(quota[key])
+  by_remainder = sorted(sizes, key=lambda k: (-(quota[k] - counts[k]), -sizes[k], k))
+  for key in by_remainder[:n - sum(counts.values())]:
+    counts[key] += 1
+  if n >= len(sizes):
+    for key in sorted((k for k in sizes if counts[k] == 0), key=lambda k: (-quota[k], k)):
+      donor = min((k for k in sizes if counts[k] > 1),
+                  key=lambda k: (-(counts[k] - quota[k]), -counts[k], k))
+      counts[donor] -= 1
+      counts[key] = 1
+  return counts
+
+
+def sample_indices(source: Source, n: int, seed: int = 0) -> np.ndarray:
+  """Sorted record indices of a seeded, class-stratified sample of n records (see `sample`)."""
+  labels = np.asarray(source.labels)
+  total = len(labels)
+  if n <= 0 or n >= total:
+    return np.arange(total, dtype=np.int64)
+  keys = stratum_keys(labels, source.multi_label, list(source.class_names))
+  strata: dict[str, list[int]] = {}
+  for i, key in enumerate(keys):
+    strata.setdefault(key, []).append(i)
+  counts = sample_counts({key: len(members) for key, members in strata.items()}, n)
+  chosen = []
+  for key in sorted(strata):
+    members = np.array(strata[key], np.int64)
+    # Salted apart from `subset`'s permutations: a monitor sample of a split is not the
+    # label-fraction subset of the same seed.
+    chosen.append(members[_permutation(seed, f"sample/{key}", len(members))[:counts[key]]])
+  return np.sort(np.concatenate(chosen))
+
+
+def sample(source: Source, n: int, seed: int = 0) -> SubsetView:
+  """A seeded, class-stratified random sample of exactly n records, for evaluation subsets.
+
+  Use it for every fixed evaluation subset (kNN bank, monitor batch, figure grid) instead of
+  the first n records, which on a file sorted by class hold a single class.
+
+  Args:
+    source: any source (labels are read without decoding images).
+    n: number of records; n <= 0 or n >= len(source) keeps every record.
+    seed: sample seed; the same seed gives the same records, whatever the source's class order.
+
+  Returns:
+    A SubsetView (records in source order; `.ids`, `.write_manifest(path)`) of min(n, len)
+    records (all for n <= 0). Strata as in `subset` (class; rarest positive finding or
+    "no finding" for multi-label; unlabeled records their own stratum), allocated by
+    `sample_counts`. Unlike `subset`, no extra positive per finding is forced in: the size
+    stays exactly n.
+  """
+  indices = sample_indices(source, n, seed)
+  fraction = len(indices) / len(source) if len(source) else 1.0
+  return SubsetView(source, indices, fraction, seed, stratify=True)
 
 
 def read_manifest(path: str, source: Source) -> SubsetView:

@@ -40,8 +40,8 @@ import numpy as np
 import optax
 
 from data_pipelines import ops_masking, pipeline, sources
+from data_pipelines.subset import sample
 from remedis_jax import models, optimizers, pretraining, sharding
-from remedis_jax.evaluators.knn import FirstN
 from remedis_jax.pretraining import TrainSetup, normalize_images
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -270,9 +270,13 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 class ReconstructionMonitor:
   """Held-out masked-pixel L1 on one fixed batch, and an image grid of it.
 
-  The batch is the first `config.gmml.monitor_images` records of `monitor_source` through the
-  training views and masks with a fixed seed (the same on every process and at every call),
-  so the number is comparable across steps and runs: "reconstructions improve" as a curve.
+  The batch is a seeded, class-stratified random sample of `config.gmml.monitor_images`
+  records of `monitor_source` (`data_pipelines.subset.sample`, seed `config.gmml.monitor_seed`;
+  never the first records, which in a file sorted by class, site or date are all alike) through
+  the training views and masks with that fixed seed (the same on every process and at every
+  call), so the number is comparable across steps and runs: "reconstructions improve" as a
+  curve. The grid shows the first `config.gmml.grid_images` rows of that batch, which the
+  pipeline's seeded shuffle has put in random order. `held_out` is the sample (`.ids`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model: GMMLModel, source, mesh, *,
@@ -280,9 +284,9 @@ class ReconstructionMonitor:
     self.every_steps = int(config.gmml.monitor_every_steps)
     self.grid_images = int(config.gmml.grid_images)
     self.workdir = None  # set by train_and_evaluate; None: no PNG
-    held_out = FirstN(source, int(config.gmml.monitor_images))
+    self.held_out = sample(source, int(config.gmml.monitor_images), int(config.gmml.monitor_seed))
     dataset = pipeline.make_gmml_dataset(
-        held_out, batch_size=len(held_out), seed=int(config.gmml.monitor_seed),
+        self.held_out, batch_size=len(self.held_out), seed=int(config.gmml.monitor_seed),
         shard_index=0, shard_count=1, num_epochs=1, **gmml_dataset_kwargs(config))
     batch = next(iter(dataset))
     self.batch = {k: np.asarray(batch[k]) for k in ("clean", "corrupted", "mask")}

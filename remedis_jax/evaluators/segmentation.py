@@ -131,8 +131,10 @@ class SegmentationEvaluator:
   The source's records must carry `lung_mask`; the eval ops (deterministic resize / crop) move
   the mask with the image, so metrics are computed at the model's input resolution.
   `predict(params)` returns the per-image counts of every record (gathered over processes) and
-  the first `num_samples` (image, mask, probability) triples for figures; `run(params)` yields
-  `(name, value)` pairs of `segmentation_metrics`.
+  `num_samples` (image, mask, probability) triples for figures: a seeded, stratified random
+  sample of the whole set (`data_pipelines.subset.sample`), chosen up front and collected as the
+  batches stream by, never the first records (test files are often sorted by site or class).
+  `run(params)` yields `(name, value)` pairs of `segmentation_metrics`.
   """
 
   def __init__(self, predict_fn: Callable, source: Any, *, ops: Any, batch_size: int, mesh: Any,
@@ -144,20 +146,34 @@ class SegmentationEvaluator:
     self._batch_sharding = sharding.batch_sharding(mesh)
     self.threshold = float(threshold)
 
-  def predict(self, params: Any, num_samples: int = 0) -> tuple[MaskCounts, dict[str, np.ndarray]]:
-    """(counts of every record, samples {image, mask, probability} of the first records).
+  def predict(self, params: Any, num_samples: int = 0,
+              sample_seed: int = 0) -> tuple[MaskCounts, dict[str, np.ndarray]]:
+    """Counts of every record, and figure samples of a random choice of records.
+
+    Args:
+      params: the model parameters.
+      num_samples: how many (image, mask, probability) triples to return; they are the records
+        of `data_pipelines.subset.sample(source, num_samples, sample_seed)`, in source order.
+      sample_seed: seed of that sample.
+
+    Returns:
+      (MaskCounts of every record, {image, mask, probability} of the sampled records).
 
     Raises:
       ValueError: a batch has no `lung_mask` (the source has no masks).
     """
     import jax  # pylint: disable=g-import-not-at-top
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
+    from data_pipelines import pipeline, subset  # pylint: disable=g-import-not-at-top
     per_process = self._batch_size // jax.process_count()
     dataset = pipeline.make_eval_dataset(self._source, batch_size=per_process, ops=self._ops,
                                          num_channels=self._num_channels)
-    parts, samples = [], {"image": [], "mask": [], "probability": []}
-    kept = 0
+    # Record index of each sampled id; rows are matched by id, which holds for any sharding.
+    chosen = {}
+    if num_samples > 0:
+      view = subset.sample(self._source, num_samples, sample_seed)
+      chosen = dict(zip(view.ids, (int(i) for i in view.indices)))
+    parts, samples, positions = [], {"image": [], "mask": [], "probability": []}, []
     for batch in dataset:
       if "lung_mask" not in batch:
         raise ValueError(f"{getattr(self._source, 'name', 'the source')} gives no lung_mask; "
@@ -172,16 +188,25 @@ class SegmentationEvaluator:
                                                            tiled=True))
       probs, masks = probs[valid], masks[valid]
       parts.append(mask_counts(probs >= self.threshold, masks > 0))
-      if kept < num_samples:
-        take = min(num_samples - kept, probs.shape[0])
-        # Images are gathered only for the figure rows (uint8, small).
+      if not chosen:
+        continue
+      local = np.array([chosen.get(str(i), -1) for i in np.asarray(batch["id"]).ravel()],
+                       np.int64)
+      position = np.asarray(multihost_utils.process_allgather(local, tiled=True))[valid]
+      rows = position >= 0
+      if rows.any():  # the same on every process (gathered), so the gather below is collective
+        # Images are gathered only for batches holding figure rows (uint8, small).
         host_images = np.asarray(multihost_utils.process_allgather(np.asarray(batch["image"]),
                                                                    tiled=True))[valid]
-        samples["image"].append(host_images[:take])
-        samples["mask"].append(masks[:take])
-        samples["probability"].append(probs[:take])
-        kept += take
-    samples = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in samples.items()}
+        samples["image"].append(host_images[rows])
+        samples["mask"].append(masks[rows])
+        samples["probability"].append(probs[rows])
+        positions.append(position[rows])
+    if positions:
+      order = np.argsort(np.concatenate(positions), kind="stable")
+      samples = {k: np.concatenate(v)[order] for k, v in samples.items()}
+    else:
+      samples = {k: np.zeros((0,)) for k in samples}
     return MaskCounts.concatenate(parts), samples
 
   def run(self, params: Any) -> Iterator[tuple[str, float]]:
