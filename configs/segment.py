@@ -78,6 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.init = ""
   config.model.dtype = "float32"
   config.model.remat = False
+  config.model.stem = "bit"  # BiT ResNets only: "bit" (7x7/2 + max-pool), "small", "small_s2"
   config.model.decoder = ml_collections.ConfigDict({
       "width": 128,                 # channels of every decoder stage
       "num_groups": 8,              # GroupNorm groups of the decoder
@@ -103,6 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.eval_every_steps = 100
   config.num_figure_examples = 6    # rows of predictions/<test set>.png
+  config.figure_seed = 0            # which records the figure shows (a seeded stratified sample)
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2

@@ -4,11 +4,13 @@
 
 writes
   DIR2/params/      an Orbax checkpoint of {"encoder": ..., ["head": ...]} (host arrays)
-  DIR2/model.json   model name and overrides, head settings, and what the encoder expects as
-                    input: image size, channel handling, normalisation (uint8 x -> x/127.5 - 1)
+  DIR2/model.json   model name, stem and overrides, head settings, and what the encoder expects
+                    as input: image size, channel handling, normalisation (uint8 x -> x/127.5 - 1)
 
 and `load_export(DIR2)` returns `(metadata, params)`; `create_encoder_from_export(DIR2)`
-returns the Linen module and its params.
+returns the Linen module and its params. The BiT root (`"stem"`: "bit", "small", "small_s2")
+is recorded because "small" and "small_s2" have the same parameter shapes: the params alone
+cannot tell them apart. A model.json without "stem" predates the option and means "bit".
 """
 
 from __future__ import annotations
@@ -80,11 +82,16 @@ def _numpy_targets(tree):
   return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree)
 
 
+def export_stem(metadata: dict[str, Any]) -> str:
+  """The stem an export's encoder was built with ("bit" for exports written before the key)."""
+  return metadata.get("stem", "bit")
+
+
 def create_encoder_from_export(path: str, **overrides):
   """Returns `(module, params)`: the Linen encoder (`create_model`) and its parameters."""
   from remedis_jax import models  # pylint: disable=g-import-not-at-top
   metadata, params = load_export(path)
-  kwargs = dict(metadata.get("encoder_overrides", {}))
+  kwargs = dict(metadata.get("encoder_overrides", {}), stem=export_stem(metadata))
   kwargs.update(overrides)
   module = models.create_model(metadata["model_name"], **kwargs)
   return module, params["encoder"]
@@ -107,6 +114,7 @@ def export_workdir(workdir: str, out: str, include_head: bool = False) -> dict[s
   data_cfg = config["data"]
   metadata = {
       "model_name": model_cfg["name"],
+      "stem": model_cfg.get("stem", "bit"),
       "encoder_overrides": {},
       "head": ({
           "hidden_dims": list(model_cfg["head_hidden_dims"]),

@@ -9,6 +9,7 @@ The resume order is spelled out in each trainer:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, NamedTuple
 
@@ -24,28 +25,33 @@ class LoadedInit(NamedTuple):
   head: dict[str, Any] | None
 
 
-def load_init(init: str | None, model_name: str) -> LoadedInit | None:
+def load_init(init: str | None, model_name: str, stem: str = "bit") -> LoadedInit | None:
   """Reads the encoder (and projection head, where present) named by `config.model.init`.
 
   Args:
     init: "" / "none" / "scratch", a BiT `.npz` path, an export folder, or a training workdir.
     model_name: the variant the run builds; a BiT file or export of another variant is an error.
+    stem: the root the run builds (`config.model.stem`). Weights trained with another stem are
+      an error naming both stems: "small" and "small_s2" have the same parameter shapes, so
+      they would otherwise load silently, and "bit" vs the others would fail as a bare shape
+      mismatch of the root kernel.
 
   Returns:
     None for scratch, else the loaded parameters.
 
   Raises:
     FileNotFoundError: the path does not exist or holds nothing loadable.
-    ValueError: the weights are for a different model variant.
+    ValueError: the weights are for a different model variant or stem.
   """
+  from remedis_jax.models import bit  # pylint: disable=g-import-not-at-top
   if init is None or str(init).strip().lower() in SCRATCH:
     return None
+  bit.check_stem(stem)
   init = str(init)
   if init.endswith(".npz"):
-    from remedis_jax.models import bit  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(init):
       raise FileNotFoundError(f"config.model.init: BiT checkpoint {init} does not exist")
-    name, params = bit.load_bit_npz(init, model_name=None, keep_head=False)
+    name, params = bit.load_bit_npz(init, model_name=None, keep_head=False, stem=stem)
     if name != model_name:
       raise ValueError(f"config.model.init={init} holds BiT {name} weights, but "
                        f"config.model.name={model_name!r}; set config.model.name={name!r}")
@@ -58,10 +64,53 @@ def load_init(init: str | None, model_name: str) -> LoadedInit | None:
     if metadata["model_name"] != model_name:
       raise ValueError(f"config.model.init={init} is an export of {metadata['model_name']}, but "
                        f"config.model.name={model_name!r}")
+    _check_stem(f"config.model.init={init} is an export", export.export_stem(metadata), stem)
+    _check_root_kernel(init, params["encoder"], stem)
     return LoadedInit(f"export {init} (step {metadata.get('step')})", params["encoder"],
                       params.get("head"))
+  recorded = _workdir_stem(init)
+  if recorded is not None:
+    _check_stem(f"config.model.init={init} is a workdir", recorded, stem)
   params, step = checkpointing.load_params(init)
   if "encoder" not in params:
     raise ValueError(f"config.model.init={init}: the checkpoint has no 'encoder' parameters; "
                      f"top-level keys are {sorted(params)}")
+  _check_root_kernel(init, params["encoder"], stem)
   return LoadedInit(f"workdir {init} (step {step})", params["encoder"], params.get("head"))
+
+
+def _check_stem(what: str, source_stem: str, stem: str) -> None:
+  if source_stem != stem:
+    raise ValueError(f"{what} of a model with stem {source_stem!r}, but this run's "
+                     f"config.model.stem={stem!r}; set --config.model.stem={source_stem} to "
+                     f"load it (or pick an init trained with stem {stem!r})")
+
+
+def _workdir_stem(workdir: str) -> str | None:
+  """The stem in a training workdir's config.json ("bit" if the key predates it); None: no file."""
+  workdir = os.path.abspath(workdir)
+  candidates = [workdir]
+  if os.path.basename(workdir) == checkpointing.CHECKPOINT_SUBDIR:  # the checkpoints/ folder
+    candidates.append(os.path.dirname(workdir))
+  for folder in candidates:
+    path = os.path.join(folder, export.RUN_CONFIG_FILE)
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        return json.load(f).get("model", {}).get("stem", "bit")
+  return None
+
+
+def _check_root_kernel(init: str, encoder: dict[str, Any], stem: str) -> None:
+  """The root kernel's size must be the stem's: the check for inits that record no stem."""
+  from remedis_jax.models import bit  # pylint: disable=g-import-not-at-top
+  kernel = encoder.get("root_block", {}).get("conv_root", {}).get("kernel")
+  if kernel is None:  # a ViT
+    return
+  size, expected = kernel.shape[0], bit.STEMS[stem]["kernel_size"]
+  if size != expected:
+    stems = [s for s, spec in bit.STEMS.items() if spec["kernel_size"] == size]
+    fix = (f"set --config.model.stem={stems[0]} to load it" if len(stems) == 1 else
+           f"set --config.model.stem to the one it was trained with ({' or '.join(stems)})")
+    raise ValueError(f"config.model.init={init}: the encoder's root kernel is {size}x{size} "
+                     f"(stem {' or '.join(repr(s) for s in stems) or 'unknown'}), but this run's "
+                     f"config.model.stem={stem!r} needs {expected}x{expected}; {fix}")

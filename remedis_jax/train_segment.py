@@ -41,7 +41,9 @@ WORKDIR/results.json, schema "remedis-jax-segment-results/1":
   test_sets         {name: {split, sites, num_examples, figure, metrics}}
 Metric keys (evaluators/segmentation.py): dice, dice_std, dice_global, iou, iou_std,
 iou_global, num_examples, num_empty_targets. WORKDIR/predictions/<test set>.png: image, ground
-truth, prediction and overlay of the first `config.num_figure_examples` test images.
+truth, prediction and overlay of `config.num_figure_examples` test images: a seeded,
+stratified random sample of the test set (seed `config.figure_seed` if the config has it, else
+0: the same images in every run; never the first ones of a file sorted by site or class).
 """
 
 from __future__ import annotations
@@ -123,10 +125,14 @@ def require_masks(source: Any, what: str) -> None:
 # ------------------------------------------------------------------------------------ model
 def build_model(config: ml_collections.ConfigDict) -> seg_models.SegmentationModel:
   model_cfg = config.model
-  return seg_models.create_segmentation_model(
+  model = seg_models.create_segmentation_model(
       model_cfg.name, num_classes=1, decoder_width=model_cfg.decoder.width,
       decoder_groups=model_cfg.decoder.num_groups, skip_keys=model_cfg.decoder.skips,
       dtype=DTYPES[model_cfg.dtype], remat=model_cfg.remat)
+  # create_segmentation_model takes no stem: the encoder is rebuilt with the config's.
+  return model.clone(encoder=models.create_model(
+      model_cfg.name, num_classes=None, dtype=DTYPES[model_cfg.dtype], remat=model_cfg.remat,
+      stem=model_cfg.get("stem", "bit")))
 
 
 # ------------------------------------------------------------------------------------- loss
@@ -263,7 +269,8 @@ def load_pretrained(config, state: TrainState, setup: TrainSetup) -> tuple[Train
   Raises:
     ValueError: the weights do not fit the encoder (merge_params names every key).
   """
-  loaded = initialization.load_init(config.model.init, config.model.name)
+  loaded = initialization.load_init(config.model.init, config.model.name,
+                                    stem=config.model.get("stem", "bit"))
   if loaded is None:
     return state, "scratch"
   params = dict(state.params)
@@ -472,7 +479,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     source = build_test_source(config, test_set)
     require_masks(source, f"config.test_sets {test_set.name!r}")
     evaluator = seg_metrics.SegmentationEvaluator(setup.predict_fn, source, **evaluator_kwargs)
-    counts, samples = evaluator.predict(params, num_samples=config.num_figure_examples)
+    counts, samples = evaluator.predict(params, num_samples=config.num_figure_examples,
+                                        sample_seed=config.get("figure_seed", 0))
     metrics = seg_metrics.segmentation_metrics(counts)
     figure = os.path.join(FIGURE_DIR, f"{test_set.name}.png")
     if jax.process_index() == 0 and config.num_figure_examples > 0:

@@ -49,6 +49,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
       head_norm=model_cfg.head_norm,
       dtype=DTYPES[model_cfg.dtype],
       remat=model_cfg.remat,
+      stem=model_cfg.get("stem", "bit"),
   )
 
 

@@ -278,3 +278,22 @@ def test_not_an_npz_truncated_and_npy_files(tmp_path, tiny_npz):
     load_bit_npz(_save(tmp_path, {"foo": np.zeros(2)}))
   with pytest.raises(FileNotFoundError):
     load_bit_npz(tmp_path / "absent.npz")
+
+
+def test_bit_weights_into_a_small_stem_fail_clearly(tiny_npz):
+  from remedis_jax import initialization  # pylint: disable=g-import-not-at-top
+  path, _ = tiny_npz
+  for stem in ("small", "small_s2"):
+    with pytest.raises(ValueError) as e:
+      load_bit_npz(path, stem=stem)
+    message = str(e.value)
+    assert "its root is BiT's 7x7 stride-2 conv + max-pool" in message
+    assert ("resnet/root_block/standardized_conv2d/kernel has shape "
+            "(7, 7, 3, 16)") in message
+    assert f"the config asks for stem={stem!r} (a 3x3 root conv)" in message
+    assert "--config.model.stem=bit" in message
+  # The path every trainer takes (config.model.init=<npz>).
+  with pytest.raises(ValueError, match="stem='small'"):
+    initialization.load_init(str(path), "R_tiny", stem="small")
+  loaded = initialization.load_init(str(path), "R_tiny")
+  assert loaded.description.startswith("BiT weights")

@@ -94,7 +94,8 @@ def measure_step(config, steps: int, peak_tflops: float) -> dict:
   device_kind = jax.devices()[0].device_kind
   peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_kind), 0.0)
   record = {
-      "mode": "step", "model": config.model.name, "dtype": config.model.dtype,
+      "mode": "step", "model": config.model.name, "stem": config.model.get("stem", "bit"),
+      "dtype": config.model.dtype,
       "remat": config.model.remat, "image_size": config.data.image_size,
       "global_batch": config.batch_size, "views": 2, "devices": mesh.size,
       "device_kind": device_kind, "compile_s": round(compile_s, 2),
@@ -219,7 +220,8 @@ def measure_memory(config) -> dict:
                           saved=saved)
   off, on = results[False], results[True]
   return {
-      "mode": "memory", "model": config.model.name, "image_size": config.data.image_size,
+      "mode": "memory", "model": config.model.name, "stem": config.model.get("stem", "bit"),
+      "image_size": config.data.image_size,
       "global_batch": config.batch_size, "dtype": config.model.dtype,
       "device_kind": jax.devices()[0].device_kind,
       "saved_activation_bytes_no_remat": off["saved"]["activations"],

@@ -16,10 +16,22 @@ bit_jax/models.py) so that the published `BiT-{S,M}-R*.npz` weights reproduce:
 * final GroupNorm + ReLU + global average pool, optional zero-initialised
   Dense head.
 
+`stem` picks the root (`STEMS`). "bit" (the default) is the root above, the
+only one that BiT's published weights fit. It divides the resolution by 4
+before the first stage, so 28-32 px images (MedMNIST) reach the first stage at
+8x8 and the last at 1x1; CIFAR-style ResNets (He et al. 2016, section 4.2)
+use a 3x3/1 root conv without max-pool instead: "small" (maps 4x larger per
+side than "bit", so 16x the compute in the stages) and "small_s2" (3x3/2, no
+max-pool: 2x per side, 4x). Measured on a SimCLR step of R_tiny at 32 px,
+batch 128 (experiments/benchmarks/train_step.py, XLA cost analysis): 3.4,
+10.9 and 43.8 GFLOP for "bit", "small_s2", "small". The root keeps its
+parameter name under every stem; only its kernel size differs.
+
 Parameter names (what `create_model(name).init` produces and `load_bit_npz`
 returns):
 
-  root_block/conv_root/kernel                       (7, 7, C, W)
+  root_block/conv_root/kernel                       (7, 7, C, W); (3, 3, C, W)
+                                                    with stem "small"/"small_s2"
   block{i}/unit{NN}/gn{1,2,3}/{scale,bias}          (C,)
   block{i}/unit{NN}/conv{1,2,3}/kernel              HWIO
   block{i}/unit01/conv_proj/kernel                  (1, 1, C_in, C_out)
@@ -66,6 +78,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "R_micro": dict(block_counts=(1, 1, 1, 1), width_factor=0.125,
                     num_groups=4),
 }
+
+
+# stem -> root conv (kernel size, stride) and whether BiT's 3x3/2 max-pool
+# follows it. The conv pads kernel_size // 2 zeros on each side (3 for 7x7,
+# BiT's fixed_padding; 1 for 3x3).
+STEMS: dict[str, dict[str, Any]] = {
+    "bit": dict(kernel_size=7, strides=2, max_pool=True),       # maps / 4
+    "small": dict(kernel_size=3, strides=1, max_pool=False),    # maps / 1
+    "small_s2": dict(kernel_size=3, strides=2, max_pool=False),  # maps / 2
+}
+
+
+def check_stem(stem: str) -> None:
+  """Raises ValueError naming the known stems when `stem` is not one of them."""
+  if stem not in STEMS:
+    raise ValueError(f"Unknown stem {stem!r}; known stems: {', '.join(STEMS)} "
+                     "(config.model.stem).")
 
 
 def standardize_kernel(kernel: Array,
@@ -168,22 +197,32 @@ class PreActBottleneck(nn.Module):
 
 
 class RootBlock(nn.Module):
-  """BiT's root: 7x7/2 StdConv, zero padding by 1, 3x3/2 VALID max-pool.
+  """The root. "bit": 7x7/2 StdConv, zero padding by 1, 3x3/2 VALID max-pool.
+
+  "small" and "small_s2" are a single 3x3 StdConv (stride 1 or 2, padding 1)
+  without max-pool; see `STEMS`.
 
   Attributes:
     width: output channels of the root conv.
+    stem: a `STEMS` name.
     dtype: compute dtype.
     param_dtype: parameter dtype.
   """
   width: int
+  stem: str = "bit"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = StandardizedConv(self.width, (7, 7), (2, 2), padding=3,
-                         dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="conv_root")(x)
+    check_stem(self.stem)
+    spec = STEMS[self.stem]
+    size, stride = spec["kernel_size"], spec["strides"]
+    x = StandardizedConv(self.width, (size, size), (stride, stride),
+                         padding=size // 2, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="conv_root")(x)
+    if not spec["max_pool"]:
+      return x
     # Zero padding, not max-pool's -inf: see the module docstring.
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
@@ -231,7 +270,8 @@ class ResNetV2(nn.Module):
   (B, num_classes) when `num_classes` is set, else the float32 `pre_logits`
   (B, C). `intermediates` holds:
 
-    root         after the root conv + max-pool, (B, H/4, W/4, W0)
+    root         after the root, (B, H/s, W/s, W0): s = 4 for stem "bit"
+                 (conv + max-pool), 1 for "small", 2 for "small_s2"
     block1..4    each stage's output (compute dtype)
     feature_map  final GroupNorm + ReLU map (B, h, w, C), compute dtype
     pre_logits   global average of feature_map, (B, C), float32
@@ -248,6 +288,8 @@ class ResNetV2(nn.Module):
     param_dtype: dtype of the stored parameters.
     remat: rematerialise every bottleneck unit (`nn.remat`) to trade compute
       for activation memory; outputs and gradients are unchanged.
+    stem: the root, a `STEMS` name: "bit" (BiT's, the only one BiT weights
+      fit), "small" or "small_s2" (for 28-64 px images).
   """
   block_counts: Sequence[int] = (3, 4, 6, 3)
   width_factor: float = 1
@@ -256,6 +298,7 @@ class ResNetV2(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: bool = False
+  stem: str = "bit"
 
   @nn.compact
   def __call__(self, images: Array,
@@ -280,7 +323,7 @@ class ResNetV2(nn.Module):
     width = int(64 * self.width_factor)
     out = {}
 
-    x = out["root"] = RootBlock(width, dtype=self.dtype,
+    x = out["root"] = RootBlock(width, stem=self.stem, dtype=self.dtype,
                                 param_dtype=self.param_dtype,
                                 name="root_block")(images)
 
@@ -315,13 +358,13 @@ def create_model(name: str, num_classes: Optional[int] = None,
     num_classes: classification head size; None for an encoder without head
       (output = pre_logits).
     **overrides: any other ResNetV2 field, e.g. dtype=jnp.bfloat16,
-      remat=True, num_groups=16.
+      remat=True, num_groups=16, stem="small".
 
   Returns:
     The (unbound) Linen module.
 
   Raises:
-    ValueError: for an unknown name or override field.
+    ValueError: for an unknown name, override field or stem.
   """
   if name not in VARIANTS:
     raise ValueError(f"Unknown model name {name!r}; known names: "
@@ -332,6 +375,7 @@ def create_model(name: str, num_classes: Optional[int] = None,
   if unknown:
     raise ValueError(f"create_model({name!r}): unknown ResNetV2 field(s) "
                      f"{unknown}; valid fields: {sorted(fields)}.")
+  check_stem(overrides.get("stem", "bit"))
   kwargs = dict(VARIANTS[name])
   kwargs.update(overrides)
   return ResNetV2(num_classes=num_classes, **kwargs)
@@ -456,7 +500,8 @@ def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 
 def load_bit_npz(path: str | os.PathLike[str], model_name: Optional[str] = None,
-                 keep_head: bool = False) -> tuple[str, dict[str, Any]]:
+                 keep_head: bool = False,
+                 stem: str = "bit") -> tuple[str, dict[str, Any]]:
   """Loads public BiT weights (`BiT-{S,M}-R50x1.npz` etc.) for `create_model`.
 
   The file's keys follow big_transfer's TF layout (`resnet/block1/unit01/a/
@@ -471,6 +516,9 @@ def load_bit_npz(path: str | os.PathLike[str], model_name: Optional[str] = None,
       "head/bias"); then build the model with `num_classes` equal to the
       file's head size (`params["head"]["bias"].shape[0]`). Otherwise the
       file's head is ignored and the params fit `create_model(model_name)`.
+    stem: the stem of the model the weights are for. BiT's root is always
+      7x7/2 + max-pool, so anything but "bit" is an error that says so (rather
+      than a shape mismatch in the root kernel later).
 
   Returns:
     (model_name, params): params is a nested dict of float32 NumPy arrays that
@@ -480,14 +528,27 @@ def load_bit_npz(path: str | os.PathLike[str], model_name: Optional[str] = None,
   Raises:
     FileNotFoundError: the file does not exist.
     ValueError: not an .npz, truncated/corrupt, unknown layout or variant,
-      `model_name` unknown, or keys/shapes that do not match the model.
+      `model_name` unknown, a `stem` other than "bit", or keys/shapes that do
+      not match the model.
   """
+  check_stem(stem)
   arrays = _read_npz(path)
   # Some published files name a few kernels "standardized_conv2d_1" etc.;
   # big_vision's converter maps them back in the same way.
   arrays = {re.sub(r"/standardized_conv2d_\d+/", "/standardized_conv2d/", k): v
             for k, v in arrays.items()}
   shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+  if stem != "bit":
+    size = STEMS[stem]["kernel_size"]
+    root = (f" ({_ROOT_KEY} has shape {shapes[_ROOT_KEY]})"
+            if _ROOT_KEY in shapes else "")
+    raise ValueError(
+        f"{os.fspath(path)} is a BiT checkpoint: its root is BiT's 7x7 "
+        f"stride-2 conv + max-pool{root}, but the config asks for "
+        f"stem={stem!r} (a {size}x{size} root conv). BiT weights only fit "
+        "--config.model.stem=bit; to use stem "
+        f"{stem!r}, train from scratch or from a pretraining run with that "
+        "stem.")
   if model_name is None:
     model_name = infer_bit_variant(shapes)
   elif model_name not in VARIANTS:

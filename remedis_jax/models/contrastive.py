@@ -75,7 +75,7 @@ def create_contrastive_model(encoder_name: str, *,
     head_hidden_dims: widths of the head's hidden layers.
     projection_dim: size of z.
     head_norm: "layer" or "none".
-    **encoder_overrides: ResNetV2 fields, e.g. dtype, remat, num_groups.
+    **encoder_overrides: ResNetV2 fields, e.g. dtype, remat, num_groups, stem.
 
   Returns:
     The (unbound) Linen module.

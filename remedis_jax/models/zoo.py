@@ -1,6 +1,7 @@
 """One entry point for every encoder of the model zoo: BiT ResNets and Vision Transformers.
 
   model = create_model("R50x1")                        # BiT ResNet-v2, as bit.create_model
+  model = create_model("R_tiny", stem="small")          # 3x3/1 root for 28-32 px images
   model = create_model("ViT-B/16", dtype=jnp.bfloat16)  # VisionTransformer
   output, intermediates = model.apply({"params": params}, images)
 
@@ -22,9 +23,10 @@ from remedis_jax.models import vit
 
 # ResNetV2 fields that mean nothing to a ViT. Callers written for BiT (configs with
 # `num_groups`, exports with BiT overrides) may pass them; a ViT ignores them with a log line
-# instead of failing. Any other unknown field is still an error.
+# instead of failing. Any other unknown field is still an error. `stem` is not among them: it is
+# an argument of `create_model`, and a ViT refuses any stem but "bit" rather than ignore it.
 BIT_ONLY_FIELDS = frozenset(
-    f for f in bit.ResNetV2.__dataclass_fields__ if f not in ("parent", "name")
+    f for f in bit.ResNetV2.__dataclass_fields__ if f not in ("parent", "name", "stem")
 ) - vit.vit_fields()
 
 
@@ -39,7 +41,7 @@ def is_vit(name: str) -> bool:
 
 
 def create_model(name: str, num_classes: Optional[int] = None, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, remat: bool = False,
+                 param_dtype: Any = jnp.float32, remat: bool = False, stem: str = "bit",
                  **overrides: Any) -> nn.Module:
   """Builds an encoder of the model zoo by name.
 
@@ -51,6 +53,8 @@ def create_model(name: str, num_classes: Optional[int] = None, dtype: Any = jnp.
     dtype: compute dtype.
     param_dtype: dtype of the stored parameters.
     remat: rematerialise every residual unit / transformer block.
+    stem: the BiT root (`bit.STEMS`): "bit", "small" or "small_s2". A ViT has a patch
+      embedding instead, so it only takes "bit" (what every config means when it sets none).
     **overrides: further fields of the chosen module (ResNetV2 or VisionTransformer). For a
       ViT, BiT-only fields (`BIT_ONLY_FIELDS`, e.g. num_groups) are ignored.
 
@@ -58,9 +62,14 @@ def create_model(name: str, num_classes: Optional[int] = None, dtype: Any = jnp.
     The (unbound) Linen module: `bit.ResNetV2` or `vit.VisionTransformer`.
 
   Raises:
-    ValueError: for an unknown name (all known names are listed) or an unknown field.
+    ValueError: for an unknown name (all known names are listed), an unknown field or stem,
+      or a stem other than "bit" for a ViT.
   """
   if is_vit(name):
+    if stem != "bit":
+      raise ValueError(f"create_model({name!r}): stem={stem!r} is a BiT ResNet option and a ViT "
+                       "has a patch embedding, not a root conv; use config.model.stem='bit' "
+                       "with a ViT, or a BiT model name.")
     ignored = sorted(set(overrides) & BIT_ONLY_FIELDS)
     if ignored:
       logging.info("create_model(%r): ignoring BiT-only field(s) %s for a ViT.", name, ignored)
@@ -69,5 +78,5 @@ def create_model(name: str, num_classes: Optional[int] = None, dtype: Any = jnp.
                           remat=remat, **overrides)
   if name in bit.VARIANTS:
     return bit.create_model(name, num_classes=num_classes, dtype=dtype,
-                            param_dtype=param_dtype, remat=remat, **overrides)
+                            param_dtype=param_dtype, remat=remat, stem=stem, **overrides)
   raise ValueError(f"Unknown model name {name!r}; known names: {', '.join(model_names())}.")
