@@ -45,6 +45,9 @@ Keys a sweep sets (any key can be overridden with --config.<key>=<value>; a typo
   config.model.from_head_layer  True: classify from the first projection-head layer (SimCLR v2);
                                 needs an init that carries the head (export --include_head).
   config.finetune_mode          "full" (every parameter trains) or "linear" (frozen encoder).
+  config.encoder_lr_multiplier  the encoder's share of the learning rate (1.0: all the same).
+  config.encoder_frozen_fraction  share of the steps, first, that train the head only (0: none;
+                                then the encoder joins at encoder_lr_multiplier).
   config.label_fraction         share of the training labels, in (0, 1] (stratified, nested).
   config.label_fraction_seed    which subset; the manifest goes to WORKDIR/subset_manifest.json.
   config.seed                   model init, augmentation and data order.
@@ -129,6 +132,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.label_fraction_seed = 0
   config.label_fraction_stratify = True
   config.finetune_mode = "full"
+  # Keeping pretrained features (train_finetune.scale_encoder_updates): the encoder's updates
+  # are x0 for the first `encoder_frozen_fraction` of the steps (head only: linear probe, then
+  # fine-tune) and x`encoder_lr_multiplier` after them.
+  config.encoder_lr_multiplier = 1.0
+  config.encoder_frozen_fraction = 0.0
 
   config.batch_size = 512           # global, over all devices and hosts
   config.eval_batch_size = 512
@@ -143,6 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.head_norm = "layer"
   config.model.dtype = "float32"
   config.model.remat = False
+  config.model.stem = "bit"  # BiT ResNets: "bit" (7x7/2 + max-pool), "small", "small_s2"
 
   config.loss = ml_collections.ConfigDict({"class_weights": ""})
 

@@ -15,6 +15,14 @@ Variants (`--config=configs/pretrain_simclr.py:<variant>`):
   medmnist  a MedMNIST .npz (e.g. PneumoniaMNIST), R_tiny at 32 px, CPU: minutes.
               python -m remedis_jax.main --config=configs/pretrain_simclr.py:medmnist \
                 --config.data.path=/path/to/pneumoniamnist.npz --workdir=workdirs/simclr_pmnist
+  pneumoniamnist
+            the README's headline run: SimCLR on the 4406 training + validation images of
+            PneumoniaMNIST without their labels (the test split is never read), R_tiny at
+            32 px, batch 128, 1500 steps (44 epochs), two Grain worker processes; then
+            configs/sweeps/pneumoniamnist.py fine-tunes from it.
+              python -m remedis_jax.main --config=configs/pretrain_simclr.py:pneumoniamnist \
+                --config.data.path=../shared/data/pneumoniamnist.npz \
+                --workdir=workdirs/simclr_pneumoniamnist
   cxr       a chest X-ray folder + CSV manifest, R50x1 at 224 px from BiT-M weights (GPU/TPU).
               python -m remedis_jax.main --config=configs/pretrain_simclr.py:cxr \
                 --config.data.root=/data/cxr --config.data.manifest=/data/cxr/train.csv \
@@ -33,7 +41,7 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ("tiny", "smoke", "medmnist", "cxr", "r50x1", "r152x2")
+VARIANTS = ("tiny", "smoke", "medmnist", "pneumoniamnist", "cxr", "r50x1", "r152x2")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -61,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.head_norm = "layer"
   config.model.dtype = "float32"        # compute dtype; "bfloat16" on TPU/GPU
   config.model.remat = False            # recompute each unit in the backward pass: less memory
+  config.model.stem = "bit"             # BiT root; "small" (3x3/1, no pool) or "small_s2" (3x3/2)
 
   config.loss = ml_collections.ConfigDict({"temperature": 0.1})
 
@@ -75,7 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.knn = ml_collections.ConfigDict({
       "every_steps": 0, "bank_split": "train", "query_split": "val", "bank_size": 2000,
       "query_size": 1000, "k": 20, "temperature": 0.07, "batch_size": 256,
+      "sample_seed": 0,  # bank and query: seeded class-stratified samples, never the first N
       "at_start": True})  # also at step 0 of a fresh run: the baseline the curve starts from
+  # At the end of every run: logistic regression on frozen features vs a random encoder's.
+  config.linear_probe = common.linear_probe_config()
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
@@ -134,10 +146,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.knn.bank_size = 32
     config.knn.query_size = 16
     config.knn.batch_size = 16
+    config.linear_probe.train_size = 64
+    config.linear_probe.batch_size = 16
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.async_checkpointing = False
-  elif variant == "medmnist":
+  elif variant in ("medmnist", "pneumoniamnist"):
     config.data.source = "medmnist"
     config.data.path = "pneumoniamnist.npz"
     config.data.image_size = 32
@@ -153,6 +167,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.knn.batch_size = 128
     config.log_every_steps = 20
     config.checkpoint_every_steps = 250
+    # Two Grain worker processes: in reader threads the step waited on input for about half
+    # its time on a busy 2-core box.
+    config.data.worker_count = 2
+    if variant == "pneumoniamnist":
+      # REMEDIS stage 2 on real data: every training and validation image, no label (the
+      # online probe is off; the kNN monitor reads labels only to score the encoder), the test
+      # split never read.
+      config.data.path = ""  # the user's file: --config.data.path=/path/pneumoniamnist.npz
+      config.data.pretrain_split = "train+val"
+      config.probe.enabled = False
+      config.total_steps = 1500  # 44 epochs of the 4406 images at batch 128
+      config.knn.every_steps = 500
+      config.knn.bank_size = 2000
+      config.knn.query_size = 524  # the whole validation split
+      config.linear_probe.train_size = 0  # all 3882 training labels (read by the probe only)
+      config.checkpoint_every_steps = 500
   elif variant == "cxr":
     config.data.source = "folder"
     config.data.image_size = 224

@@ -11,6 +11,10 @@ Three recipes per modality:
   colour and intensity (a lesion's hue, an opacity's density).
 - "eval": deterministic resize of the shorter side + centre crop (no randomness).
 
+Small images get no Gaussian blur in any recipe (side <= BLUR_MIN_SIZE = 64 px): SimCLR drops
+blur on CIFAR's 32 px images (Chen et al. 2020, appendix B.9), and a sigma of up to 2 px on a
+28-32 px radiograph erases the findings the views should share.
+
 All recipes end in uint8 (image_size, image_size, C); the device turns that into [-1, 1]
 floats. Channel repetition to RGB happens after the ops, in the pipeline (`num_channels`).
 
@@ -24,9 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import dataclasses
+import re
 
 from data_pipelines import ops as ops_lib
 from data_pipelines import ops_geometric
+
+# Gaussian blur only above this image side (see the module docstring).
+BLUR_MIN_SIZE = 64
+_BLUR_OP = re.compile(r"\|gaussian_blur\([^|]*\)")
 
 MODES = ("pretrain", "finetune", "eval")
 # Crop area range of multi-crop's local views (SwAV's small crops, widened; see
@@ -229,7 +238,10 @@ def get_preset_spec(name: str, mode: str, image_size: int) -> str:
     raise ValueError(f"preset mode must be one of {MODES}; got {mode!r}")
   if int(image_size) <= 0:
     raise ValueError(f"image_size must be positive; got {image_size}")
-  return PRESETS[name](mode, int(image_size))
+  spec = PRESETS[name](mode, int(image_size))
+  if int(image_size) <= BLUR_MIN_SIZE:
+    spec = _BLUR_OP.sub("", spec)
+  return spec
 
 
 def get_preset(name: str, mode: str, image_size: int) -> list[ops_lib.Op]:

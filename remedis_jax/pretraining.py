@@ -32,6 +32,7 @@ from data_pipelines import sources as data_sources
 from remedis_jax import checkpointing, export, initialization, models, optimizers
 from remedis_jax import preemption, sharding, writers
 from remedis_jax.evaluators import knn as knn_evaluator
+from remedis_jax.evaluators import linear_probe
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
@@ -143,7 +144,8 @@ def _restore_or_init(config, setup: TrainSetup, manager, data_iterator, rng):
     state, start_step = restored
     return state, start_step, f"resumed from {manager.directory}/{start_step}"
   state = sharding.create_sharded(setup.init_state, rng, shardings=state_shardings)
-  loaded = initialization.load_init(config.model.init, config.model.name)
+  loaded = initialization.load_init(config.model.init, config.model.name,
+                                    stem=config.model.get("stem", "bit"))
   if loaded is None:
     return state, 0, "scratch"
   # Checked against the abstract tree (names, shapes; dtype cast), then placed with the run's
@@ -307,6 +309,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
     watcher.close()
     writer.flush()
 
+  # ---- the read-out: a linear probe on the frozen encoder beside a random encoder's
+  probe_values = {}
+  if step == total_steps and not preempted:
+    probe = linear_probe.LinearProbe.from_config(config, setup.model, mesh)
+    if probe is not None:
+      with report_progress.timed("linear_probe"):
+        random_state = sharding.create_sharded(setup.init_state, jax.random.key(config.seed),
+                                               shardings=setup.state_shardings)
+        probe_values = {"linear_probe/auc": probe.run(state.params),
+                        "linear_probe/random_encoder_auc": probe.run(random_state.params)}
+        del random_state
+      writer.write_scalars(step, probe_values)
+      writer.flush()
+      logging.info("Linear probe (validation macro AUC): %s", probe_values)
+
   summary = {
       "steps": step,
       "total_steps": total_steps,
@@ -318,6 +335,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
       "wall_time_s": time.time() - start_time,
       "checkpoint": f"{manager.directory}/{manager.latest_step()}",
       "initialisation": init_description,
+      "linear_probe_auc": probe_values.get("linear_probe/auc"),
+      "linear_probe_random_encoder_auc": probe_values.get("linear_probe/random_encoder_auc"),
   }
   manager.close()
   if jax.process_index() == 0:
@@ -329,6 +348,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
                      f"  input wait     {summary['input_wait_ms_per_step']:.1f} ms/step "
                      f"(after the first batch)",
                      f"  skipped bad    {skipped_records} records",
+                     *([f"  linear probe   validation macro AUC "
+                        f"{probe_values['linear_probe/auc']:.3f} (random encoder "
+                        f"{probe_values['linear_probe/random_encoder_auc']:.3f})"]
+                       if probe_values else []),
                      f"  checkpoint     {summary['checkpoint']}",
                      f"  TensorBoard    tensorboard --logdir {workdir}"]), flush=True)
   return summary

@@ -301,7 +301,7 @@ class FinetuneModel(nn.Module):
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FinetuneModel:
   model_cfg = config.model
   encoder = models.create_model(model_cfg.name, num_classes=None, dtype=DTYPES[model_cfg.dtype],
-                                remat=model_cfg.remat)
+                                remat=model_cfg.remat, stem=model_cfg.get("stem", "bit"))
   head_width = int(model_cfg.head_hidden_dims[0]) if model_cfg.from_head_layer else 0
   return FinetuneModel(encoder=encoder, num_classes=num_classes, head_width=head_width,
                        head_norm=model_cfg.head_norm, linear=config.finetune_mode == "linear")
@@ -386,6 +386,39 @@ class TrainSetup(NamedTuple):
   predict_fn: Callable  # jitted (params, images) -> probs
 
 
+def scale_encoder_updates(tx: optax.GradientTransformation, *, multiplier: float,
+                          frozen_steps: int) -> optax.GradientTransformation:
+  """Encoder updates x0 for the first `frozen_steps`, then x`multiplier`; others unchanged.
+
+  Fine-tuning a pretrained encoder at the head's learning rate can overwrite what pretraining
+  learned before the zero-initialised head is useful. Two remedies (Kumar et al. 2022, "Fine-
+  Tuning can Distort Pretrained Features"): train the head alone first (linear probe, then
+  fine-tune) and/or a lower encoder learning rate. Scaling the optimiser's final updates is a
+  learning-rate multiplier for SGD and Adam alike (AdamW's decoupled decay is scaled with it).
+  With the defaults (1.0, 0) `tx` is returned unchanged, so its state matches older checkpoints.
+
+  Args:
+    tx: the optimiser.
+    multiplier: the encoder's share of the learning rate after the frozen steps (>= 0).
+    frozen_steps: leading steps in which the encoder does not move (>= 0).
+
+  Returns:
+    The wrapped optimiser.
+
+  Raises:
+    ValueError: a negative multiplier or step count.
+  """
+  if multiplier < 0 or frozen_steps < 0:
+    raise ValueError(f"config.encoder_lr_multiplier={multiplier} and config.encoder_frozen_steps="
+                     f"{frozen_steps} must be >= 0")
+  if multiplier == 1.0 and frozen_steps == 0:
+    return tx
+  encoder_scale = lambda step: jnp.where(step < frozen_steps, 0.0, multiplier)
+  encoder_mask = lambda params: {key: jax.tree.map(lambda _, k=key: k == "encoder", value)
+                                 for key, value in params.items()}
+  return optax.chain(tx, optax.masked(optax.scale_by_schedule(encoder_scale), encoder_mask))
+
+
 def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: int,
                        multi_label: bool, total_steps: int, warmup_steps: int,
                        class_weights: np.ndarray | None = None) -> TrainSetup:
@@ -411,6 +444,11 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
     opt_config.frozen = tuple(opt_config.frozen) + frozen_regexes(config)
   tx, schedule = optimizers.make_optimizer(opt_config, total_steps=total_steps,
                                            batch_size=config.batch_size)
+  frozen_fraction = float(config.get("encoder_frozen_fraction", 0.0))
+  if not 0.0 <= frozen_fraction < 1.0:
+    raise ValueError(f"config.encoder_frozen_fraction={frozen_fraction} must be in [0, 1)")
+  tx = scale_encoder_updates(tx, multiplier=float(config.get("encoder_lr_multiplier", 1.0)),
+                             frozen_steps=int(round(frozen_fraction * total_steps)))
   image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
 
   def init_state(rng):
@@ -440,7 +478,8 @@ def load_pretrained(config, state: TrainState, setup: TrainSetup) -> tuple[Train
     ValueError: the weights do not fit the model (merge_params names every key), or
       from_head_layer without a head in the init.
   """
-  loaded = initialization.load_init(config.model.init, config.model.name)
+  loaded = initialization.load_init(config.model.init, config.model.name,
+                                    stem=config.model.get("stem", "bit"))
   if loaded is None:
     return state, "scratch"
   params = dict(state.params)

@@ -45,12 +45,24 @@ def test_modality_choices():
   assert hue == [0.0]
   assert ops_geometric.Rot90 in _types("pathology", "pretrain")
   assert ops_intensity.StainJitter in _types("pathology", "pretrain")
-  generic = presets.get_preset("generic", "pretrain", 64)
+  generic = presets.get_preset("generic", "pretrain", 96)
   assert ops_intensity.ColorDistortion(1.0) in generic
   assert ops_intensity.GaussianBlur(0.5) in generic
-  assert ops_geometric.RandomResizedCrop(64, area=(0.08, 1.0)) in generic
+  assert ops_geometric.RandomResizedCrop(96, area=(0.08, 1.0)) in generic
   for name in presets.PRESETS:  # Fine-tuning never distorts hue.
     assert ops_intensity.ColorDistortion not in _types(name, "finetune")
+
+
+@pytest.mark.parametrize("name", ["cxr", "derm", "pathology", "fundus", "mammo", "generic"])
+def test_no_blur_on_small_images(name):
+  # SimCLR drops blur at CIFAR's 32 px; a 2 px sigma erases a 28-32 px radiograph's findings.
+  large = presets.get_preset(name, "pretrain", presets.BLUR_MIN_SIZE + 1)
+  assert ops_intensity.GaussianBlur in [type(op) for op in large]
+  for size in (28, 32, presets.BLUR_MIN_SIZE):
+    small = presets.get_preset(name, "pretrain", size)
+    assert ops_intensity.GaussianBlur not in [type(op) for op in small]
+    # Everything else is kept, in order.
+    assert [op for op in large if not isinstance(op, ops_intensity.GaussianBlur)][1:] == small[1:]
 
 
 def test_unknown_preset_and_mode():

@@ -104,6 +104,11 @@ def test_end_to_end_run_resume_export_and_init(tmp_path):
     assert json.load(f)["model"]["name"] == "R_micro"
   params, step = checkpointing.load_params(workdir)
   assert step == 4 and set(params) == {"encoder", "head", "probe"}
+  # The run ends with a linear probe on its frozen encoder beside a random encoder's.
+  probe_records = [r for r in records if "linear_probe/auc" in r]
+  assert len(probe_records) == 1 and probe_records[0]["step"] == 4
+  assert 0.0 <= summary["linear_probe_auc"] <= 1.0
+  assert 0.0 <= summary["linear_probe_random_encoder_auc"] <= 1.0
 
   # Rerunning the finished run resumes at its last step and trains nothing more.
   again = train_simclr.train_and_evaluate(config, workdir)
@@ -119,6 +124,10 @@ def test_end_to_end_run_resume_export_and_init(tmp_path):
                              "total_steps": 2})
   summary = train_simclr.train_and_evaluate(frozen_lr, str(tmp_path / "from_export"))
   assert summary["initialisation"].startswith("export")
+  # Same encoder (lr 0), same probe sample: the probe must read the trained parameters.
+  assert summary["linear_probe_auc"] == probe_records[0]["linear_probe/auc"]
+  assert summary["linear_probe_random_encoder_auc"] == (
+      probe_records[0]["linear_probe/random_encoder_auc"])
   new_params, _ = checkpointing.load_params(str(tmp_path / "from_export"))
   jax.tree.map(np.testing.assert_array_equal, new_params["encoder"], params["encoder"])
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from data_pipelines.sources.base import IndexView, Source
+from data_pipelines.sources.base import ConcatSource, IndexView, Source
 from data_pipelines.sources.folder import FolderSource, parse_columns, split_by_patient
 from data_pipelines.sources.synthetic import SyntheticCXR
 
@@ -84,7 +84,8 @@ def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], spl
 
   Args:
     data_config: the `data` section (see `default_data_config`).
-    split: "train", "val", "test", "unlabeled" (synthetic), or any split the data has.
+    split: "train", "val", "test", "unlabeled" (synthetic), or any split the data has;
+      "train+val" joins splits into one source (pretraining on every image but the test set's).
 
   Returns:
     A source following the record format of data_pipelines/sources/base.py.
@@ -92,6 +93,12 @@ def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], spl
   Raises:
     ValueError: unknown source (lists the valid ones) or a missing key (names it).
   """
+  if "+" in split:
+    parts = [part.strip() for part in split.split("+")]
+    if any(not part for part in parts) or len(set(parts)) != len(parts):
+      raise ValueError(f"split {split!r}: expected distinct split names joined by '+', "
+                       "e.g. 'train+val'")
+    return ConcatSource([build_source(data_config, part) for part in parts])
   source = _get(data_config, "source", "synthetic")
   skip = bool(_get(data_config, "skip_bad_records", False))
   keep_bit_depth = bool(_get(data_config, "keep_bit_depth", False))
@@ -150,5 +157,5 @@ def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], spl
   raise ValueError(f"data.source={source!r} unknown; valid sources are: {', '.join(SOURCES)}")
 
 
-__all__ = ["SOURCES", "Source", "IndexView", "SyntheticCXR", "FolderSource", "build_source",
-           "default_data_config", "split_by_patient"]
+__all__ = ["SOURCES", "Source", "IndexView", "ConcatSource", "SyntheticCXR", "FolderSource",
+           "build_source", "default_data_config", "split_by_patient"]

@@ -151,3 +151,47 @@ def log_skipped(name: str, skipped: list[tuple[str, str]]) -> None:
     return
   logging.warning("%s: skipped %d bad records at construction; first: %s",
                   name, len(skipped), "; ".join(f"{r}: {why}" for r, why in skipped[:5]))
+
+
+class ConcatSource(Source):
+  """Several splits of one dataset read as one source, e.g. "train+val" for pretraining.
+
+  SimCLR needs only images, so stage 2 of REMEDIS can read every split except the test split.
+  All parts must agree on the class set, the task type and the channel count (checked); ids are
+  kept as the parts give them (MedMNIST ids carry their split, "train/00012").
+  """
+
+  def __init__(self, parts: Sequence[Source], name: str | None = None):
+    if not parts:
+      raise ValueError("ConcatSource needs at least one source")
+    first = parts[0]
+    for part in parts[1:]:
+      for attribute in ("num_classes", "multi_label", "num_channels"):
+        if getattr(part, attribute) != getattr(first, attribute):
+          raise ValueError(
+              f"cannot concatenate {first.name} and {part.name}: {attribute} "
+              f"{getattr(first, attribute)} vs {getattr(part, attribute)}")
+    self.parts = list(parts)
+    self.name = name or "+".join(part.name for part in parts)
+    self.num_classes = first.num_classes
+    self.multi_label = first.multi_label
+    self.class_names = list(first.class_names)
+    self.num_channels = first.num_channels
+    self.skipped = [row for part in parts for row in getattr(part, "skipped", [])]
+    self._offsets = np.cumsum([0] + [len(part) for part in parts])
+
+  @property
+  def labels(self) -> np.ndarray:
+    return np.concatenate([np.asarray(part.labels) for part in self.parts])
+
+  @property
+  def ids(self) -> list[str]:
+    return [example_id for part in self.parts for example_id in part.ids]
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = check_index(index, len(self), self.name)
+    part = int(np.searchsorted(self._offsets, index, side="right")) - 1
+    return self.parts[part][index - int(self._offsets[part])]

@@ -1,0 +1,56 @@
+r"""Which fine-tuning recipe keeps what SimCLR learned? Chosen on VALIDATION only (PneumoniaMNIST).
+
+  python -m experiments.label_fraction_sweep --config=configs/sweeps/pneumoniamnist_recipes.py \
+    --config.overrides.data.path=../shared/data/pneumoniamnist.npz \
+    --workdir=workdirs/pneumoniamnist_recipes
+
+(`--config=configs/sweeps/pneumoniamnist_recipes.py:/other/pretraining/workdir` when the SimCLR
+run is not in workdirs/simclr_pneumoniamnist.)
+
+Every run fine-tunes the same SimCLR encoder (configs/pretrain_simclr.py:pneumoniamnist) with
+`configs/finetune.py:pneumoniamnist` at 1% and 10% of the labels, seed 0, and is scored on the
+validation split only (`test_sets=("validation=val",)`: the test split is never read here). The
+recipes differ only in how the encoder is allowed to move (train_finetune.scale_encoder_updates):
+
+  full            the MedMNIST v2 protocol as is (Adam 1e-3 on every parameter).
+  encoder_lr_x01  the encoder at 0.1 x the head's learning rate.
+  encoder_lr_x03  the encoder at 0.3 x.
+  head_first      linear probe, then fine-tune: head only for the first half of the steps.
+  linear          the encoder frozen throughout (linear evaluation).
+
+The winner, by mean validation macro AUC over the two fractions, is the `simclr` recipe of
+configs/sweeps/pneumoniamnist.py. Every init points at the same pretraining run.
+"""
+
+import ml_collections
+
+from experiments import label_fraction_sweep
+
+PRETRAINED = "workdirs/simclr_pneumoniamnist"
+RECIPES = {
+    "full": {},
+    "encoder_lr_x01": {"encoder_lr_multiplier": 0.1},
+    "encoder_lr_x03": {"encoder_lr_multiplier": 0.3},
+    "head_first": {"encoder_frozen_fraction": 0.5},
+    "linear": {"finetune_mode": "linear"},
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """`arg`: the SimCLR pretraining workdir or export (default workdirs/simclr_pneumoniamnist)."""
+  config = label_fraction_sweep.default_sweep_config()
+  config.base = "configs/finetune.py:pneumoniamnist"
+  config.label_fractions = (0.01, 0.1)
+  config.seeds = (0,)
+  config.inits = ml_collections.ConfigDict({name: arg or PRETRAINED for name in RECIPES})
+  config.init_overrides = ml_collections.ConfigDict(
+      {name: recipe for name, recipe in RECIPES.items() if recipe})
+  config.baseline = "full"
+  config.baseline_fraction = 0.1
+  config.metric = "macro_auc"
+  config.overrides = ml_collections.ConfigDict({
+      "data": {"path": ""},  # required: --config.overrides.data.path=/path/pneumoniamnist.npz
+      "robustness": {"perturbations": ()},
+      "test_sets": ("validation=val",),
+  })
+  return config
