@@ -113,6 +113,39 @@ def nt_xent_with_metrics(
   return loss, metrics
 
 
+def site_negative_metrics(z1: jax.Array, z2: jax.Array, sites: jax.Array,
+                          temperature: float = 1.0) -> dict[str, jax.Array]:
+  """Does the encoder tell patients apart, or only sites? Two no-gradient diagnostics.
+
+  For each of the 2N anchors, its hardest negative is the candidate with the largest logit
+  other than the anchor itself and its positive.
+
+  Args:
+    z1: (N, D) projections of the first view.
+    z2: (N, D) projections of the second view.
+    sites: (N,) integer site (hospital, scanner) of each image.
+    temperature: as in the loss (the argmax does not depend on it).
+
+  Returns:
+    `top1_negative_same_site`: share of anchors whose hardest negative comes from the anchor's
+    own site; `same_site_negative_share`: the share of all negatives that do (the value a
+    site-blind encoder would give). Near 1 while the other is far below: the representation
+    separates sites, and the contrastive task is being solved by the site, not the patient.
+  """
+  logits, positive_index = _nt_xent_logits(z1, z2, temperature)
+  n2 = logits.shape[0]
+  logits = jax.lax.stop_gradient(logits)
+  is_positive = jnp.arange(n2)[None, :] == positive_index[:, None]
+  is_negative = ~is_positive & ~jnp.eye(n2, dtype=bool)
+  hardest = jnp.argmax(jnp.where(is_negative, logits, -jnp.inf), axis=-1)
+  all_sites = jnp.concatenate([sites, sites]).astype(jnp.int32)
+  same_site = all_sites[:, None] == all_sites[None, :]
+  top1_same = jnp.mean((all_sites[hardest] == all_sites).astype(jnp.float32))
+  share = jnp.mean(jnp.sum(same_site & is_negative, axis=-1) / jnp.maximum(n2 - 2, 1))
+  return {"top1_negative_same_site": top1_same,
+          "same_site_negative_share": share.astype(jnp.float32)}
+
+
 def nt_xent(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
   """NT-Xent (SimCLR) loss over the global batch; see `nt_xent_with_metrics`.
 

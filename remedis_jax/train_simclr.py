@@ -69,21 +69,24 @@ def init_params(model: nn.Module, probe: nn.Module | None, image_shape, rng) -> 
 # ------------------------------------------------------------------------------ update step
 def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, *, temperature: float,
                    probe: nn.Module | None = None, multi_label: bool = False,
-                   metrics_cls=None) -> Callable:
+                   site_metrics: bool = False, metrics_cls=None) -> Callable:
   """Builds the pure update step `update_fn(state, batch) -> (state, metrics)`.
 
   `batch["views"]` is uint8 (B, V, H, W, C), sharded over the batch axis; the first two views
   are the positive pair. A non-finite loss or gradient leaves the state unchanged and is
   counted in `nonfinite_steps`, so a checkpoint never holds NaNs; the loop stops the run.
+  With `site_metrics`, `batch["site"]` (B,) feeds `losses.site_negative_metrics`.
   """
 
-  def loss_fn(params, views, labels):
+  def loss_fn(params, views, labels, sites):
     batch, num_views = views.shape[:2]
     images = normalize_images(views.reshape((batch * num_views,) + views.shape[2:]))
     z, intermediates = model.apply({"params": {"encoder": params["encoder"],
                                                "head": params["head"]}}, images, train=True)
     z = z.reshape((batch, num_views, -1))
     loss, metrics = losses.nt_xent_with_metrics(z[:, 0], z[:, 1], temperature)
+    if site_metrics:
+      metrics.update(losses.site_negative_metrics(z[:, 0], z[:, 1], sites, temperature))
     total = loss
     if probe is not None:
       # Online linear probe on stop-gradient features of the first view: it watches the
@@ -107,7 +110,7 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, *, temper
   def update_fn(state: TrainState, batch: dict[str, jax.Array]):
     labels = batch.get("label")
     (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch["views"], labels)
+        state.params, batch["views"], labels, batch.get("site"))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
@@ -122,7 +125,8 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, *, temper
 
 
 def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: int,
-                       multi_label: bool, total_steps: int, warmup_steps: int) -> TrainSetup:
+                       multi_label: bool, total_steps: int, warmup_steps: int,
+                       site_metrics: bool = False) -> TrainSetup:
   """Model, optimiser, sharded-state initialiser and the jitted update step for `config`.
 
   Args:
@@ -132,6 +136,8 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
     multi_label: whether probe labels are multi-hot (sigmoid) rather than indices (softmax).
     total_steps: schedule length.
     warmup_steps: linear warm-up length.
+    site_metrics: log whether the hardest negatives share the anchor's site (the data must
+      carry more than one site).
   """
   model = build_model(config)
   probe = nn.Dense(num_classes, name="probe") if num_classes > 0 else None
@@ -150,12 +156,16 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
                   "param_norm"]
   if probe is not None:
     metric_names += ["probe_loss"] + ([] if multi_label else ["probe_accuracy"])
+  if site_metrics:
+    metric_names += ["top1_negative_same_site", "same_site_negative_share"]
   update_fn = make_update_fn(model, tx, temperature=config.loss.temperature, probe=probe,
-                             multi_label=multi_label, metrics_cls=make_metrics_cls(metric_names))
+                             multi_label=multi_label, site_metrics=site_metrics,
+                             metrics_cls=make_metrics_cls(metric_names))
   update_fn = jax.jit(update_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(state_shardings, sharding.replicated(mesh)),
                       donate_argnums=(0,))
-  batch_keys = ("views", "label") if probe is not None else ("views",)
+  batch_keys = ("views",) + (("label",) if probe is not None else ()) + (
+      ("site",) if site_metrics else ())
   return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state,
                     state_shardings, update_fn, batch_keys)
 
@@ -172,11 +182,20 @@ def make_dataset(config: ml_collections.ConfigDict, source, local_batch_size: in
 
 def create_setup_for_source(config: ml_collections.ConfigDict, mesh, source, *,
                             total_steps: int, warmup_steps: int) -> TrainSetup:
-  """`create_train_setup` with the online probe on when enabled and the source has labels."""
+  """`create_train_setup` with the online probe on when enabled and the source has labels, and
+  the site diagnostics when the data has several sites."""
   use_probe = config.probe.enabled and source.num_classes > 0
   return create_train_setup(config, mesh, num_classes=source.num_classes if use_probe else 0,
                             multi_label=source.multi_label, total_steps=total_steps,
-                            warmup_steps=warmup_steps)
+                            warmup_steps=warmup_steps, site_metrics=has_sites(source))
+
+
+def has_sites(source) -> bool:
+  """Whether the source's records come from more than one site (hospital, scanner)."""
+  sites = getattr(source, "sites", None)
+  if sites is None:
+    sites = getattr(source, "site_names", ())
+  return len(sites) > 1
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

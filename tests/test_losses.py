@@ -220,3 +220,30 @@ def test_sigmoid_cross_entropy_is_stable_for_large_logits():
   np.testing.assert_allclose(losses.sigmoid_cross_entropy(logits, targets), 200.0, rtol=1e-6)
   with pytest.raises(ValueError, match="same \\(B, C\\) shape"):
     losses.sigmoid_cross_entropy(logits, jnp.ones((1, 3)))
+
+
+def test_site_negative_metrics_match_a_numpy_loop():
+  rng = np.random.default_rng(7)
+  n = 12
+  z1, z2 = rng.normal(size=(n, 5)), rng.normal(size=(n, 5))
+  sites = rng.integers(0, 3, size=n)
+  got = losses.site_negative_metrics(jnp.asarray(z1, jnp.float32), jnp.asarray(z2, jnp.float32),
+                                     jnp.asarray(sites), temperature=0.1)
+  z = np.concatenate([z1, z2])
+  z /= np.linalg.norm(z, axis=1, keepdims=True)
+  all_sites = np.concatenate([sites, sites])
+  hardest_same, shares = [], []
+  for i in range(2 * n):
+    positive = (i + n) % (2 * n)
+    negatives = [j for j in range(2 * n) if j not in (i, positive)]
+    hardest = max(negatives, key=lambda j: z[i] @ z[j])
+    hardest_same.append(all_sites[hardest] == all_sites[i])
+    shares.append(np.mean([all_sites[j] == all_sites[i] for j in negatives]))
+  np.testing.assert_allclose(got["top1_negative_same_site"], np.mean(hardest_same), atol=1e-6)
+  np.testing.assert_allclose(got["same_site_negative_share"], np.mean(shares), atol=1e-6)
+  # An encoder that only knows the site: every hardest negative is from the anchor's site.
+  site_only = np.eye(3)[sites] + 1e-3 * rng.normal(size=(n, 3))
+  site_only_2 = np.eye(3)[sites] + 1e-3 * rng.normal(size=(n, 3))
+  got = losses.site_negative_metrics(jnp.asarray(site_only, jnp.float32),
+                                     jnp.asarray(site_only_2, jnp.float32), jnp.asarray(sites))
+  assert float(got["top1_negative_same_site"]) == 1.0

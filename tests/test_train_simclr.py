@@ -99,6 +99,9 @@ def test_end_to_end_run_resume_export_and_init(tmp_path):
   assert len(losses) == 4 and all(np.isfinite(losses))
   assert any("knn/auc" in r for r in records)
   assert all(r["train/skipped_records"] == 0 for r in records if "train/loss" in r)
+  # The synthetic data has four sites: the step logs whether hardest negatives share the site.
+  assert all(0.0 <= r["train/top1_negative_same_site"] <= 1.0 for r in records
+             if "train/loss" in r)
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["name"] == "R_micro"
