@@ -344,7 +344,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
     print("\n".join([f"{title} pretraining {'preempted' if preempted else 'finished'}:",
                      f"  steps          {step}/{total_steps}",
                      f"  time           {summary['wall_time_s']:.1f} s",
-                     f"  final loss     {last_loss:.4f}",
+                     f"  final loss     {last_loss:.4f}" if step > start_step else
+                     "  final loss     - (no step run: the checkpoint was already at the end)",
                      f"  input wait     {summary['input_wait_ms_per_step']:.1f} ms/step "
                      f"(after the first batch)",
                      f"  skipped bad    {skipped_records} records",

@@ -11,6 +11,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from configs.sweeps import pneumoniamnist, pneumoniamnist_recipes
 from experiments import label_fraction_sweep as sweep
 from remedis_jax import train_finetune
 
@@ -195,3 +196,34 @@ def test_gmml_tiny_vit_inits_use_the_tiny_vit_recipe():
     else:
       assert built.model.name == variant.model.name == "ViT-tiny/4"
       assert built.optimizer.to_dict() == variant.optimizer.to_dict()
+
+
+def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "workdirs" / "simclr_pneumoniamnist" / "checkpoints" / "1500").mkdir(parents=True)
+  # The recipe search: one init per recipe, each with its own keys, scored on validation only.
+  search = sweep.load_config_file("configs/sweeps/pneumoniamnist_recipes.py")
+  runs = sweep.validate(search, check_runs=False)
+  assert len(runs) == len(pneumoniamnist_recipes.RECIPES) * 2
+  for run in runs:
+    built = sweep.build_run_config(search, run)
+    assert tuple(built.test_sets) == ("validation=val",)
+    recipe = pneumoniamnist_recipes.RECIPES[run.init]
+    assert built.encoder_lr_multiplier == recipe.get("encoder_lr_multiplier", 1.0)
+    assert built.encoder_frozen_fraction == recipe.get("encoder_frozen_fraction", 0.0)
+    assert built.finetune_mode == recipe.get("finetune_mode", "full")
+  # The headline sweep: the chosen recipe for the SimCLR init only; scratch keeps the protocol.
+  headline = sweep.load_config_file("configs/sweeps/pneumoniamnist.py")
+  chosen = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
+  runs = sweep.validate(headline, check_runs=False)
+  assert len(runs) == 7 * 3 * 2
+  for run in runs:
+    built = sweep.build_run_config(headline, run)
+    assert tuple(built.test_sets) == ("test",)
+    expected = chosen if run.init == "simclr" else {}
+    assert built.encoder_lr_multiplier == expected.get("encoder_lr_multiplier", 1.0)
+    assert built.finetune_mode == expected.get("finetune_mode", "full")
+  assert set(sweep.load_config_file("configs/sweeps/pneumoniamnist.py:scratch").inits) == {
+      "scratch"}
+  with pytest.raises(ValueError, match="unknown argument 'simclr'"):
+    sweep.load_config_file("configs/sweeps/pneumoniamnist.py:simclr")
