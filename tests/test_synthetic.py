@@ -1,8 +1,8 @@
 """SyntheticCXR: record contract, determinism, fairness (labels independent of site), site
 shift that hurts a one-site model, visible-but-not-trivial findings, patients that differ more
-than sites, the shape renderer against a direct evaluation, speed."""
+than sites, the shape renderer against a direct evaluation. Speed is measured by
+`python -m data_pipelines.sources.synthetic` (a benchmark, not a timed test: the box is shared)."""
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -198,14 +198,3 @@ def test_ellipses_equal_direct_evaluation():
                   else synthetic._soft_ellipse(canvas.x, canvas.y, *spec))
       np.testing.assert_allclose(shape, expected, atol=2e-5)
     assert shapes[-2].sum() > 0.3 * size * size  # the large one covers most of the image
-
-
-def test_speed_64px():
-  source = SyntheticCXR("train", 400, 64)
-  source[0]
-  start = time.perf_counter()
-  for i in range(400):
-    source[i]
-  rate = 400 / (time.perf_counter() - start)
-  # The target is 2000/s on a free core; the CI box is shared, so only a floor is checked.
-  assert rate > 500, rate

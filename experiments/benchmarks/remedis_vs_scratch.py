@@ -74,6 +74,10 @@ macro AUC, mean±std over seeds; scratch 0.672±0.026 at 2%, 0.789±0.005 at 10%
   breaks nearest-neighbour matching in pixel space (top-1 2-4% for crops alone, 19% at area
   0.8-1), so the contrastive task is mostly unsolvable and what it learns (anatomy, not
   findings) is not what the findings need.
+  (All of the above on the SyntheticCXR of commit ad1ce50. A later measurement with
+  experiments/benchmarks/synthetic_separability.py put the raw-pixel correlation of two
+  different patients at the same site at 0.88 for that generator; the generator has since been
+  changed so that patients differ more (0.72), see the README's quickstart section.)
 """
 
 from __future__ import annotations
