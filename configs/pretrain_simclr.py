@@ -153,6 +153,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.knn.bank_size = 32
     config.knn.query_size = 16
     config.knn.batch_size = 16
+    # Off in the smoke runs that many tests share (cluster, GMML, 2 processes); the SimCLR
+    # end-to-end test switches it on.
+    config.linear_probe.enabled = False
     config.linear_probe.train_size = 64
     config.linear_probe.batch_size = 16
     config.log_every_steps = 1

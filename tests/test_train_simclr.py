@@ -90,7 +90,7 @@ def test_nonfinite_gradients_leave_state_unchanged():
 def test_end_to_end_run_resume_export_and_init(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(**{"knn.every_steps": 2, "knn.bank_size": 32, "knn.query_size": 16,
-                          "knn.batch_size": 16})
+                          "knn.batch_size": 16, "linear_probe.enabled": True})
   summary = train_simclr.train_and_evaluate(config, workdir)
   assert summary["steps"] == 4 and not summary["preempted"]
 
@@ -124,7 +124,7 @@ def test_end_to_end_run_resume_export_and_init(tmp_path):
   loaded = initialization.load_init(out, "R_micro")
   jax.tree.map(np.testing.assert_array_equal, loaded.encoder, params["encoder"])
   frozen_lr = tiny_config(**{"model.init": out, "optimizer.learning_rate": 0.0,
-                             "total_steps": 2})
+                             "total_steps": 2, "linear_probe.enabled": True})
   summary = train_simclr.train_and_evaluate(frozen_lr, str(tmp_path / "from_export"))
   assert summary["initialisation"].startswith("export")
   # Same encoder (lr 0), same probe sample: the probe must read the trained parameters.
