@@ -17,6 +17,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     data.preset = "cxr"           # augmentation preset (data_pipelines/presets.py)
     data.num_channels = 3         # grayscale is repeated to 3 channels for BiT
     data.skip_bad_records = False  # True: drop, count and log unreadable records
+    data.max_bad_record_share = 0.1  # ... but stop when more than this share of them is bad
     data.worker_count = 0         # Grain worker processes (0: threads in this process)
     for key, value in overrides.items():
       data[key] = value

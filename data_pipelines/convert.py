@@ -6,10 +6,13 @@ r"""Converts any source into ArrayRecord shards (+ JSON + index) for `source='ar
 Every key of `data_pipelines.sources.default_data_config()` is a flag of the same name
 (per-split keys of the synthetic set, `num_examples` and `sites`, take the value for --split).
 Bad records (BadRecordError) are skipped, counted, listed in <split>.json and printed, unless
---strict. Images are stored as lossless PNG; 16-bit stays 16-bit with --keep_bit_depth.
+--strict. Images are stored as lossless PNG; 16-bit stays 16-bit with --keep_bit_depth. Images
+keep their full resolution (the readers' automatic --decode_size=-1 is not applied here); a
+positive --decode_size stores them reduced to that shorter side.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -86,6 +89,11 @@ def convert(data_config, split: str, out: str, num_shards: int = 1, strict: bool
   """
   from array_record.python.array_record_module import ArrayRecordWriter
 
+  if int(data_config.get("decode_size", 0) or 0) < 0:
+    # Auto reduction is for training reads: a converted corpus keeps its full resolution
+    # unless --decode_size asks for a size.
+    data_config = copy.deepcopy(data_config)
+    data_config["decode_size"] = 0
   source = build_source(data_config, split)
   total = len(source) if not limit else min(limit, len(source))
   if num_shards < 1:

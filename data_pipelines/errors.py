@@ -19,3 +19,18 @@ class BadRecordError(ValueError):
 
   def __reduce__(self):  # Survives pickling across Grain worker processes.
     return (type(self), (self.record, self.reason))
+
+
+class TooManyBadRecordsError(RuntimeError):
+  """More records of a source are bad than `data.max_bad_record_share` allows.
+
+  Raised by the pipeline instead of skipping on and on (a folder whose every file is broken
+  would otherwise spin forever). It names the source, the counts and the last bad record.
+  """
+
+  def __init__(self, message: str):
+    self.message = message
+    super().__init__(message)
+
+  def __reduce__(self):  # Survives pickling across Grain worker processes.
+    return (type(self), (self.message,))

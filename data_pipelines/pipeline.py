@@ -20,7 +20,8 @@ The training graph (Grain's MapDataset / IterDataset API):
 
   source -> shard (this process's records) -> seed -> shuffle -> repeat(num_epochs)
     -> random_map(read + augment)                [threads: read_threads]
-    -> drop bad records, counting them           (only with skip_bad_records=True)
+    -> drop bad records, counting them           (only with skip_bad_records=True;
+                                                  bounded by max_bad_record_share)
     -> batch(batch_size, drop_remainder=True)    [processes: worker_count]
 
 Exact resume: `random_map` seeds each record's `np.random.Generator` from (pipeline seed,
@@ -46,6 +47,13 @@ through shared memory) measured ~8% faster still (~216 images/s), at the price o
 process start and worker memory. Skipped-record counts travel with the elements, so they
 survive worker processes; a bad record read after the last good one of a finite stream is
 logged but not counted (no batch follows it).
+
+Bounded skipping: skipping is for the odd broken file, not for a broken dataset. Once a
+process has read `min(200, shard size)` records, more than `max_bad_record_share` of them bad
+(default 10%; counted per process, or per worker process, since the start of this run) stops
+the run with a `TooManyBadRecordsError` naming the source, the counts and the last bad record;
+a whole pass over the shard without one good record stops it whatever the share limit. Bad
+records are logged one by one up to 10 per process, then every 100th.
 """
 from __future__ import annotations
 
@@ -61,10 +69,16 @@ from data_pipelines import ops as ops_lib
 from data_pipelines import ops_geometric
 from data_pipelines import ops_intensity
 from data_pipelines import ops_masking
-from data_pipelines.errors import BadRecordError
+from data_pipelines.errors import BadRecordError, TooManyBadRecordsError
 
 # Marks a record that failed to read; such elements never reach a batch.
 _BAD_RECORD = "_bad_record"
+# The largest share of bad records a run skips before it stops (config.data.max_bad_record_share).
+DEFAULT_MAX_BAD_RECORD_SHARE = 0.1
+# The share is judged once this many records (or the whole shard, if smaller) were read.
+_MIN_RECORDS_FOR_SHARE = 200
+# Bad records logged one by one per process before only every 100th is.
+_LOGGED_BAD_RECORDS = 10
 # The record's index in the source, added by _IndexedRecordReader (never reaches a batch).
 _SOURCE_INDEX = "_source_index"
 # Ops that end in a fixed spatial size, so records of different sizes batch together.
@@ -86,6 +100,7 @@ class _RecordReader:
     self._source = source
     self._indices = np.asarray(indices, np.int64)
     self._skip_bad_records = skip_bad_records
+    self._bad_seen = 0  # in this process (each worker process has its own copy)
 
   def __len__(self) -> int:
     return len(self._indices)
@@ -97,8 +112,14 @@ class _RecordReader:
     except BadRecordError as error:
       if not self._skip_bad_records:
         raise
-      # Logged where it happens (possibly a worker process) and counted in the batch.
-      logging.warning("Skipping bad record %s: %s", error.record, error.reason)
+      # Logged where it happens (possibly a worker process) and counted in the batch; after
+      # the first few only every 100th, so a broken folder cannot flood the log.
+      self._bad_seen += 1
+      if self._bad_seen <= _LOGGED_BAD_RECORDS or self._bad_seen % 100 == 0:
+        more = ("" if self._bad_seen < _LOGGED_BAD_RECORDS else
+                f" ({self._bad_seen} bad records read by this process so far; from here on "
+                "only every 100th is logged, all are counted)")
+        logging.warning("Skipping bad record %s: %s%s", error.record, error.reason, more)
       return {_BAD_RECORD: f"{error.record}: {error.reason}"}
 
 
@@ -281,22 +302,61 @@ class _EvalTransform:
 
 
 class _DropBadRecordsIterDataset(grain.IterDataset):
-  """Drops bad-record markers; each kept element carries how many were dropped just before it."""
+  """Drops bad-record markers; each kept element carries how many were dropped just before it.
+
+  Stops with a TooManyBadRecordsError when more than `max_share` of the records read are bad
+  (judged after `min(200, num_records)` reads), or after `num_records` bad records in a row.
+  """
+
+  def __init__(self, parent: grain.IterDataset, *, source_name: str, num_records: int,
+               max_share: float):
+    super().__init__(parent)
+    self._source_name = source_name
+    self._num_records = num_records
+    self._max_share = max_share
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _DropBadRecordsIterator(self._parent.__iter__())
+    return _DropBadRecordsIterator(self._parent.__iter__(), source_name=self._source_name,
+                                   num_records=self._num_records, max_share=self._max_share)
 
 
 class _DropBadRecordsIterator(grain.DatasetIterator):
-  """Holds no state between elements, so its state is its parent's (exact resume)."""
+  """Its state is its parent's (exact resume); the bad-share counts restart with the process."""
+
+  def __init__(self, parent: grain.DatasetIterator, *, source_name: str, num_records: int,
+               max_share: float):
+    super().__init__(parent)
+    self._source_name = source_name
+    self._num_records = num_records
+    self._max_share = max_share
+    self._read = self._bad = self._bad_in_a_row = 0
+
+  def _check(self, last_bad: str) -> None:
+    if self._bad_in_a_row >= 2 * self._num_records - 1:  # so a whole pass was bad
+      raise TooManyBadRecordsError(
+          f"{self._source_name}: no readable record in {self._bad_in_a_row} reads in a row "
+          f"(this process's shard has {self._num_records} records); the last: {last_bad}. "
+          "Check data.path / data.root / data.manifest and the files themselves.")
+    if (self._read >= min(_MIN_RECORDS_FOR_SHARE, self._num_records)
+        and self._bad > self._max_share * self._read):
+      raise TooManyBadRecordsError(
+          f"{self._source_name}: {self._bad} of the {self._read} records read so far are bad "
+          f"({self._bad / self._read:.1%}), more than data.max_bad_record_share="
+          f"{self._max_share:g} allows; the last: {last_bad}. Fix or remove the bad files (the "
+          "log names each), or raise data.max_bad_record_share if losing them is acceptable.")
 
   def __next__(self) -> dict[str, Any]:
     skipped = 0
     while True:
       element = next(self._parent)  # StopIteration ends the stream.
+      self._read += 1
       if _BAD_RECORD in element:
         skipped += 1
+        self._bad += 1
+        self._bad_in_a_row += 1
+        self._check(element[_BAD_RECORD])
         continue
+      self._bad_in_a_row = 0
       element["skipped_records"] = np.int32(skipped)
       return element
 
@@ -305,6 +365,20 @@ class _DropBadRecordsIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state)
+
+
+def _check_not_empty(source: Any) -> None:
+  if len(source) == 0:
+    name = getattr(source, "name", type(source).__name__)
+    raise ValueError(f"source {name} has no records (an empty manifest, split or subset?)")
+
+
+def _check_max_bad_share(max_bad_record_share: float) -> float:
+  share = float(max_bad_record_share)
+  if not 0.0 <= share <= 1.0:
+    raise ValueError("max_bad_record_share (config.data.max_bad_record_share) must be in "
+                     f"[0, 1]; got {max_bad_record_share}")
+  return share
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -333,12 +407,15 @@ def _make_augmented_dataset(source: Any, augment: Any, *, batch_size: int, seed:
                             shard_index: int | None, shard_count: int | None,
                             num_epochs: int | None, skip_bad_records: bool, worker_count: int,
                             read_threads: int, prefetch_buffer_size: int,
+                            max_bad_record_share: float = DEFAULT_MAX_BAD_RECORD_SHARE,
                             reader_type: type[_RecordReader] = _RecordReader,
                             batch_transform: Any = None) -> grain.IterDataset:
   if batch_size <= 0:
     raise ValueError(f"batch_size (per process) must be positive; got {batch_size}")
   if num_epochs is not None and num_epochs <= 0:
     raise ValueError(f"num_epochs must be positive or None (repeat forever); got {num_epochs}")
+  max_bad_record_share = _check_max_bad_share(max_bad_record_share)
+  _check_not_empty(source)
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
   indices = shard_indices(len(source), shard_index, shard_count, equal_shards=True)
   dataset = (grain.MapDataset.source(reader_type(source, indices, skip_bad_records))
@@ -348,7 +425,9 @@ def _make_augmented_dataset(source: Any, augment: Any, *, batch_size: int, seed:
              .random_map(augment))
   dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
-  dataset = _DropBadRecordsIterDataset(dataset)
+  dataset = _DropBadRecordsIterDataset(
+      dataset, source_name=str(getattr(source, "name", type(source).__name__)),
+      num_records=len(indices), max_share=max_bad_record_share)
   dataset = dataset.batch(batch_size, drop_remainder=True)
   if batch_transform is not None:
     # Before mp_prefetch, so batch-level work (GMML's other-image fill) runs in the workers.
@@ -365,7 +444,8 @@ def make_pretrain_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib
                           shard_count: int | None = None, num_epochs: int | None = None,
                           num_channels: int = 3, skip_bad_records: bool = False,
                           worker_count: int = 0, read_threads: int = 2,
-                          prefetch_buffer_size: int = 64) -> grain.IterDataset:
+                          prefetch_buffer_size: int = 64,
+    max_bad_record_share: float = DEFAULT_MAX_BAD_RECORD_SHARE) -> grain.IterDataset:
   """The contrastive pretraining pipeline: `num_views` augmented views of every record.
 
   Args:
@@ -382,10 +462,12 @@ def make_pretrain_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib
     num_channels: 3 repeats grayscale to RGB (BiT weights expect RGB); 1 keeps one channel.
     skip_bad_records: False: a BadRecordError from the source propagates (it names the record
       and the reason). True: the record is dropped, logged with its reason, and counted in the
-      batch's `skipped_records`.
+      batch's `skipped_records`, up to `max_bad_record_share`.
     worker_count: Grain worker processes (0: augment in reader threads of this process).
     read_threads: threads reading and augmenting records in each process.
     prefetch_buffer_size: records prepared ahead per process.
+    max_bad_record_share: with skip_bad_records, the largest share of bad records read before
+      the pipeline stops with a TooManyBadRecordsError (see the module docstring).
 
   Returns:
     A Grain IterDataset; `iter()` gives a checkpointable iterator of dicts with `views` uint8
@@ -402,7 +484,8 @@ def make_pretrain_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib
       source, _AugmentViews(ops, num_views, num_channels), batch_size=batch_size, seed=seed,
       shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
       skip_bad_records=skip_bad_records, worker_count=worker_count, read_threads=read_threads,
-      prefetch_buffer_size=prefetch_buffer_size)
+      prefetch_buffer_size=prefetch_buffer_size,
+      max_bad_record_share=max_bad_record_share)
 
 
 def _check_labeled_indices(labeled_indices: Any, num_records: int) -> np.ndarray:
@@ -429,7 +512,8 @@ def make_multicrop_dataset(source: Any, *, batch_size: int,
                            num_epochs: int | None = None, num_channels: int = 3,
                            skip_bad_records: bool = False, worker_count: int = 0,
                            read_threads: int = 2,
-                           prefetch_buffer_size: int = 64) -> grain.IterDataset:
+                           prefetch_buffer_size: int = 64,
+    max_bad_record_share: float = DEFAULT_MAX_BAD_RECORD_SHARE) -> grain.IterDataset:
   """The multi-crop pretraining pipeline (SwAV; Ghesu et al. 2022): global + local views.
 
   Same graph, sharding, shuffle, per-record seeding, bad-record counting and checkpointable
@@ -494,14 +578,16 @@ def make_multicrop_dataset(source: Any, *, batch_size: int,
       source, augment, batch_size=batch_size, seed=seed, shard_index=shard_index,
       shard_count=shard_count, num_epochs=num_epochs, skip_bad_records=skip_bad_records,
       worker_count=worker_count, read_threads=read_threads,
-      prefetch_buffer_size=prefetch_buffer_size, reader_type=_IndexedRecordReader)
+      prefetch_buffer_size=prefetch_buffer_size,
+      max_bad_record_share=max_bad_record_share, reader_type=_IndexedRecordReader)
 
 
 def make_train_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op] | str,
                        seed: int, shard_index: int | None = None, shard_count: int | None = None,
                        num_epochs: int | None = None, num_channels: int = 3,
                        skip_bad_records: bool = False, worker_count: int = 0,
-                       read_threads: int = 2, prefetch_buffer_size: int = 64) -> grain.IterDataset:
+                       read_threads: int = 2, prefetch_buffer_size: int = 64,
+    max_bad_record_share: float = DEFAULT_MAX_BAD_RECORD_SHARE) -> grain.IterDataset:
   """The supervised fine-tuning pipeline: one augmented view per record.
 
   Args: as `make_pretrain_dataset`, without num_views.
@@ -518,7 +604,73 @@ def make_train_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op
       source, _AugmentOne(ops, num_channels), batch_size=batch_size, seed=seed,
       shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
       skip_bad_records=skip_bad_records, worker_count=worker_count, read_threads=read_threads,
-      prefetch_buffer_size=prefetch_buffer_size)
+      prefetch_buffer_size=prefetch_buffer_size,
+      max_bad_record_share=max_bad_record_share)
+
+
+def check_records(source: Any, *, skip_bad_records: bool = False,
+                  max_bad_record_share: float = DEFAULT_MAX_BAD_RECORD_SHARE,
+                  threads: int = 4) -> Any:
+  """Reads every record of an evaluation source once, before any training time is spent.
+
+  Evaluation never skips records on the fly (every record must count, and every process must
+  see the same batches), so a bad file in a validation split used to stop the run at its first
+  validation. Checking up front moves that failure to the start, or, with skip_bad_records,
+  leaves the bad records out under the same policy as training.
+
+  Args:
+    source: random-access source.
+    skip_bad_records: False: a bad record is an error naming it (and how many are bad). True:
+      the bad records are logged, counted and left out.
+    max_bad_record_share: with skip_bad_records, more bad records than this share is an error.
+    threads: records read in parallel (decoding releases the GIL).
+
+  Returns:
+    `source` itself when every record reads, else a view without the bad ones (its
+    `skipped` lists them as (record, reason)).
+
+  Raises:
+    BadRecordError: a bad record without skip_bad_records.
+    TooManyBadRecordsError: more bad records than max_bad_record_share.
+  """
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  from data_pipelines.sources.base import IndexView  # pylint: disable=g-import-not-at-top
+  max_bad_record_share = _check_max_bad_share(max_bad_record_share)
+
+  def read(index: int) -> BadRecordError | None:
+    try:
+      source[index]
+    except BadRecordError as error:
+      return error
+    return None
+
+  with futures.ThreadPoolExecutor(max(1, threads)) as executor:
+    errors = list(executor.map(read, range(len(source))))
+  bad = [i for i, error in enumerate(errors) if error is not None]
+  if not bad:
+    return source
+  name = str(getattr(source, "name", type(source).__name__))
+  first = errors[bad[0]]
+  if not skip_bad_records:
+    raise BadRecordError(first.record, f"{first.reason} ({len(bad)} of the {len(source)} "
+                         f"records of {name} are bad; found before training by checking the "
+                         "evaluation split; fix them, or set data.skip_bad_records=True to "
+                         "leave them out)")
+  if len(bad) > max_bad_record_share * len(source):
+    raise TooManyBadRecordsError(
+        f"{name}: {len(bad)} of its {len(source)} records are bad ({len(bad) / len(source):.1%}),"
+        f" more than data.max_bad_record_share={max_bad_record_share:g} allows; the first: "
+        f"{first.record}: {first.reason}.")
+  for i in bad[:_LOGGED_BAD_RECORDS]:
+    logging.warning("Leaving bad record %s out of %s: %s", errors[i].record, name,
+                    errors[i].reason)
+  logging.warning("%s: %d of %d records are bad and left out of evaluation.", name, len(bad),
+                  len(source))
+  good = np.setdiff1d(np.arange(len(source)), bad)
+  view = IndexView(source, good, name=name)
+  view.skipped = list(getattr(source, "skipped", [])) + [
+      (errors[i].record, errors[i].reason) for i in bad]
+  return view
 
 
 def num_eval_batches(num_records: int, batch_size: int, shard_count: int) -> int:
@@ -555,6 +707,7 @@ def make_eval_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op]
   if batch_size <= 0:
     raise ValueError(f"batch_size (per process) must be positive; got {batch_size}")
   ops = _check_ops(ops, "make_eval_dataset")
+  _check_not_empty(source)
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
   indices = shard_indices(len(source), shard_index, shard_count, equal_shards=False)
   padded_length = num_eval_batches(len(source), batch_size, shard_count) * batch_size
@@ -641,7 +794,8 @@ def make_gmml_dataset(source: Any, *, batch_size: int, clean_ops: Sequence[ops_l
                       shard_count: int | None = None, num_epochs: int | None = None,
                       num_channels: int = 3, skip_bad_records: bool = False,
                       worker_count: int = 0, read_threads: int = 2,
-                      prefetch_buffer_size: int = 64) -> grain.IterDataset:
+                      prefetch_buffer_size: int = 64,
+    max_bad_record_share: float = DEFAULT_MAX_BAD_RECORD_SHARE) -> grain.IterDataset:
   """The GMML pretraining pipeline: a clean view, and the same view corrupted by group masking.
 
   Per record: `clean_ops` (geometry + light intensity changes) give the clean view, the
@@ -702,4 +856,5 @@ def make_gmml_dataset(source: Any, *, batch_size: int, clean_ops: Sequence[ops_l
       batch_size=batch_size, seed=seed, shard_index=shard_index, shard_count=shard_count,
       num_epochs=num_epochs, skip_bad_records=skip_bad_records, worker_count=worker_count,
       read_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size,
+      max_bad_record_share=max_bad_record_share,
       batch_transform=_FillFromOtherImages(patch_size))

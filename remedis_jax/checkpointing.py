@@ -7,20 +7,35 @@ Layout of a workdir:
 Orbax writes every checkpoint into a temporary folder and renames it when all processes have
 finished, so a crash or preemption during a save never corrupts the last good checkpoint: the
 half-written folder is not a valid step and is ignored (and cleaned) on the next start.
+
+A finished checkpoint can still be damaged later (a file lost or cut short on disk). Resuming
+then falls back, with a warning, to the newest step that can be read, and the damaged step
+folder is moved aside to `<step>.damaged-<time>` (kept for inspection, never deleted; Orbax
+ignores it), so that the run can save that step number again when it gets there. When no step
+can be read the run stops with an error naming the folder and every step tried: it never
+starts from scratch over existing checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 from typing import Any, Mapping
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINT_SUBDIR = "checkpoints"
+DAMAGED_MARKER = ".damaged-"
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """Every checkpoint step of a run exists but none can be read."""
 
 
 def make_manager(
@@ -50,16 +65,30 @@ def make_manager(
   item_handlers = {"state": ocp.StandardCheckpointHandler()}
   if with_data:
     item_handlers["data"] = grain.checkpoint.CheckpointHandler()
+    item_handlers["counters"] = ocp.JsonCheckpointHandler()
   return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator=None,
-         *, force: bool = False) -> bool:
-  """Saves `state` (and the iterator position) at `step`; returns whether a save started."""
+         *, counters: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+  """Saves `state` (and the iterator position) at `step`; returns whether a save started.
+
+  `counters`: small JSON run totals that must survive a resume (e.g. skipped bad records).
+  """
   items = {"state": ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  if counters is not None:
+    items["counters"] = ocp.args.JsonSave(dict(counters))
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def read_counters(manager: ocp.CheckpointManager, step: int | None) -> dict[str, Any]:
+  """The run totals saved with `step` ({} for none, or a checkpoint from before they existed)."""
+  if step is None or "counters" not in manager.item_metadata(step):
+    return {}
+  restored = manager.restore(step, args=ocp.args.Composite(counters=ocp.args.JsonRestore()))
+  return dict(restored["counters"] or {})
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
@@ -107,32 +136,144 @@ def check_compatible(saved: Any, expected: Any, *, what: str) -> None:
   raise ValueError("\n".join(lines))
 
 
+def _describe(error: BaseException) -> str:
+  """One line for a log: the root cause's type and message, without TensorStore's spec dump.
+
+  Orbax wraps TensorStore's error ("Truncated Zstd-compressed stream", "NOT_FOUND ... local
+  file ...") in an Exception whose own message is a spec dump, so the innermost cause is shown.
+  """
+  for _ in range(10):
+    cause = error.__cause__ or error.__context__
+    if cause is None:
+      break
+    error = cause
+  text = re.sub(r"\s*\[(tensorstore_spec|source locations)='.*?'\]", "", str(error))
+  text = " ".join(text.split())
+  return f"{type(error).__name__}: {text[:500]}{' ...' if len(text) > 500 else ''}"
+
+
+def _all_processes_ok(ok: bool) -> bool:
+  """True when `ok` on every process: all processes fall back to the same step together."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+class _Damaged(Exception):
+  """Wraps whatever Orbax / TensorStore raised for a step that cannot be read."""
+
+  def __init__(self, error: BaseException):
+    super().__init__(_describe(error))
+    self.error = error
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                  data_iterator) -> Any:
+  """Restores one step (state and iterator together); a mismatched model raises ValueError."""
+  try:
+    metadata = manager.item_metadata(step)
+    saved_state = metadata["state"] if isinstance(metadata, Mapping) else metadata.state
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Damaged(e) from e
+  if saved_state is not None:  # Outside the try: a different model is not a damaged checkpoint.
+    check_compatible(saved_state, abstract_state, what=f"checkpoint {manager.directory}/{step}")
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    # The iterator position of the same step: restored in one call with the state, and a step
+    # whose iterator file is unreadable is damaged as a whole. A failed attempt may have moved
+    # the iterator; the successful one sets its whole state again.
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Damaged(e) from e
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int) -> str | None:
+  """Renames the step's folder to `<step>.damaged-<time>`; returns the new path (or None).
+
+  The folder is kept (for inspection or a manual restore), Orbax no longer lists it as a step,
+  and the run can save this step number again. Process 0 renames; every process then re-reads
+  the step list.
+  """
+  source = epath.Path(manager.directory) / str(step)
+  name = f"{step}{DAMAGED_MARKER}{time.strftime('%Y%m%d-%H%M%S')}"
+  target = epath.Path(manager.directory) / name
+  for suffix in range(1, 100):
+    if not target.exists():
+      break
+    target = epath.Path(manager.directory) / f"{name}-{suffix}"
+  moved = None
+  if jax.process_index() == 0:
+    try:
+      source.rename(target)
+      moved = str(target)
+      logging.warning("Moved the damaged checkpoint %s aside to %s (kept, not deleted)",
+                      source, target)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("Could not move the damaged checkpoint %s aside (%s): move or delete it "
+                    "before the run saves step %d again", source, _describe(e), step)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"remedis_move_aside_{step}")
+  manager.reload()
+  return moved
+
+
 def restore_latest(
     manager: ocp.CheckpointManager,
     abstract_state: Any,
     data_iterator=None,
 ) -> tuple[Any, int] | None:
-  """Restores the newest checkpoint onto `abstract_state` (with shardings), or returns None.
+  """Restores the newest readable checkpoint onto `abstract_state` (with shardings).
 
-  The Grain iterator (if given) is restored in place to the saved position.
+  Steps are tried newest first. A step that cannot be read (a missing, truncated or corrupt
+  file: TensorStore, Orbax or Grain errors) is logged as a warning naming its folder and the
+  error, and the next newest is tried; once one is restored the damaged newer steps are moved
+  aside (`move_aside`) so that training can save their step numbers again. The Grain iterator
+  (if given) is restored in place to the position saved with the same step.
+
+  Returns:
+    (state, step), or None when the manager has no checkpoint at all.
 
   Raises:
     ValueError: the checkpoint's parameter names or shapes differ from the model's.
+    UnreadableCheckpointError: checkpoints exist but none can be read (nothing is moved or
+      deleted then: the cause may be the environment rather than the files).
   """
-  step = manager.latest_step()
-  if step is None:
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return None
-  metadata = manager.item_metadata(step)
-  saved_state = metadata["state"] if isinstance(metadata, Mapping) else metadata.state
-  if saved_state is not None:
-    check_compatible(saved_state, abstract_state,
-                     what=f"checkpoint {manager.directory}/{step}")
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
-  logging.info("Restored checkpoint %s/%d", manager.directory, step)
-  return restored["state"], step
+  failures = []
+  for step in steps:
+    try:
+      state = _restore_step(manager, step, abstract_state, data_iterator)
+      error = None
+    except _Damaged as damaged:
+      state, error = None, damaged
+    if not _all_processes_ok(error is None):
+      why = str(error) if error is not None else "unreadable on another process"
+      failures.append((step, why))
+      logging.warning("Checkpoint %s/%d cannot be read (%s); trying the next newest step",
+                      manager.directory, step, why)
+      continue
+    for damaged_step, _ in failures:
+      move_aside(manager, damaged_step)
+    if failures:
+      logging.warning("Resumed from checkpoint %s/%d, the newest readable one; damaged newer "
+                      "steps: %s", manager.directory, step,
+                      ", ".join(str(s) for s, _ in failures))
+    else:
+      logging.info("Restored checkpoint %s/%d", manager.directory, step)
+    return state, step
+  raise UnreadableCheckpointError(
+      f"no checkpoint in {manager.directory} can be read; tried steps "
+      f"{', '.join(str(s) for s in steps)} (newest first):\n"
+      + "\n".join(f"  step {s}: {why}" for s, why in failures)
+      + "\nNothing was moved or deleted. Check that the files are intact and readable (disk, "
+      "permissions, the same library versions); to start over instead, use a fresh --workdir "
+      "or move the checkpoints folder away.")
 
 
 def load_params(path: str) -> tuple[dict[str, Any], int]:

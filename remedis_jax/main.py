@@ -10,6 +10,9 @@ Multi-process runs outside TPU pods / SLURM add --coordinator_address, --num_pro
 import importlib
 import logging as std_logging
 import os
+import re
+import sys
+from typing import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -40,6 +43,65 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def _error_text(error: BaseException) -> str:
+  """The message of a (possibly nested) KeyError, without the repr quoting of KeyError.__str__.
+
+  ml_collections raises AttributeError(KeyError("'key'\\nDid you mean ...")) for an unknown
+  key, whose str() shows escaped quotes and a literal backslash-n.
+  """
+  while (isinstance(error, (AttributeError, KeyError)) and len(error.args) == 1
+         and isinstance(error.args[0], BaseException)):
+    error = error.args[0]
+  if len(error.args) == 1 and isinstance(error.args[0], str):
+    return error.args[0]
+  return str(error)
+
+
+def config_key_error(error: BaseException, argv: Sequence[str]) -> str | None:
+  """A readable message for an unknown key in a --config.<path> override, or None.
+
+  Args:
+    error: what parsing the flags raised.
+    argv: the command line.
+
+  Returns:
+    E.g. "--config.data.skip_bad_recrods=True: the config has no key 'skip_bad_recrods'. Did
+    you mean --config.data.skip_bad_records?"; None when the error is not about an override
+    (then the caller lets it propagate with its traceback).
+  """
+  text = _error_text(error)
+  first, _, rest = text.partition("\n")
+  key = first.strip().strip("'\"")
+  overrides = [arg for arg in argv if arg.startswith("--config.")]
+  for arg in overrides:
+    path = arg[len("--"):].split("=", 1)[0].split(".")[1:]
+    if key in path:
+      break
+    if "Attempting to lookup: " + ".".join(path) in text:  # e.g. a field of an int.
+      return f"{arg}: {first.strip()}"
+  else:
+    return None
+  message = f"{arg}: the config has no key {key!r}"
+  match = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', rest)
+  if match and match.group(2) == key:
+    path[path.index(key)] = match.group(1)
+    return f"{message}. Did you mean --config.{'.'.join(path)}?"
+  return message + " (see the config file for its keys)"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a readable message for a mistyped --config.<key> override."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:
+    message = config_key_error(error, argv)
+    if message is None:
+      raise
+    sys.stderr.write(f"FATAL Flags parsing error: {message}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -55,4 +117,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -29,8 +29,8 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview, periodic_actions
 
 from data_pipelines import sources as data_sources
-from remedis_jax import checkpointing, export, initialization, models, optimizers
-from remedis_jax import preemption, sharding, writers
+from remedis_jax import checkpointing, export, initialization, loop, models, optimizers
+from remedis_jax import preemption, sharding, workdir_lock, writers
 from remedis_jax.evaluators import knn as knn_evaluator
 from remedis_jax.evaluators import linear_probe
 
@@ -176,10 +176,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
 
   Returns:
     {steps, total_steps, preempted, final_loss, skipped_records, input_wait_ms_per_step,
-     first_batch_s, wall_time_s, checkpoint, initialisation}.
+     first_batch_s, wall_time_s, checkpoint, initialisation, divergence_warnings, ...}.
+
+  Raises:
+    workdir_lock.WorkdirInUseError: another live run holds the workdir.
   """
-  start_time = time.time()
   workdir = os.path.abspath(workdir)
+  with workdir_lock.WorkdirLock(workdir):
+    return _run(config, workdir, title=title, make_dataset=make_dataset,
+                create_setup=create_setup, dataset=dataset)
+
+
+def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
+  start_time = time.time()
   write_run_config(config, workdir)
   writer = writers.create_writer(workdir)
   writer.write_hparams(writers.flatten_config(config.to_dict()))
@@ -196,7 +205,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
   local_batch_size = config.batch_size // jax.process_count()
 
   # ---- data
-  source = data_sources.build_source(config.data, config.data.get("pretrain_split", "train"))
+  source = data_sources.build_source(config.data, config.data.get("pretrain_split", "train"),
+                                     labels_optional=True)
   if dataset is None:
     dataset = make_dataset(config, source, local_batch_size)
   data_iterator = iter(dataset)
@@ -223,18 +233,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
   # ---- evaluators
   knn = None
   if config.knn.every_steps > 0:
-    knn = knn_evaluator.KnnEvaluator.from_config(config, setup.model, mesh)
+    knn = knn_evaluator.KnnEvaluator.from_config(config, setup.model, mesh)  # None: no labels
 
   # ---- loop
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
   progress_bar = writers.ProgressBar(total_steps, initial_step=start_step)
   watcher = preemption.PreemptionWatcher(manager)
+  run_ahead = loop.RunAhead(max_in_flight=2)
+  divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
   window_metrics = []  # per-step metric collections of the current logging window
   input_wait = 0.0
   # Run totals for the summary; the first batch (pipeline and worker start-up) is kept apart.
   run_input_wait, run_waited_steps, first_batch_wait = 0.0, 0, None
-  skipped_records = 0
+  # Run totals continue across resumes (saved with every checkpoint).
+  skipped_records = int(checkpointing.read_counters(manager, start_step or None).get(
+      "skipped_records", 0))
   window_start, window_steps = time.monotonic(), 0
   step = start_step
   last_loss = float("nan")
@@ -249,7 +263,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
       writer.write_scalars(0, setup.monitor.run(state.params, 0))
     while step < total_steps:
       wait_start = time.monotonic()
-      host_batch = next(data_iterator)
+      host_batch, position = loop.next_batch(data_iterator, watcher)
+      if host_batch is None:  # SIGTERM while waiting for input
+        preempted = True
+        loop.save_at_interrupt(manager, step, state, position,
+                               {"skipped_records": skipped_records})
+        break
       waited = time.monotonic() - wait_start
       input_wait += waited
       if first_batch_wait is None:
@@ -261,6 +280,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
       batch = sharding.shard_host_batch({k: host_batch[k] for k in setup.batch_keys},
                                         batch_sharding)
       state, step_metrics = update_fn(state, batch)
+      run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
       step += 1
       window_steps += 1
       window_metrics.append(step_metrics)
@@ -278,8 +298,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
         values["train/input_wait_fraction"] = input_wait / max(elapsed, 1e-9)
         values["train/skipped_records"] = float(skipped_records)
         values["train/images_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
+        values["train/param_norm"] = float(loop.param_norm(state.params))
         writer.write_scalars(step, values)
         last_loss = values["train/loss"]
+        divergence.update(step, last_loss, values["train/param_norm"])
         progress_bar.set_postfix(f"loss {last_loss:.4f}")
         if values["train/nonfinite_steps"] > 0:
           raise FloatingPointError(
@@ -299,7 +321,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
         writer.write_scalars(step, setup.monitor.run(state.params, step))
 
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last)
+        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last,
+                           counters={"skipped_records": skipped_records})
       if preempted:
         logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
         break
@@ -337,6 +360,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
       "initialisation": init_description,
       "linear_probe_auc": probe_values.get("linear_probe/auc"),
       "linear_probe_random_encoder_auc": probe_values.get("linear_probe/random_encoder_auc"),
+      "divergence_warnings": divergence.warnings,
   }
   manager.close()
   if jax.process_index() == 0:
@@ -348,7 +372,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
                      "  final loss     - (no step run: the checkpoint was already at the end)",
                      f"  input wait     {summary['input_wait_ms_per_step']:.1f} ms/step "
                      f"(after the first batch)",
-                     f"  skipped bad    {skipped_records} records",
+                     f"  skipped bad    {skipped_records} records (in the batches trained on, "
+                     "resumes included)",
+                     *[f"  WARNING        {w}" for w in divergence.warnings],
                      *([f"  linear probe   validation macro AUC "
                         f"{probe_values['linear_probe/auc']:.3f} (random encoder "
                         f"{probe_values['linear_probe/random_encoder_auc']:.3f})"]

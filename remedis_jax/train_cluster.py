@@ -306,6 +306,7 @@ def make_dataset(config: ml_collections.ConfigDict, source, local_batch_size: in
       num_global=2, num_local=config.multicrop.num_local, seed=config.seed,
       labeled_indices=labeled_indices(config, source) if hybrid else None,
       num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
+      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
       worker_count=config.data.get("worker_count", 0))
 
 

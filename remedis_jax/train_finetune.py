@@ -32,6 +32,7 @@ WORKDIR/results.json (what sweeps read), schema "remedis-jax-finetune-results/1"
   config            {variant, recipe, seed, finetune_mode, label_fraction, label_fraction_seed,
                      init, from_head_layer, model, data_source, task}
   initialisation    how the encoder was initialised (text)
+  divergence_warnings  the loss or parameter norm blew up while finite (texts; [] normally)
   num_train_labels  labeled training records used (after the label fraction)
   subset_manifest   "subset_manifest.json" (ids of the records used, class counts)
   task              {multi_label, num_classes, class_names}
@@ -55,7 +56,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
@@ -71,7 +72,7 @@ from data_pipelines import pipeline, presets
 from data_pipelines import sources as data_sources
 from data_pipelines import subset as subset_lib
 from remedis_jax import checkpointing, initialization, losses, models, optimizers
-from remedis_jax import preemption, sharding, writers
+from remedis_jax import loop, preemption, sharding, workdir_lock, writers
 from remedis_jax.evaluators import classification, robustness
 from remedis_jax.train_simclr import DTYPES, normalize_images, put_host_tree, write_run_config
 
@@ -189,6 +190,25 @@ def build_test_source(config, test_set: TestSet):
   if test_set.sites:
     data["sites"] = dict(data["sites"], **{test_set.split: test_set.sites})
   return data_sources.build_source(data, test_set.split)
+
+
+def build_eval_sources(config, test_sets: Sequence[TestSet]):
+  """(validation source, {test set name: source}), each checked record by record up front.
+
+  A bad record in an evaluation split used to stop the run at the first validation (or at the
+  test after all training), after the time was spent. With `config.data.check_eval_splits`
+  (default on) every evaluation record is read once before training: a bad one is an error
+  naming it, or, with `data.skip_bad_records`, left out and counted under
+  `data.max_bad_record_share` (`data_pipelines.pipeline.check_records`).
+  """
+  def checked(source):
+    if not config.data.get("check_eval_splits", True):
+      return source
+    return pipeline.check_records(
+        source, skip_bad_records=config.data.skip_bad_records,
+        max_bad_record_share=config.data.get("max_bad_record_share", 0.1))
+  val_source = checked(data_sources.build_source(config.data, config.data.val_split))
+  return val_source, {t.name: checked(build_test_source(config, t)) for t in test_sets}
 
 
 def class_weights_from_config(spec: str, labels: np.ndarray, num_classes: int,
@@ -573,6 +593,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises:
     ValueError / FileNotFoundError: a bad config (before anything is built).
     FloatingPointError: non-finite loss or gradients.
+    workdir_lock.WorkdirInUseError: another live run holds the workdir.
   """
   start_time = time.time()
   test_sets = check_config(config)
@@ -582,6 +603,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("%s/%s exists: the run is finished; returning its results.", workdir,
                  RESULTS_FILE)
     return finished
+  with workdir_lock.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, start_time=start_time, test_sets=test_sets)
+
+
+def _train_and_evaluate(config, workdir, *, start_time, test_sets):
   write_run_config(config, workdir)
   writer = writers.create_writer(workdir)
   writer.write_hparams(writers.flatten_config(config.to_dict()))
@@ -617,6 +643,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dataset = pipeline.make_train_dataset(
       train_source, batch_size=local_batch_size, ops=train_ops, seed=config.seed,
       num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
+      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
       worker_count=config.data.get("worker_count", 0))
   data_iterator = iter(dataset)
   total_steps, warmup_steps, steps_per_epoch = schedule_from_config(config, len(train_source))
@@ -633,9 +660,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   evaluator_kwargs = dict(ops=eval_ops, batch_size=config.eval_batch_size, mesh=mesh,
                           num_channels=config.data.num_channels, num_bins=config.ece_bins)
-  val_evaluator = classification.ClassificationEvaluator(
-      setup.predict_fn, data_sources.build_source(config.data, config.data.val_split),
-      **evaluator_kwargs)
+  val_source, test_sources = build_eval_sources(config, test_sets)
+  val_evaluator = classification.ClassificationEvaluator(setup.predict_fn, val_source,
+                                                         **evaluator_kwargs)
 
   # ---- restore: own checkpoint -> config.model.init -> scratch
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
@@ -688,18 +715,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
   progress_bar = writers.ProgressBar(total_steps, initial_step=start_step)
   watcher = preemption.PreemptionWatcher(manager)
+  run_ahead = loop.RunAhead(max_in_flight=2)
+  divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
   train_metrics = None
-  skipped_records = 0
+  # Run totals continue across resumes (saved with every checkpoint).
+  skipped_records = int(checkpointing.read_counters(manager, start_step or None).get(
+      "skipped_records", 0))
   window_start, window_steps = time.monotonic(), 0
   step = start_step
   preempted = False
   try:
     while step < total_steps:
-      host_batch = next(data_iterator)
+      host_batch, position = loop.next_batch(data_iterator, watcher)
+      if host_batch is None:  # SIGTERM while waiting for input
+        preempted = True
+        loop.save_at_interrupt(manager, step, state, position,
+                               {"skipped_records": skipped_records})
+        break
       skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
       batch = sharding.shard_host_batch({k: host_batch[k] for k in ("image", "label")},
                                         batch_sharding)
       state, step_metrics = setup.update_fn(state, batch)
+      run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
       step += 1
       window_steps += 1
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
@@ -714,7 +751,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         values["train/learning_rate"] = float(setup.schedule(step - 1))
         values["train/images_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
         values["train/skipped_records"] = float(skipped_records)
+        values["train/param_norm"] = float(loop.param_norm(state.params))
         writer.write_scalars(step, values)
+        divergence.update(step, values["train/loss"], values["train/param_norm"])
         progress_bar.set_postfix(f"loss {values['train/loss']:.4f}")
         if values["train/nonfinite_steps"] > 0:
           raise FloatingPointError(
@@ -729,7 +768,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           validate(step)
 
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last)
+        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last,
+                           counters={"skipped_records": skipped_records})
       if preempted:
         logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
         break
@@ -758,7 +798,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   test_results, robust_results = {}, {}
   for test_set in test_sets:
     evaluator = classification.ClassificationEvaluator(
-        setup.predict_fn, build_test_source(config, test_set), **evaluator_kwargs)
+        setup.predict_fn, test_sources[test_set.name], **evaluator_kwargs)
     labels, probs = evaluator.predict(params)
     metrics = evaluator.metrics(labels, probs, thresholds)
     roc_file = os.path.join(ROC_DIR, f"{test_set.name}.json")
@@ -791,6 +831,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "model": config.model.name, "data_source": config.data.source,
                  "task": config.data.get("task")},
       "initialisation": init_description,
+      "divergence_warnings": divergence.warnings,
       "num_train_labels": len(train_source),
       "subset_manifest": SUBSET_MANIFEST_FILE,
       "task": {"multi_label": multi_label, "num_classes": num_classes,

@@ -28,6 +28,7 @@ Entry point: `python -m remedis_jax.main --config=configs/pretrain_gmml.py:tiny 
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -325,6 +326,7 @@ def make_dataset(config: ml_collections.ConfigDict, source, local_batch_size: in
   return pipeline.make_gmml_dataset(
       source, batch_size=local_batch_size, seed=config.seed,
       skip_bad_records=config.data.skip_bad_records,
+      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
       worker_count=config.data.get("worker_count", 0), **gmml_dataset_kwargs(config))
 
 
@@ -345,7 +347,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     del source  # GMML reads no labels
     monitor_source = None
     if config.gmml.monitor_every_steps > 0:
-      monitor_source = sources.build_source(config.data, config.gmml.monitor_split)
+      try:
+        monitor_source = sources.build_source(config.data, config.gmml.monitor_split,
+                                              labels_optional=True)
+      except ValueError as error:  # e.g. a folder manifest without splits
+        logging.info("Held-out reconstruction monitor off: no %r split (%s).",
+                     config.gmml.monitor_split, error)
     setup = create_train_setup(config, mesh, total_steps=total_steps,
                                warmup_steps=warmup_steps, monitor_source=monitor_source)
     if setup.monitor is not None:

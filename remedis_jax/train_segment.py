@@ -34,6 +34,7 @@ WORKDIR/results.json, schema "remedis-jax-segment-results/1":
   config            {variant, seed, label_fraction, label_fraction_seed, init, model,
                      freeze_encoder, data_source, dice_weight, threshold}
   initialisation    how the encoder was initialised (text)
+  divergence_warnings  the loss or parameter norm blew up while finite (texts; [] normally)
   num_train_masks   training records (masks) used after the label fraction
   subset_manifest   "subset_manifest.json"
   best              {metric: "dice", split, step, value}
@@ -64,12 +65,12 @@ from clu import parameter_overview, periodic_actions
 from data_pipelines import pipeline, presets
 from data_pipelines import sources as data_sources
 from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, initialization, models, optimizers, preemption
-from remedis_jax import sharding, writers
+from remedis_jax import checkpointing, initialization, loop, models, optimizers, preemption
+from remedis_jax import sharding, workdir_lock, writers
 from remedis_jax.evaluators import segmentation as seg_metrics
 from remedis_jax.models import segmentation as seg_models
 from remedis_jax.train_finetune import (BEST_DIR, RESULTS_FILE, SUBSET_MANIFEST_FILE, BestState,
-                                        TestSet, TrainState, _improved, build_test_source,
+                                        TestSet, TrainState, _improved, build_eval_sources,
                                         make_metrics_cls, parse_test_sets, read_results,
                                         schedule_from_config, write_json)
 from remedis_jax.train_simclr import DTYPES, normalize_images, put_host_tree, write_run_config
@@ -307,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises:
     ValueError / FileNotFoundError: a bad config or data without masks (before training).
     FloatingPointError: non-finite loss or gradients.
+    workdir_lock.WorkdirInUseError: another live run holds the workdir.
   """
   start_time = time.time()
   test_sets = check_config(config)
@@ -316,6 +318,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("%s/%s exists: the run is finished; returning its results.", workdir,
                  RESULTS_FILE)
     return finished
+  with workdir_lock.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, start_time=start_time, test_sets=test_sets)
+
+
+def _train_and_evaluate(config, workdir, *, start_time, test_sets):
   write_run_config(config, workdir)
   writer = writers.create_writer(workdir)
   writer.write_hparams(writers.flatten_config(config.to_dict()))
@@ -346,6 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dataset = pipeline.make_train_dataset(
       train_source, batch_size=local_batch_size, ops=train_ops, seed=config.seed,
       num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
+      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
       worker_count=config.data.get("worker_count", 0))
   data_iterator = iter(dataset)
   total_steps, warmup_steps, steps_per_epoch = schedule_from_config(config, len(train_source))
@@ -357,8 +365,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
   evaluator_kwargs = dict(ops=eval_ops, batch_size=config.eval_batch_size, mesh=mesh,
                           num_channels=config.data.num_channels, threshold=config.threshold)
-  val_source = data_sources.build_source(config.data, config.data.val_split)
+  val_source, test_sources = build_eval_sources(config, test_sets)
   require_masks(val_source, f"data.val_split={config.data.val_split!r}")
+  for test_set in test_sets:
+    require_masks(test_sources[test_set.name], f"config.test_sets {test_set.name!r}")
   val_evaluator = seg_metrics.SegmentationEvaluator(setup.predict_fn, val_source,
                                                     **evaluator_kwargs)
 
@@ -410,18 +420,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
   progress_bar = writers.ProgressBar(total_steps, initial_step=start_step)
   watcher = preemption.PreemptionWatcher(manager)
+  run_ahead = loop.RunAhead(max_in_flight=2)
+  divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
   train_metrics = None
-  skipped_records = 0
+  # Run totals continue across resumes (saved with every checkpoint).
+  skipped_records = int(checkpointing.read_counters(manager, start_step or None).get(
+      "skipped_records", 0))
   window_start, window_steps = time.monotonic(), 0
   step = start_step
   preempted = False
   try:
     while step < total_steps:
-      host_batch = next(data_iterator)
+      host_batch, position = loop.next_batch(data_iterator, watcher)
+      if host_batch is None:  # SIGTERM while waiting for input
+        preempted = True
+        loop.save_at_interrupt(manager, step, state, position,
+                               {"skipped_records": skipped_records})
+        break
       skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
       batch = sharding.shard_host_batch({k: host_batch[k] for k in ("image", "lung_mask")},
                                         batch_sharding)
       state, step_metrics = setup.update_fn(state, batch)
+      run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
       step += 1
       window_steps += 1
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
@@ -436,7 +456,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         values["train/learning_rate"] = float(setup.schedule(step - 1))
         values["train/images_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
         values["train/skipped_records"] = float(skipped_records)
+        values["train/param_norm"] = float(loop.param_norm(state.params))
         writer.write_scalars(step, values)
+        divergence.update(step, values["train/loss"], values["train/param_norm"])
         progress_bar.set_postfix(f"loss {values['train/loss']:.4f} dice "
                                  f"{values['train/dice']:.3f}")
         if values["train/nonfinite_steps"] > 0:
@@ -452,7 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           validate(step)
 
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last)
+        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last,
+                           counters={"skipped_records": skipped_records})
       if preempted:
         logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
         break
@@ -476,8 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   val_metrics = seg_metrics.segmentation_metrics(val_counts)
   test_results = {}
   for test_set in test_sets:
-    source = build_test_source(config, test_set)
-    require_masks(source, f"config.test_sets {test_set.name!r}")
+    source = test_sources[test_set.name]
     evaluator = seg_metrics.SegmentationEvaluator(setup.predict_fn, source, **evaluator_kwargs)
     counts, samples = evaluator.predict(params, num_samples=config.num_figure_examples,
                                         sample_seed=config.get("figure_seed", 0))
@@ -508,6 +530,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  "freeze_encoder": config.freeze_encoder, "data_source": config.data.source,
                  "dice_weight": config.loss.dice_weight, "threshold": config.threshold},
       "initialisation": init_description,
+      "divergence_warnings": divergence.warnings,
       "num_train_masks": len(train_source),
       "subset_manifest": SUBSET_MANIFEST_FILE,
       "best": {"metric": BEST_METRIC, "split": config.data.val_split,

@@ -177,6 +177,7 @@ def make_dataset(config: ml_collections.ConfigDict, source, local_batch_size: in
   return pipeline.make_pretrain_dataset(
       source, batch_size=local_batch_size, ops=ops, num_views=2, seed=config.seed,
       num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
+      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
       worker_count=config.data.get("worker_count", 0))
 
 

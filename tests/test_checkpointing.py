@@ -108,3 +108,77 @@ def test_export_round_trip_and_no_overwrite(tmp_path):
     export.write_export(out, params, {"model_name": "R_micro"})
   with pytest.raises(FileNotFoundError, match="has no model.json"):
     export.load_export(str(tmp_path))
+
+
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def _data_files(step_dir):
+  """The array data files of a step (what TensorStore reads), found by walking the folder."""
+  return sorted(os.path.join(root, name) for root, _, names in os.walk(step_dir)
+                for name in names if os.path.basename(root) == "d")
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_readable(tmp_path, caplog):
+  # Once: one data file deleted in the newest step, and every rerun died in TensorStore.
+  batches = list(_iterator())
+  it = _iterator()
+  manager = checkpointing.make_manager(str(tmp_path), asynchronous=False)
+  for step in (1, 2, 3):
+    next(it)
+    checkpointing.save(manager, step, _state(step), it, force=True)
+  manager.close()
+  directory = tmp_path / checkpointing.CHECKPOINT_SUBDIR
+  files = _data_files(directory / "3")
+  assert files
+  os.remove(files[0])
+
+  fresh = _iterator()
+  manager = checkpointing.make_manager(str(tmp_path), asynchronous=False)
+  with caplog.at_level("WARNING"):
+    restored, step = checkpointing.restore_latest(manager, _abstract(_state()), fresh)
+  assert step == 2
+  jax.tree.map(np.testing.assert_array_equal, restored, _state(2))
+  np.testing.assert_array_equal(next(fresh), batches[2])  # The iterator of the same step.
+  log = caplog.text
+  assert f"Checkpoint {directory}/3 cannot be read" in log and "ValueError" in log
+  assert f"Resumed from checkpoint {directory}/2, the newest readable one" in log
+  # Kept for inspection, but no longer a step: the run can save step 3 again.
+  damaged = [name for name in os.listdir(directory) if name.startswith("3.damaged-")]
+  assert len(damaged) == 1 and not (directory / "3").exists()
+  assert len(_data_files(directory / damaged[0])) == len(files) - 1
+  assert manager.all_steps() == [1, 2]
+  assert checkpointing.save(manager, 3, _state(30), fresh)
+  manager.wait_until_finished()
+  for step in (4, 5, 6):  # Past max_to_keep: Orbax's clean-up leaves the damaged folder alone.
+    checkpointing.save(manager, step, _state(step), fresh, force=True)
+  manager.close()
+  assert (directory / damaged[0]).is_dir()
+
+  manager = checkpointing.make_manager(str(tmp_path), asynchronous=False)
+  assert manager.all_steps() == [4, 5, 6]
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    restored, step = checkpointing.restore_latest(manager, _abstract(_state()), _iterator())
+  assert step == 6 and "cannot be read" not in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, restored, _state(6))
+  manager.close()
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+  manager = checkpointing.make_manager(str(tmp_path), asynchronous=False, with_data=False)
+  for step in (1, 2, 3):
+    checkpointing.save(manager, step, _state(step), force=True)
+  manager.close()
+  directory = tmp_path / checkpointing.CHECKPOINT_SUBDIR
+  for step in (1, 2, 3):
+    for path in _data_files(directory / str(step)):
+      os.remove(path)
+  manager = checkpointing.make_manager(str(tmp_path), with_data=False)
+  with pytest.raises(checkpointing.UnreadableCheckpointError) as error:
+    checkpointing.restore_latest(manager, _abstract(_state()))
+  message = str(error.value)
+  assert f"no checkpoint in {directory} can be read; tried steps 3, 2, 1" in message
+  assert "step 1: ValueError" in message and "Nothing was moved or deleted" in message
+  assert sorted(os.listdir(directory)) == ["1", "2", "3"]

@@ -90,7 +90,8 @@ def test_balanced_class_weights_match_sklearn():
 # ------------------------------------------------------------------------ end to end
 SCHEMA_KEYS = {"format", "finished", "steps", "total_steps", "wall_time_s", "config",
                "initialisation", "num_train_labels", "subset_manifest", "task", "best",
-               "thresholds", "val", "test_sets", "robustness", "baselines"}
+               "thresholds", "val", "test_sets", "robustness", "baselines",
+               "divergence_warnings"}
 METRIC_KEYS = {"macro_auc", "accuracy", "balanced_accuracy", "ece", "sensitivity", "specificity",
                "num_examples"}
 
@@ -103,7 +104,7 @@ def test_finetune_from_scratch_end_to_end_and_finished_rerun(tmp_path):
   assert set(results) == SCHEMA_KEYS
   assert results["format"] == train_finetune.RESULTS_FORMAT and results["finished"]
   assert results["steps"] == results["total_steps"] == 4
-  assert results["initialisation"] == "scratch"
+  assert results["initialisation"] == "scratch" and results["divergence_warnings"] == []
   assert results["task"] == {"multi_label": True, "num_classes": 4,
                              "class_names": ["nodule", "opacity", "effusion", "cardiomegaly"]}
   assert results["best"]["step"] in (2, 4) and results["best"]["split"] == "val"

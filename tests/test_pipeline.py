@@ -234,7 +234,8 @@ def test_bad_records_are_skipped_counted_and_logged(caplog):
   bad = {2, 7, 8}
   source = CountingSource(20, bad=bad)
   with caplog.at_level(logging.WARNING):
-    batches = _take(iter(_pretrain(source, skip_bad_records=True, read_threads=0)), 10)
+    batches = _take(iter(_pretrain(source, skip_bad_records=True, read_threads=0,
+                                   max_bad_record_share=1.0)), 10)
   labels = np.concatenate([b["label"] for b in batches])
   assert not set(labels.tolist()) & bad
   assert all(isinstance(b["skipped_records"], int) for b in batches)
@@ -254,7 +255,8 @@ def test_skip_counts_are_exact_per_batch():
   positions = [order[6 * epoch:6 * epoch + 6].index(5) + 6 * epoch for epoch in range(4)]
   expected = np.diff([-1] + positions) - 1
   source = CountingSource(6, bad={0, 1, 2, 3, 4})
-  batches = _take(iter(_pretrain(source, batch_size=1, skip_bad_records=True, read_threads=0)), 4)
+  batches = _take(iter(_pretrain(source, batch_size=1, skip_bad_records=True, read_threads=0,
+                                 max_bad_record_share=1.0)), 4)
   assert [int(b["label"][0]) for b in batches] == [5, 5, 5, 5]
   assert [b["skipped_records"] for b in batches] == expected.tolist()
   assert sum(expected) == source.raised
@@ -268,7 +270,8 @@ def test_ops_must_fix_the_size():
 @pytest.mark.slow
 def test_worker_processes_skip_count_and_resume():
   # batch_size 1 so that no worker drops a remainder: every good record arrives exactly once.
-  kwargs = dict(batch_size=1, num_epochs=2, skip_bad_records=True, worker_count=2)
+  kwargs = dict(batch_size=1, num_epochs=2, skip_bad_records=True, worker_count=2,
+                max_bad_record_share=1.0)
   iterator = iter(_pretrain(TinySource(12, bad={3}), **kwargs))
   batches = list(iterator)
   iterator.close()

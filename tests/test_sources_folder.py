@@ -282,3 +282,184 @@ def test_label_outside_declared_classes(tmp_path):
   _write_csv(tmp_path / "ml.csv", ["path", "a", "b"], [["a.png", 1, 2]])
   with pytest.raises(BadRecordError, match=r"label b='2' is not 0, 1 or empty"):
     FolderSource(str(tmp_path), "ml.csv", label_columns="a,b")
+
+
+def test_multiclass_labels_are_class_ids_unless_classes_are_declared(tmp_path):
+  # Once `0,1,1.0,abc,yes` silently became a 5-class task (sorted names) and `0,1,N/A` a
+  # 3-class one. Now only integer ids (1.0 is 1) are labels; anything else names row and value.
+  _write_csv(tmp_path / "m.csv", ["path", "label"],
+             [["a.png", "0"], ["b.png", "1"], ["c.png", "1.0"], ["d.png", "abc"], ["e.png", "yes"],
+              ["f.png", ""]])
+  with pytest.raises(BadRecordError, match=r"m.csv row 5 \(d.png\): label 'abc' is not an integer "
+                     r"class id .*data.classes.*2 bad rows in all"):
+    FolderSource(str(tmp_path), "m.csv")
+  source = FolderSource(str(tmp_path), "m.csv", skip_bad_records=True)
+  assert source.num_classes == 2 and source.class_names == ["class_0", "class_1"]
+  assert source.ids == ["a.png", "b.png", "c.png", "f.png"]
+  assert source.labels.tolist() == [0, 1, 1, -1]  # The empty cell is an unlabeled image.
+  assert [r for r, _ in source.skipped] == ["m.csv row 5 (d.png)", "m.csv row 6 (e.png)"]
+
+  _write_csv(tmp_path / "na.csv", ["path", "label"],
+             [["a.png", 0], ["b.png", 1], ["c.png", "N/A"], ["d.png", "nan"], ["e.png", "-1"],
+              ["g.png", "2.5"]])
+  with pytest.raises(BadRecordError, match=r"na.csv row 4 \(c.png\): label 'N/A' is not an "
+                     r"integer class id.*4 bad rows"):
+    FolderSource(str(tmp_path), "na.csv")
+  source = FolderSource(str(tmp_path), "na.csv", skip_bad_records=True)
+  assert source.num_classes == 2 and source.labels.tolist() == [0, 1]
+  reasons = dict(source.skipped)
+  assert "leave the cell empty" in reasons["na.csv row 6 (e.png)"]
+  assert "'2.5' is not an integer class id" in reasons["na.csv row 7 (g.png)"]
+  # Via the config, the way a run builds it.
+  config = default_data_config()
+  config.update(dict(source="folder", root=str(tmp_path), manifest="na.csv"))
+  with pytest.raises(BadRecordError, match="'N/A'"):
+    build_source(config, "train")
+
+
+def test_column_of_names_without_declared_classes_is_a_config_error(tmp_path):
+  _write_csv(tmp_path / "m.csv", ["path", "finding"],
+             [["a.png", "pneumonia"], ["b.png", "normal"], ["c.png", ""], ["d.png", "normal"]])
+  for skip in (False, True):  # Not bad rows to skip: the classes must be declared.
+    with pytest.raises(ValueError, match=r"m.csv: the label column 'finding' \(data.label_columns\)"
+                       r" holds 2 distinct values \('normal', 'pneumonia'\) and not one integer "
+                       r"class id.*e.g. data.classes=\"normal,pneumonia\""):
+      FolderSource(str(tmp_path), "m.csv", label_columns="finding", skip_bad_records=skip)
+  source = FolderSource(str(tmp_path), "m.csv", label_columns="finding",
+                        classes="normal,pneumonia")
+  assert source.labels.tolist() == [1, 0, -1, 0]
+  # A column with only empty cells is an unlabeled folder, not an error.
+  _write_csv(tmp_path / "u.csv", ["path", "label"], [["a.png", ""], ["b.png", ""]])
+  unlabeled = FolderSource(str(tmp_path), "u.csv")
+  assert unlabeled.num_classes == 0 and unlabeled.labels.tolist() == [-1, -1]
+
+
+def test_empty_manifest_names_the_file(tmp_path):
+  (tmp_path / "header_only.csv").write_text("path,label\n")
+  (tmp_path / "blank.csv").write_text("")
+  config = default_data_config()
+  config.update(dict(source="folder", root=str(tmp_path)))
+  for name, what in (("header_only.csv", "has a header but no rows"), ("blank.csv", "is empty")):
+    config.manifest = name
+    with pytest.raises(ValueError, match=f"manifest {tmp_path / name} {what}"):
+      build_source(config, "train")
+  _write_csv(tmp_path / "bad.csv", ["path", "label", "split"],
+             [["a.png", "x", "train"], ["b.png", "-3", "train"], ["c.png", "1", "test"]])
+  with pytest.raises(ValueError, match=r"bad.csv: all 2 rows of split 'train' are bad, so the "
+                     r"source is empty; first: bad.csv row 2 \(a.png\): label 'x'"):
+    FolderSource(str(tmp_path), "bad.csv", split="train", split_column="split",
+                 skip_bad_records=True)
+
+
+# ---- reduced-size decoding of large images (data.decode_size) ----
+
+def _smooth(height, width, channels=None, seed=0, dtype=np.uint8, top=255):
+  """A smooth random image (low-frequency content, like a radiograph), written-test sized."""
+  rng = np.random.default_rng(seed)
+  shape = (8, 8) if channels is None else (8, 8, channels)
+  small = rng.uniform(0, 1, shape).astype(np.float32)
+  planes = [small] if channels is None else [small[..., c] for c in range(channels)]
+  big = [np.asarray(Image.fromarray(p, "F").resize((width, height), Image.Resampling.BICUBIC))
+         for p in planes]
+  big = np.clip(np.stack(big, -1) if channels else big[0], 0, 1)
+  return np.rint(big * top).astype(dtype)
+
+
+def _block_mean(array, factor):
+  """Independent box reduction: mean of factor x factor blocks (sizes divisible by factor)."""
+  array = np.asarray(array, np.float64)
+  h, w = array.shape[:2]
+  return array.reshape(h // factor, factor, w // factor, factor, *array.shape[2:]).mean((1, 3))
+
+
+def test_reduced_png_is_a_box_mean_of_the_full_image(tmp_path):
+  gray, rgb = _smooth(1024, 768, seed=1), _smooth(768, 1024, channels=3, seed=2)
+  Image.fromarray(gray).save(tmp_path / "gray.png")
+  Image.fromarray(rgb).save(tmp_path / "rgb.png")
+  for name, array in (("gray.png", gray), ("rgb.png", rgb)):
+    full = decode.read_image(str(tmp_path / name))
+    np.testing.assert_array_equal(full[..., 0] if array.ndim == 2 else full, array)
+    reduced, full_hw = decode.read_image_and_size(str(tmp_path / name), min_size=190)
+    assert full_hw == array.shape[:2] and reduced.dtype == np.uint8
+    assert reduced.shape[:2] == (array.shape[0] // 4, array.shape[1] // 4)  # 768 // 190 = 4.
+    assert min(reduced.shape[:2]) >= 190
+    expected = _block_mean(full.astype(float), 4)
+    assert np.abs(reduced.astype(float) - expected).max() <= 0.5 + 1e-9  # Rounding only.
+  # Sizes that do not divide: the shorter side is still >= the request, aspect kept.
+  Image.fromarray(_smooth(1001, 701, seed=3)).save(tmp_path / "odd.png")
+  odd = decode.read_image(str(tmp_path / "odd.png"), min_size=300)
+  assert odd.shape == (501, 351, 1)  # Factor 701 // 300 = 2, partial edge blocks.
+  # Never upscaled, and only reduced when at least halved: 599 < 2 x 300.
+  Image.fromarray(_smooth(599, 800, seed=4)).save(tmp_path / "small.png")
+  np.testing.assert_array_equal(decode.read_image(str(tmp_path / "small.png"), min_size=300),
+                                decode.read_image(str(tmp_path / "small.png")))
+  assert decode.read_image(str(tmp_path / "small.png"), min_size=5000).shape == (599, 800, 1)
+
+
+def test_reduced_jpeg_uses_dct_scaling_close_to_a_box_mean(tmp_path):
+  gray, rgb = _smooth(1024, 768, seed=5), _smooth(1024, 1024, channels=3, seed=6)
+  Image.fromarray(gray).save(tmp_path / "gray.jpg", quality=95)
+  Image.fromarray(rgb).save(tmp_path / "rgb.jpg", quality=95)
+  for name, size, scale in (("gray.jpg", 190, 4), ("rgb.jpg", 300, 2), ("rgb.jpg", 100, 8)):
+    full = decode.read_image(str(tmp_path / name))
+    reduced = decode.read_image(str(tmp_path / name), min_size=size)
+    assert reduced.shape == (full.shape[0] // scale, full.shape[1] // scale, full.shape[2])
+    assert min(reduced.shape[:2]) >= size
+    difference = np.abs(reduced.astype(float) - _block_mean(full, scale))
+    assert difference.mean() < 0.75 and difference.max() <= 4, (name, size, difference.max())
+
+
+def test_reduced_16bit_png_and_dicom(tmp_path):
+  values = _smooth(1024, 1024, seed=7, dtype=np.uint16, top=4095)
+  values[0, 0], values[-1, -1] = 0, 4095  # The stretch must use the full image's range.
+  Image.fromarray(values).save(tmp_path / "x16.png")
+  kept = decode.read_image(str(tmp_path / "x16.png"), keep_bit_depth=True, min_size=256)
+  assert kept.dtype == np.uint16 and kept.shape == (256, 256, 1)
+  assert np.abs(kept[..., 0] - _block_mean(values, 4)).max() <= 0.5 + 1e-6
+  display = decode.read_image(str(tmp_path / "x16.png"), min_size=256)
+  stretched = decode.read_image(str(tmp_path / "x16.png")).astype(float)[..., 0]
+  assert display.dtype == np.uint8
+  assert np.abs(display[..., 0] - _block_mean(values / 4095 * 255, 4)).max() <= 0.5 + 1e-6
+  assert np.abs(display[..., 0] - _block_mean(stretched, 4)).max() <= 1
+  # DICOM: windowed in full, then box-reduced (the window is not linear).
+  path = get_testdata_file("CT_small.dcm")
+  full = decode.read_image(path, keep_bit_depth=True)
+  reduced = decode.read_image(path, keep_bit_depth=True, min_size=32)
+  assert reduced.dtype == np.uint16 and reduced.shape == (32, 32, 1)
+  assert np.abs(reduced[..., 0] - _block_mean(full[..., 0], 4)).max() <= 0.5 + 1e-6
+  reduced8 = decode.read_image(path, min_size=40)
+  assert reduced8.shape == (43, 43, 1)  # Factor 128 // 40 = 3, partial last block.
+
+
+def test_decode_size_config_and_masks(tmp_path):
+  image = _smooth(1024, 1024, seed=8)
+  Image.fromarray(image).save(tmp_path / "big.png")
+  mask = np.zeros((1024, 1024), np.uint8)
+  mask[100:610, 301:702] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  Image.fromarray(mask[:512]).save(tmp_path / "wrong.png")
+  _write_csv(tmp_path / "m.csv", ["path", "mask"],
+             [["big.png", "mask.png"], ["big.png", "wrong.png"]])
+  config = default_data_config()
+  config.update(dict(source="folder", root=str(tmp_path), manifest="m.csv", label_columns="",
+                     mask_column="mask", image_size=128))
+  assert config.decode_size == -1  # Auto: 2 x image_size.
+  auto = build_source(config, "train")
+  example = auto[0]
+  assert example["image"].shape == (256, 256, 1) and example["lung_mask"].shape == (256, 256)
+  expected_mask = (_block_mean(mask > 0, 4) >= 0.5).astype(np.uint8)
+  np.testing.assert_array_equal(example["lung_mask"], expected_mask)
+  with pytest.raises(BadRecordError, match=r"mask size \(512, 1024\) differs from image size "
+                     r"\(1024, 1024\)"):
+    auto[1]
+  config.decode_size = 0  # Full resolution: today's pixels.
+  full = build_source(config, "train")[0]
+  np.testing.assert_array_equal(full["image"][..., 0], image)
+  np.testing.assert_array_equal(full["lung_mask"], (mask > 0).astype(np.uint8))
+  direct = FolderSource(str(tmp_path), "m.csv", label_columns="", mask_column="mask")[0]
+  np.testing.assert_array_equal(direct["image"], full["image"])  # The class defaults to 0.
+  config.decode_size = 300
+  assert build_source(config, "train")[0]["image"].shape == (342, 342, 1)  # Factor 3, partial edge.
+  config.decode_size = -2
+  with pytest.raises(ValueError, match="data.decode_size=-2"):
+    build_source(config, "train")

@@ -76,3 +76,15 @@ def test_real_pneumoniamnist_counts(shared_data_dir):
   example = source[0]
   assert example["image"].shape == (28, 28, 1) and example["image"].dtype == np.uint8
   assert 30 < example["image"].mean() < 220  # A radiograph, not a blank array.
+
+
+def test_fractional_and_nan_labels_are_bad_not_truncated(tmp_path):
+  # Float labels of an unknown flag: 2.0 is class 2; 0.5 and NaN were cast to 0 (NaN: a crash).
+  path = _write(tmp_path / "mine.npz", train_images=np.zeros((5, 4, 4), np.uint8),
+                train_labels=np.array([[0.0], [2.0], [0.5], [np.nan], [1.0]]))
+  with pytest.raises(BadRecordError, match=r"train_labels\[2\].*label 0.5 is not an integer class "
+                     r"id; 2 bad rows"):
+    MedMNISTSource(path, "train")
+  source = MedMNISTSource(path, "train", skip_bad_records=True)
+  assert source.num_classes == 3 and source.labels.tolist() == [0, 2, 1]
+  assert [r for r, _ in source.skipped] == ["train_labels[2]", "train_labels[3]"]

@@ -54,7 +54,32 @@ def default_data_config() -> ml_collections.ConfigDict:
       num_channels=1,
       keep_bit_depth=False,
       skip_bad_records=False,
+      # folder: decode large images at reduced size, the shorter side >= decode_size (JPEG by
+      # DCT scaling, PNG / DICOM by a box filter after decoding); 0 = full resolution;
+      # -1 = auto = 2 x image_size. See `resolve_decode_size`.
+      decode_size=-1,
   ))
+
+
+def resolve_decode_size(data_config: ml_collections.ConfigDict | Mapping[str, Any]) -> int:
+  """`data.decode_size` in pixels: 0 (full resolution), the value given, or for -1 (auto)
+  2 x `data.image_size`.
+
+  Why 2 x image_size keeps the augmentations' quality: every recipe resizes to image_size, so
+  detail beyond what its crops use is thrown away anyway. An eval view (shorter side resized to
+  image_size / crop fraction, >= 0.875) and every training crop of at least 1/4 of the area are
+  still downsampled. RandomResizedCrop's smallest crops (8% of the area, SimCLR's default; 20%
+  in the cxr preset) are upsampled by up to 1.8x (1.1x), the same regime as SimCLR on ImageNet,
+  whose images (~400 px on the shorter side) are about 1.8 x 224. A 2000 px radiograph at
+  image_size 224 is then decoded at 500 px (JPEG: 1/4 DCT scale; PNG: 4 x 4 box means).
+  """
+  value = int(_get(data_config, "decode_size", -1))
+  if value < -1:
+    raise ValueError(f"data.decode_size={value}: expected -1 (auto), 0 (full resolution) or a "
+                     "size in pixels")
+  if value == -1:
+    return 2 * int(_get(data_config, "image_size", 64))
+  return value
 
 
 def _get(config: Mapping[str, Any] | ml_collections.ConfigDict, key: str, default: Any = None):
@@ -79,13 +104,16 @@ def _per_split(value: Any, split: str, default: Any) -> Any:
   return default if value is None else value
 
 
-def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], split: str) -> Source:
+def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], split: str, *,
+                 labels_optional: bool = False) -> Source:
   """Builds the source named by `data_config.source` for `split`.
 
   Args:
     data_config: the `data` section (see `default_data_config`).
     split: "train", "val", "test", "unlabeled" (synthetic), or any split the data has;
       "train+val" joins splits into one source (pretraining on every image but the test set's).
+    labels_optional: a folder manifest without the label column is read unlabeled instead of
+      being an error (pretraining needs only images).
 
   Returns:
     A source following the record format of data_pipelines/sources/base.py.
@@ -98,7 +126,8 @@ def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], spl
     if any(not part for part in parts) or len(set(parts)) != len(parts):
       raise ValueError(f"split {split!r}: expected distinct split names joined by '+', "
                        "e.g. 'train+val'")
-    return ConcatSource([build_source(data_config, part) for part in parts])
+    return ConcatSource([build_source(data_config, part, labels_optional=labels_optional)
+                         for part in parts])
   source = _get(data_config, "source", "synthetic")
   skip = bool(_get(data_config, "skip_bad_records", False))
   keep_bit_depth = bool(_get(data_config, "keep_bit_depth", False))
@@ -128,7 +157,8 @@ def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], spl
         split_column=split_column, mask_column=_get(data_config, "mask_column", "") or None,
         site_column=_get(data_config, "site_column", "") or None,
         num_channels=int(_get(data_config, "num_channels", 1)), keep_bit_depth=keep_bit_depth,
-        skip_bad_records=skip)
+        skip_bad_records=skip, decode_size=resolve_decode_size(data_config),
+        labels_optional=labels_optional)
     if split_column:
       return FolderSource(split=split, **kwargs)
     if fractions:
@@ -158,4 +188,4 @@ def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], spl
 
 
 __all__ = ["SOURCES", "Source", "IndexView", "ConcatSource", "SyntheticCXR", "FolderSource",
-           "build_source", "default_data_config", "split_by_patient"]
+           "build_source", "default_data_config", "resolve_decode_size", "split_by_patient"]

@@ -3,10 +3,14 @@
 The manifest has one row per image: a path column (relative to `root`, or absolute) and
 label column(s):
 
-* multi-class: one column holding class names or integer indices; `classes` declares the
-  classes and their order (recommended: then every split agrees). Without it, integer labels
-  give classes 0..max and names give the sorted names, both taken over ALL rows of the manifest
-  (before the split filter), so train and test still agree.
+* multi-class: one column of integer class ids 0..K-1 (written as "2" or "2.0", as pandas
+  writes integer-valued floats), or of class names when `classes` (`data.classes`) declares
+  the names in index order (the column may then also hold the ids). Without declared classes
+  the classes are class_0..class_max, max taken over ALL rows of the manifest (before the split
+  filter), so train and test agree. Anything else -- a name, "N/A", "yes", a negative or
+  fractional number -- is a bad row (error naming the file, the row and the value): labels are
+  never renumbered silently. A column with no integer id at all and no declared classes is a
+  configuration error (the message lists its values and suggests `data.classes`).
 * multi-label: several 0/1 columns (the column names are the class names). An empty cell or -1
   (e.g. CheXpert "uncertain") is -1: unknown.
 * no label columns: an unlabeled folder for pretraining (label -1).
@@ -16,21 +20,27 @@ patient's images together in `split_by_patient`), `split_column` (rows whose val
 split), `site_column` (int, or names mapped to their sorted index), `mask_column` (a mask image;
 nonzero = lung).
 
-Checked at construction (fail fast, naming the row): missing columns, labels outside the
-declared classes, non-0/1 multi-label values. With `skip_bad_records=True` such rows are dropped,
-logged and listed in `source.skipped` as (record, reason). Checked when a record is read
-(`BadRecordError`, for the pipeline to fail or skip+count): a missing, empty, corrupt,
-truncated, zero-size or undecodable image file, a mask whose size differs from the image.
+Checked at construction (fail fast, naming the row): missing columns, a manifest (or split)
+without rows, labels that are not class ids or declared classes, non-0/1 multi-label values.
+With `skip_bad_records=True` bad rows are dropped, logged and listed in `source.skipped` as
+(record, reason). Checked when a record is read (`BadRecordError`, for the pipeline to fail or
+skip+count): a missing, empty, corrupt, truncated, zero-size or undecodable image file, a mask
+whose size differs from the image.
 File existence is not checked at construction: on a network file system a stat per image of a
 million-image corpus costs minutes.
+
+Large images can be decoded at reduced size (`decode_size`, see `data_pipelines.decode`).
 """
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from data_pipelines import decode
 from data_pipelines.errors import BadRecordError
@@ -48,11 +58,26 @@ def parse_columns(columns: str | Sequence[str] | None) -> list[str]:
 
 
 def _as_int(text: str) -> int | None:
+  """"3", "3.0", "3e0" -> 3; anything else (names, "1.5", "nan", "inf") -> None."""
   try:
     value = float(text)
   except ValueError:
     return None
-  return int(value) if value == int(value) else None
+  if not math.isfinite(value) or value != int(value):
+    return None
+  return int(value)
+
+
+def _class_id(text: str) -> int | None:
+  """A multi-class label cell -> its class id (a non-negative integer), or None."""
+  value = _as_int(text)
+  return value if value is not None and value >= 0 else None
+
+
+def _classes_hint(values: Sequence[str]) -> str:
+  """'data.classes="a,b,c"' from a column's distinct values (sorted, at most 20)."""
+  distinct = sorted(set(values))
+  return 'data.classes="' + ",".join(distinct[:20]) + (",..." if len(distinct) > 20 else "") + '"'
 
 
 class FolderSource(Source):
@@ -64,7 +89,7 @@ class FolderSource(Source):
                split_column: str | None = None, mask_column: str | None = None,
                site_column: str | None = None, num_channels: int = 1,
                keep_bit_depth: bool = False, skip_bad_records: bool = False,
-               name: str | None = None):
+               name: str | None = None, decode_size: int = 0, labels_optional: bool = False):
     """Reads and validates the manifest (no image is opened).
 
     Args:
@@ -83,10 +108,16 @@ class FolderSource(Source):
       keep_bit_depth: keep 16-bit PNG / DICOM as uint16 (see data_pipelines.decode).
       skip_bad_records: drop rows with bad labels (listed in `skipped`) instead of raising.
       name: source name; default "<manifest file name>/<split>".
+      decode_size: > 0: decode large images at reduced size, the shorter side >= decode_size
+        (JPEG by DCT scaling, others by a box filter after decoding; see data_pipelines.decode;
+        masks are reduced to the image's size by a majority vote); 0: full resolution.
+      labels_optional: a label column missing from the manifest is not an error: the images
+        are read unlabeled (pretraining needs only images), with one log line.
 
     Raises:
       FileNotFoundError: missing manifest.
-      ValueError: a declared column is missing, a split has no rows, or a bad label row
+      ValueError: an empty manifest, a declared column is missing, a split has no rows (or
+        only bad ones), a multi-class column of names without `classes`, or a bad label row
         (without skip_bad_records; a BadRecordError naming the row).
     """
     if num_channels not in (1, 3):
@@ -106,12 +137,26 @@ class FolderSource(Source):
                          else os.path.splitext(manifest_name)[0])
     self.num_channels = int(num_channels)
     self.keep_bit_depth = bool(keep_bit_depth)
+    self.decode_size = max(0, int(decode_size or 0))
     label_columns = parse_columns(label_columns)
 
     with open(manifest, newline="", encoding="utf-8-sig") as f:
       reader = csv.DictReader(f)
       header = [c.strip() for c in (reader.fieldnames or [])]
       rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if not header:
+      raise ValueError(f"manifest {manifest} is empty: expected a header row naming the columns "
+                       f"(e.g. {image_column},{','.join(label_columns) or 'label'}) and one row "
+                       "per image (data.manifest)")
+    if not rows:
+      raise ValueError(f"manifest {manifest} has a header but no rows: list one image per row "
+                       "(data.manifest)")
+    missing_labels = [c for c in label_columns if c not in header]
+    if labels_optional and missing_labels:
+      logging.info("%s has no label column %s (data.label_columns): reading its images without "
+                   "labels, which is all pretraining needs.", manifest_name,
+                   ", ".join(repr(c) for c in missing_labels))
+      label_columns = []
     declared = {"data.image_column": [image_column], "data.label_columns": label_columns,
                 "data.patient_column": [patient_column], "data.split_column": [split_column],
                 "data.mask_column": [mask_column], "data.site_column": [site_column]}
@@ -129,12 +174,20 @@ class FolderSource(Source):
       self.class_names = list(label_columns)
     elif label_columns:
       values = [r[label_columns[0]] for r in rows if r[label_columns[0]] != ""]
+      ids = [i for i in map(_class_id, values) if i is not None]
       if classes:
         self.class_names = parse_columns(classes)
-      elif values and all(_as_int(v) is not None for v in values):
-        self.class_names = [f"class_{i}" for i in range(max(_as_int(v) for v in values) + 1)]
+      elif values and not ids:
+        # Not a few bad rows: the column holds names, and the classes must be declared.
+        distinct = sorted(set(values))
+        shown = ", ".join(repr(v) for v in distinct[:8]) + (", ..." if len(distinct) > 8 else "")
+        raise ValueError(
+            f"{manifest}: the label column '{label_columns[0]}' (data.label_columns) holds "
+            f"{len(distinct)} distinct values ({shown}) and not one integer class id. A "
+            "multi-class label column holds class ids 0, 1, 2, ... unless data.classes declares "
+            f"the class names in index order, e.g. {_classes_hint(values)}")
       else:
-        self.class_names = sorted(set(values))
+        self.class_names = [f"class_{i}" for i in range(max(ids, default=-1) + 1)]
     else:
       self.class_names = []
     self.num_classes = len(self.class_names)
@@ -159,7 +212,7 @@ class FolderSource(Source):
         problem = f"empty {image_column!r} cell"
         label = None
       else:
-        label, problem = self._parse_label(row, label_columns, classes is not None)
+        label, problem = self._parse_label(row, label_columns, bool(classes))
       if problem:
         self.skipped.append((record, problem))
         continue
@@ -177,6 +230,11 @@ class FolderSource(Source):
       record, why = self.skipped[0]
       raise BadRecordError(record, f"{why}; {len(self.skipped)} bad rows in all (fix the "
                            "manifest, or set skip_bad_records=True to drop and count them)")
+    if not self._paths:  # Every row was bad and skipped: nothing to read.
+      record, why = self.skipped[0]
+      raise ValueError(f"manifest {manifest}: all {len(self.skipped)} rows"
+                       f"{f' of split {split!r}' if split_column and split is not None else ''} "
+                       f"are bad, so the source is empty; first: {record}: {why}")
     log_skipped(self.name, self.skipped)
     if self.multi_label:
       self._label_array = (np.array(self._labels, np.float32).reshape(-1, self.num_classes))
@@ -202,14 +260,20 @@ class FolderSource(Source):
     text = row[label_columns[0]]
     if text == "":
       return -1, None
-    if text in self.class_names:
+    if declared and text in self.class_names:
       return self.class_names.index(text), None
-    value = _as_int(text)
-    if value is not None and 0 <= value < self.num_classes:
+    value = _class_id(text)
+    if value is not None and value < self.num_classes:
       return value, None
-    what = "declared classes" if declared else "classes"
-    return None, (f"label {text!r} outside the {what} "
-                  f"[{', '.join(self.class_names)}] (or indices 0..{self.num_classes - 1})")
+    if declared:
+      return None, (f"label {text!r} outside the declared classes "
+                    f"[{', '.join(self.class_names)}] (or indices 0..{self.num_classes - 1})")
+    if _as_int(text) is not None:  # A negative number.
+      return None, (f"label {text!r} is not a class id (0, 1, 2, ...); leave the cell empty "
+                    "for an image without a label")
+    return None, (f"label {text!r} is not an integer class id (0, 1, 2, ...); a column of "
+                  "class names needs data.classes declaring them in index order (an empty "
+                  "cell marks an image without a label)")
 
   @property
   def labels(self) -> np.ndarray:
@@ -228,7 +292,9 @@ class FolderSource(Source):
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = check_index(index, len(self._paths), self.name)
     path = self.image_path(index)
-    image = decode.read_image(path, record=path, keep_bit_depth=self.keep_bit_depth)
+    image, full_hw = decode.read_image_and_size(path, record=path,
+                                                keep_bit_depth=self.keep_bit_depth,
+                                                min_size=self.decode_size)
     image = to_channels(as_hwc(image, path), self.num_channels)
     label = self._label_array[index]
     example = {"image": image, "label": np.copy(label)[()], "id": self._ids[index],
@@ -238,11 +304,21 @@ class FolderSource(Source):
       if not self._masks[index]:
         raise BadRecordError(path, "mask_column is set but this row has no mask path")
       mask = decode.read_image(mask_path, record=mask_path)
-      if mask.shape[:2] != image.shape[:2]:
+      if mask.shape[:2] != tuple(full_hw):
         raise BadRecordError(mask_path, f"mask size {mask.shape[:2]} differs from image size "
-                             f"{image.shape[:2]} of {path}")
-      example["lung_mask"] = (mask.max(axis=-1) > 0).astype(np.uint8)
+                             f"{tuple(full_hw)} of {path}")
+      mask = (mask.max(axis=-1) > 0).astype(np.uint8)
+      if mask.shape != image.shape[:2]:  # The image was decoded at reduced size.
+        mask = _reduce_mask(mask, image.shape[:2])
+      example["lung_mask"] = mask
     return example
+
+
+def _reduce_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+  """A binary (H, W) mask reduced to `size_hw` by a majority vote (box mean >= 1/2)."""
+  box = Image.fromarray(mask * np.uint8(255), "L").resize((size_hw[1], size_hw[0]),
+                                                            Image.Resampling.BOX)
+  return (np.asarray(box) >= 128).astype(np.uint8)
 
 
 def parse_fractions(fractions: str | Mapping[str, float]) -> dict[str, float]:

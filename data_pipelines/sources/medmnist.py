@@ -5,8 +5,9 @@ Images are (N, H, W) grayscale or (N, H, W, 3) RGB uint8; labels are (N, 1) clas
 ("pneumoniamnist", "chestmnist", ...) is taken from the file name (pneumoniamnist_224.npz ->
 pneumoniamnist) and gives the class names where known.
 
-Labels are validated at construction (they are all in memory): a label outside the classes
-fails with the key, the row and the value, or -- with `skip_bad_records=True` -- the row is
+Labels are validated at construction (they are all in memory): a multi-class label must be a
+class id (a non-negative integer value; 1.0 counts, 0.5, -1 or NaN do not) inside the classes,
+else it fails with the key, the row and the value, or -- with `skip_bad_records=True` -- the row is
 dropped and counted in `source.skipped`.
 """
 from __future__ import annotations
@@ -105,7 +106,8 @@ class MedMNISTSource(Source):
     elif self.flag in KNOWN_NUM_CLASSES:
       self.num_classes = KNOWN_NUM_CLASSES[self.flag]
     else:  # Unknown flag: every split's labels, so train and test agree on the class count.
-      self.num_classes = int(max(int(l.max()) for l in other_labels if l.size)) + 1
+      ids = [l[_is_class_id(l)] for l in other_labels]
+      self.num_classes = int(max((int(i.max()) for i in ids if i.size), default=-1)) + 1
     self.class_names = class_names_or_default(
         class_names or KNOWN_CLASSES.get(self.flag), self.num_classes)
     if len(self.class_names) != self.num_classes:
@@ -116,9 +118,12 @@ class MedMNISTSource(Source):
       bad = ~np.isin(labels, (0, 1)).all(axis=1)
       reason = lambda i: f"multi-hot label {labels[i].tolist()} has values other than 0/1"
     else:
-      bad = (labels[:, 0] < 0) | (labels[:, 0] >= self.num_classes)
-      reason = lambda i: (f"label {int(labels[i, 0])} outside classes 0..{self.num_classes - 1}"
-                          f" ({', '.join(self.class_names)})")
+      is_id = _is_class_id(labels[:, 0])
+      bad = ~is_id | (labels[:, 0] >= self.num_classes)
+      reason = lambda i: (
+          f"label {labels[i, 0].item()!r} is not an integer class id" if not is_id[i] else
+          f"label {int(labels[i, 0])} outside classes 0..{self.num_classes - 1}"
+          f" ({', '.join(self.class_names)})")
     self.skipped = [(f"{self.label_key}[{i}]", reason(i)) for i in np.flatnonzero(bad)]
     if self.skipped and not skip_bad_records:
       record, why = self.skipped[0]
@@ -171,6 +176,19 @@ class MedMNISTSource(Source):
       image = image.astype(np.uint8)
     return {"image": np.ascontiguousarray(image), "label": np.copy(self._labels[index])[()],
             "id": f"{self.split}/{row:0{self._width}d}", "site": np.int32(0)}
+
+
+def _is_class_id(values: np.ndarray) -> np.ndarray:
+  """Elementwise: a non-negative integer value (1.0 counts; 0.5, -1, NaN do not)."""
+  values = np.asarray(values)
+  if values.dtype == np.bool_:
+    return np.ones(values.shape, bool)
+  if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+    return np.zeros(values.shape, bool)
+  if np.issubdtype(values.dtype, np.integer):
+    return values >= 0
+  with np.errstate(invalid="ignore"):
+    return np.isfinite(values) & (values >= 0) & (values == np.floor(values))
 
 
 def _npy_shape(path: str, key: str) -> tuple[int, ...]:

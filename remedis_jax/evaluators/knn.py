@@ -16,6 +16,7 @@ AUC 0.5 at every step.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterator
 
 import numpy as np
@@ -54,13 +55,30 @@ class KnnEvaluator:
     self._embed = features.make_embed_fn(model, l2_normalize=True)
 
   @classmethod
-  def from_config(cls, config, model, mesh) -> "KnnEvaluator":
+  def from_config(cls, config, model, mesh) -> "KnnEvaluator | None":
+    """The monitor of `config.knn`, or None (with one log line saying why) without labels.
+
+    Bank and query are seeded, class-stratified samples of `bank_split` / `query_split`.
+    """
     from data_pipelines import presets, sources, subset  # pylint: disable=g-import-not-at-top
     seed = int(config.knn.get("sample_seed", 0))
-    bank = subset.sample(sources.build_source(config.data, config.knn.bank_split),
-                         int(config.knn.bank_size), seed)
-    query = subset.sample(sources.build_source(config.data, config.knn.query_split),
-                          int(config.knn.query_size), seed)
+    splits = {}
+    for role in ("bank", "query"):
+      split = config.knn[f"{role}_split"]
+      try:
+        source = sources.build_source(config.data, split)
+      except (ValueError, KeyError, FileNotFoundError) as error:
+        logging.info("kNN monitor off: the data has no labeled %r split (%s).", split, error)
+        return None
+      labels = np.asarray(source.labels)
+      labeled = np.all(labels >= 0, axis=-1) if source.multi_label else labels >= 0
+      if len(source) == 0 or source.num_classes < 1 or not labeled.any():
+        logging.info("kNN monitor off: split %r (%s) has no labeled records.", split,
+                     source.name)
+        return None
+      splits[role] = source
+    bank = subset.sample(splits["bank"], int(config.knn.bank_size), seed)
+    query = subset.sample(splits["query"], int(config.knn.query_size), seed)
     ops = presets.get_preset(config.data.preset, "eval", config.data.image_size)
     return cls(model, bank, query, ops=ops, batch_size=config.knn.batch_size, mesh=mesh,
                num_channels=config.data.num_channels, k=config.knn.k,

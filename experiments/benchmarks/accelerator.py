@@ -1,0 +1,856 @@
+r"""Accelerator numbers in one command: the SimCLR step (JAX, bf16/fp32, batch, remat), the
+PyTorch peer and the host input pipeline; JSON lines, then a markdown table.
+
+What it measures (each plan item in its own subprocess, so that a crash or out-of-memory of one
+configuration does not end the run and the device's peak memory belongs to that item alone):
+
+  jax     the project's SimCLR update step (`train_simclr.create_train_setup`, the jitted step
+          the trainer runs: encoder + projection head + NT-Xent + LARS + the non-finite guard)
+          of `--config` (default configs/pretrain_simclr.py:r50x1, 224 px, two views) with
+          `config.model.dtype` and `config.model.remat` overridden, on random uint8 views
+          already on the device: compile time, median step time, images/s (views the encoder
+          sees: 2 per pair), model TFLOP/s and MFU, peak device memory.
+  torch   the same step in PyTorch: timm `resnetv2_50x1_bit` (the same BiT ResNet-v2: weight-
+          standardised convs, GroupNorm) + the same projection head (Linear/LayerNorm/ReLU) +
+          NT-Xent, SGD with momentum (fused on CUDA), channels_last, bf16 autocast; eager, then
+          `torch.compile`d. Skipped, with a record saying why, without torch/timm or CUDA.
+  grain   the host input pipeline (`data_pipelines.pipeline.make_pretrain_dataset`, the config's
+          preset, 2 views, 224 px) reading grayscale PNGs rendered from the built-in synthetic
+          chest X-ray source, on this machine's CPU cores: images/s (views) against the step's
+          demand (the images/s of the best JAX configuration).
+
+FLOPs are XLA's cost analysis of the lowered (unoptimised) HLO of the step WITHOUT remat (the
+model FLOPs, global over devices; a remat configuration recomputes the forward pass, which MFU
+does not count); `compiled_flops_per_step` is the compiled (per-device) program's count, remat
+recompute included (`hfu` uses it). MFU = model FLOPs per step / median step time / (peak x
+devices), against the chip's dense bf16 peak (experiments/benchmarks/train_step.py:PEAK_TFLOPS,
+H200 989 TFLOP/s; `--peak_tflops` overrides), also for float32 rows. Peak device memory is
+`device.memory_stats()["peak_bytes_in_use"]`, which is per process and never resets: with the
+default `--isolate=process` every JAX item runs in a fresh process, so it is that item's own
+peak (`peak_bytes_scope`); with `--isolate=none` it is the maximum over the items run so far.
+`xla_peak_bytes` is XLA's static estimate for the compiled step (arguments + outputs +
+temporaries - donated aliases).
+
+The plan runs in priority order; an item whose estimated time would end past `--budget_s` is
+skipped with a record saying so, and a running item is killed at `--deadline_s` (its records so
+far are kept). Defaults: budget 420 s, deadline 470 s, so the whole run ends inside 8 minutes.
+
+Smoke mode (CPU, about a minute on 2 cores, mostly XLA compiling: the smoke variant's R_micro at
+32 px, per-device batch 4, 1 warm-up + 2 timed steps, fp32 and bf16, remat off and on; the torch
+peer eager on CPU with timm's small resnetv2_18 when torch and timm are importable, else a
+'skipped' record; Grain on 8 images) prints the same records and table;
+tests/test_accelerator_benchmark.py runs it:
+
+  python -m experiments.benchmarks.accelerator --smoke --out=/tmp/accelerator_smoke.jsonl
+
+On one NVIDIA H200 (the device tool: no network there, python3 3.12 with a newer JAX than our
+pin, flax, optax, orbax, torch, timm preinstalled; TensorFlow is not, and the benchmark writes
+no summaries: only there, clu's TensorBoard summary writer module, which imports TensorFlow, is
+replaced by a stub; with the project's requirements installed the real one is used). Wheels for what the image lacks (4.5 MB), once,
+here in the repo root:
+
+  echo /.whl/ >> .git/info/exclude
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform manylinux1_x86_64 -d .whl \
+      grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 clu==0.0.12 ml-collections==1.1.0
+
+then the device tool's `run` with carry=[".whl"], timeout_s=540 and the command
+
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 -m experiments.benchmarks.accelerator --out=$OUT/accelerator.jsonl
+
+(it writes $OUT/accelerator.jsonl and $OUT/accelerator.md; the table is also the last thing it
+prints). Items the budget skipped can be run in a second call with `--plan=` listing them,
+e.g. `--plan=jax:bfloat16:256:on,jax:float32:128:off`. Plan items: `jax:DTYPE:BATCH:REMAT`
+(DTYPE float32|bfloat16, BATCH per device, REMAT off|on), `torch:BATCH[:eager|compile]`
+(neither: both, in one process), `grain:WORKERS` (Grain worker processes, `cpu` = one per
+core, each with one reader thread; 0 = one process with a reader thread per core).
+For a torch row, "compile s" is the first step (cuDNN autotuning; plus torch.compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+RECORD_PREFIX = "@@accelerator-record@@ "
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# In priority order: the headline bf16 step, its PyTorch peer (eager is cheap; torch.compile
+# may take minutes), the input pipeline, then batch, remat and float32 comparisons.
+FULL_PLAN = ("jax:bfloat16:128:off,torch:128:eager,grain:cpu,torch:128:compile,"
+             "jax:bfloat16:256:off,jax:bfloat16:256:on,jax:float32:128:off,"
+             "jax:bfloat16:64:off,jax:float32:256:off,jax:bfloat16:128:on,grain:0")
+SMOKE_PLAN = "jax:float32:4:off,jax:bfloat16:4:off,jax:bfloat16:4:on,torch:4,grain:0"
+
+# Seconds an item is expected to take before one of its kind has run (then: the longest seen).
+PRIOR_SECONDS = {"jax": 75.0, "torch:eager": 30.0, "torch:compile": 150.0,
+                 "torch:both": 180.0, "grain": 35.0}
+SMOKE_PRIOR_SECONDS = {"jax": 30.0, "torch:eager": 30.0, "torch:compile": 300.0,
+                       "torch:both": 330.0, "grain": 10.0}
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _emit_worker_record(record: dict[str, Any]) -> None:
+  print(RECORD_PREFIX + json.dumps(record, default=_json_default), flush=True)
+
+
+def _json_default(value):
+  if hasattr(value, "item"):
+    return value.item()
+  return str(value)
+
+
+def _log(message: str) -> None:
+  print(f"[accelerator] {message}", file=sys.stderr, flush=True)
+
+
+def xla_flops(stage) -> float | None:
+  """FLOPs from `Lowered.cost_analysis()` / `Compiled.cost_analysis()`, whatever the version.
+
+  Older JAX returns a list with one dict per program, newer a dict; either may be None,
+  empty, lack "flops" or raise (backend without cost analysis): then None.
+  """
+  try:
+    cost = stage.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or not hasattr(cost, "get"):
+    return None
+  flops = cost.get("flops")
+  try:
+    flops = float(flops)
+  except (TypeError, ValueError):
+    return None
+  return flops if flops > 0 and math.isfinite(flops) else None
+
+
+def _stub_tensorboard_writer() -> bool:
+  """Replaces clu's TensorBoard SummaryWriter module (it imports TensorFlow) with a stub.
+
+  Only where TensorFlow is missing (the accelerator image: its wheel is far over what can be
+  carried there), never where the project's requirements are installed. The benchmark writes
+  no summaries, so nothing it measures goes through the stub. A stopgap until the step-building
+  code no longer imports the loop's writers (issue 14). Returns whether it stubbed.
+  """
+  name = "clu.metric_writers.summary_writer"
+  if name in sys.modules:
+    return False
+  import types  # pylint: disable=g-import-not-at-top
+  module = types.ModuleType(name)
+
+  class SummaryWriter:  # pylint: disable=too-few-public-methods
+    def __init__(self, *args, **kwargs):
+      raise RuntimeError("accelerator benchmark: TensorBoard summaries are stubbed out here")
+
+  module.SummaryWriter = SummaryWriter
+  sys.modules[name] = module
+  return True
+
+
+def _load_config(config_arg: str):
+  """'path/to/config.py:variant' -> ConfigDict (the configs/ files are importable modules)."""
+  path, _, variant = config_arg.partition(":")
+  module_name = os.path.splitext(os.path.normpath(path))[0].replace(os.sep, ".")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError:
+    spec = importlib.util.spec_from_file_location("benchmark_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  return module.get_config(variant or None)
+
+
+def _dtype_tag(dtype: str) -> str:
+  return {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
+
+
+# --------------------------------------------------------------------------------- JAX worker
+def run_jax_item(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None:
+  """One configuration of the project's SimCLR update step: one record."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from experiments.benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  from remedis_jax import sharding, train_simclr  # pylint: disable=g-import-not-at-top
+
+  config = _load_config(spec["config"])
+  devices = jax.device_count()
+  config.model.dtype = spec["dtype"]
+  config.model.remat = bool(spec["remat"])
+  config.batch_size = int(spec["batch"]) * devices
+  if spec.get("image_size"):
+    config.data.image_size = int(spec["image_size"])
+  device = jax.devices()[0]
+  record = {
+      "model": config.model.name, "stem": config.model.get("stem", "bit"),
+      "image_size": config.data.image_size, "dtype": config.model.dtype,
+      "remat": config.model.remat, "per_device_batch": int(spec["batch"]),
+      "global_batch": config.batch_size, "views": 2, "devices": devices,
+      "platform": device.platform, "device_kind": device.device_kind,
+      "jax_version": jax.__version__,
+      "optimizer": config.optimizer.name,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  with contextlib.suppress(Exception):  # a config attribute that may move between versions
+    record["default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
+
+  start = time.perf_counter()
+  mesh, setup, batch = train_step._setup(config)  # pylint: disable=protected-access
+  state = sharding.create_sharded(setup.init_state, jax.random.key(0),
+                                  shardings=setup.state_shardings)
+  jax.block_until_ready(state)
+  record["init_s"] = round(time.perf_counter() - start, 3)
+
+  start = time.perf_counter()
+  lowered = setup.update_fn.lower(state, batch)
+  record["lower_s"] = round(time.perf_counter() - start, 3)
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  record["compile_s"] = round(time.perf_counter() - start, 3)
+
+  # Model FLOPs: the step without remat (recompute is not model work); global over devices.
+  model_flops = spec.get("model_flops_per_step")
+  flops_source = "plan: lowered HLO of the same step without remat"
+  if not model_flops:
+    if not config.model.remat:
+      model_flops, flops_source = xla_flops(lowered), "lowered HLO (no remat)"
+    else:
+      plain = config.copy_and_resolve_references()
+      plain.model.remat = False  # same parameters and state: lower it on this state and batch
+      plain_setup = train_simclr.create_train_setup(  # as train_step._setup builds it
+          plain, mesh, num_classes=0, multi_label=False, total_steps=1000, warmup_steps=10)
+      model_flops = xla_flops(plain_setup.update_fn.lower(state, batch))
+      flops_source = "lowered HLO of the same step without remat"
+  compiled_flops = xla_flops(compiled)
+  if not model_flops and compiled_flops and not config.model.remat:
+    model_flops, flops_source = compiled_flops * devices, "compiled HLO x devices"
+  record["flops_per_step"] = model_flops
+  record["flops_source"] = flops_source if model_flops else "unavailable"
+  record["compiled_flops_per_step"] = compiled_flops
+  record["flops_per_image"] = model_flops / (2 * config.batch_size) if model_flops else None
+  with contextlib.suppress(Exception):  # memory_analysis() may be missing on a backend
+    record.update({f"xla_{k}": v for k, v in
+                   train_step._memory(compiled).items()})  # pylint: disable=protected-access
+
+  for _ in range(max(int(spec["warmup"]), 1)):  # at least one: the first run loads the program
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(int(spec["steps"])):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  del metrics
+  median = statistics.median(times)
+  record.update({
+      "steps": len(times), "median_step_s": median, "min_step_s": min(times),
+      "max_step_s": max(times), "images_per_s": 2 * config.batch_size / median,
+      "pairs_per_s": config.batch_size / median,
+      "state_step": int(jax.device_get(state.step)),
+  })
+  record["tflops_per_s"] = model_flops / median / 1e12 if model_flops else None
+  record["compiled_tflops_per_s"] = compiled_flops / median / 1e12 if compiled_flops else None
+  peak = float(spec.get("peak_tflops") or 0.0) or next(
+      (v for k, v in train_step.PEAK_TFLOPS.items() if k in device.device_kind), 0.0)
+  record["peak_tflops_per_device"] = peak or None
+  record["mfu"] = (record["tflops_per_s"] / (peak * devices)
+                   if peak and record["tflops_per_s"] else None)
+  record["hfu"] = (record["compiled_tflops_per_s"] / peak
+                   if peak and record["compiled_tflops_per_s"] else None)
+  stats = None
+  with contextlib.suppress(Exception):
+    stats = device.memory_stats()
+  stats = stats or {}
+  record["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
+  record["bytes_limit"] = stats.get("bytes_limit")
+  record["peak_bytes_scope"] = spec.get("peak_bytes_scope", "this item's process")
+  if record["peak_bytes_in_use"] is None:
+    record["peak_bytes_scope"] = f"unavailable (memory_stats() on {device.platform})"
+  del state, batch, compiled, lowered
+  emit(record)
+
+
+# ------------------------------------------------------------------------------- torch worker
+def run_torch_item(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None:
+  """The PyTorch peer step: eager, then torch.compile'd (when enabled); one record each."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from torch import nn  # pylint: disable=g-import-not-at-top
+    from torch.nn import functional as F  # pylint: disable=g-import-not-at-top
+    import timm  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # pylint: disable=broad-except
+    emit({"status": "skipped", "reason": f"torch/timm not importable: {e!r}"})
+    return
+  cuda = torch.cuda.is_available()
+  if not cuda and not spec.get("allow_cpu"):
+    emit({"status": "skipped", "torch_version": torch.__version__,
+          "reason": "no CUDA device (torch.cuda.is_available() is False)"})
+    return
+  device = torch.device("cuda" if cuda else "cpu")
+  torch.manual_seed(0)
+  if cuda:
+    torch.backends.cudnn.benchmark = True
+  batch, size = int(spec["batch"]), int(spec["image_size"])
+  hidden, projection = tuple(spec["head_hidden_dims"]), int(spec["projection_dim"])
+  temperature = float(spec["temperature"])
+
+  def layer_norm(width, bias=True):
+    try:
+      return nn.LayerNorm(width, bias=bias)
+    except TypeError:  # torch < 2.1: no `bias` argument
+      return nn.LayerNorm(width)
+
+  if hasattr(timm, "is_model") and not timm.is_model(spec["model"]):
+    emit({"status": "skipped", "reason": f"timm {timm.__version__} has no model "
+                                         f"{spec['model']!r}"})
+    return
+  layers = []
+  encoder = timm.create_model(spec["model"], pretrained=False, num_classes=0)
+  width = encoder.num_features
+  for h in hidden:  # the project's ProjectionHead: Dense(no bias) -> LayerNorm -> ReLU
+    layers += [nn.Linear(width, h, bias=False), layer_norm(h), nn.ReLU()]
+    width = h
+  layers += [nn.Linear(width, projection, bias=False), layer_norm(projection, bias=False)]
+  net = nn.Sequential(encoder, nn.Sequential(*layers)).to(device,
+                                                          memory_format=torch.channels_last)
+  params = list(net.parameters())
+  try:
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-6, fused=cuda)
+    optimizer_name = "SGD(momentum=0.9, fused)" if cuda else "SGD(momentum=0.9)"
+  except (TypeError, RuntimeError):
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-6)
+    optimizer_name = "SGD(momentum=0.9)"
+  # Two views per pair, interleaved (pair i: rows 2i, 2i+1), uint8 as the pipeline delivers.
+  views = torch.randint(0, 256, (2 * batch, 3, size, size), dtype=torch.uint8, device=device)
+  views = views.contiguous(memory_format=torch.channels_last)
+  targets = torch.cat([torch.arange(batch, 2 * batch), torch.arange(0, batch)]).to(device)
+  self_mask = torch.eye(2 * batch, dtype=torch.bool, device=device)
+
+  def loss_fn(images_u8):
+    images = images_u8.float() * (1.0 / 127.5) - 1.0  # the BiT [-1, 1] normalisation
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+      z = net(images)
+    z = z.float().view(batch, 2, -1)
+    z = F.normalize(torch.cat([z[:, 0], z[:, 1]]), dim=1)
+    logits = (z @ z.t()) / temperature
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    return F.cross_entropy(logits, targets)  # NT-Xent over the 2N anchors
+
+  def sync():
+    if cuda:
+      torch.cuda.synchronize()
+
+  base = {"model": spec["model"], "image_size": size, "dtype": "bfloat16 autocast",
+          "per_device_batch": batch, "global_batch": batch, "views": 2, "devices": 1,
+          "platform": device.type,
+          "device_kind": torch.cuda.get_device_name(0) if cuda else "cpu",
+          "torch_version": torch.__version__, "timm_version": timm.__version__,
+          "channels_last": True, "optimizer": optimizer_name}
+  for mode in spec["modes"]:
+    step_loss = torch.compile(loss_fn) if mode == "compile" else loss_fn
+
+    def step():
+      optimizer.zero_grad(set_to_none=True)
+      loss = step_loss(views)
+      loss.backward()
+      optimizer.step()
+      return loss
+
+    record = dict(base, mode=mode, name_suffix=mode)
+    try:
+      if cuda:
+        torch.cuda.reset_peak_memory_stats()
+      start = time.perf_counter()
+      loss = step()
+      sync()
+      record["compile_s"] = round(time.perf_counter() - start, 3)  # first step (+ compile)
+      for _ in range(max(int(spec["warmup"]), 1)):
+        step()
+      sync()
+      times = []
+      for _ in range(int(spec["steps"])):
+        start = time.perf_counter()
+        loss = step()
+        sync()
+        times.append(time.perf_counter() - start)
+      median = statistics.median(times)
+      record.update({
+          "status": "ok", "steps": len(times), "median_step_s": median,
+          "min_step_s": min(times), "max_step_s": max(times),
+          "images_per_s": 2 * batch / median, "pairs_per_s": batch / median,
+          "loss": float(loss.detach().float().cpu()),
+          "peak_bytes_in_use": int(torch.cuda.max_memory_allocated()) if cuda else None,
+          "peak_bytes_scope": ("torch.cuda.max_memory_allocated, reset per mode" if cuda
+                               else "unavailable (cpu)")})
+    except Exception as e:  # pylint: disable=broad-except
+      record.update({"status": "error", "reason": f"{type(e).__name__}: {e}"[:2000]})
+    emit(record)  # at once: a compile killed at the deadline keeps the eager number
+
+
+# ------------------------------------------------------------------------------- grain worker
+def _write_png_folder(folder: str, num_images: int, size: int) -> str:
+  """Grayscale PNGs rendered from the built-in synthetic CXR source + manifest.csv."""
+  import csv  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from data_pipelines.sources import SyntheticCXR  # pylint: disable=g-import-not-at-top
+  source = SyntheticCXR("unlabeled", num_examples=num_images, image_size=size)
+  os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+  paths = []
+  for index in range(num_images):
+    path = f"images/{index:05d}.png"
+    Image.fromarray(source[index]["image"][..., 0]).save(os.path.join(folder, path))
+    paths.append(path)
+  manifest = os.path.join(folder, "manifest.csv")
+  with open(manifest, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["path"])
+    writer.writerows([p] for p in paths)
+  return manifest
+
+
+def run_grain_item(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None:
+  """Images/s of the pretraining input pipeline on this host's CPU cores."""
+  from data_pipelines import pipeline, presets  # pylint: disable=g-import-not-at-top
+  from data_pipelines.sources import FolderSource  # pylint: disable=g-import-not-at-top
+  config = _load_config(spec["config"])
+  size = int(spec.get("image_size") or config.data.image_size)
+  source_size = int(spec.get("source_size") or round(size * 8 / 7))
+  workers = int(spec["workers"])
+  threads = int(spec.get("read_threads") or (1 if workers else max(os.cpu_count() or 1, 1)))
+  batch = int(spec["batch"])
+  record = {"image_size": size, "source_size": source_size, "num_images": spec["num_images"],
+            "preset": config.data.preset, "views": 2, "global_batch": batch,
+            "worker_count": workers, "read_threads": threads, "cpus": os.cpu_count(),
+            "source": "grayscale PNG folder (synthetic CXR renders), decoded by FolderSource",
+            "num_channels": config.data.num_channels}
+  with tempfile.TemporaryDirectory(prefix="accelerator_pngs_") as folder:
+    start = time.perf_counter()
+    manifest = _write_png_folder(folder, int(spec["num_images"]), source_size)
+    record["write_pngs_s"] = round(time.perf_counter() - start, 3)
+    source = FolderSource(folder, manifest, image_column="path", label_columns="",
+                          num_channels=1)
+    ops = presets.get_preset(config.data.preset, "pretrain", size)
+    dataset = pipeline.make_pretrain_dataset(
+        source, batch_size=batch, ops=ops, num_views=2, seed=0, shard_index=0, shard_count=1,
+        num_channels=config.data.num_channels, worker_count=workers, read_threads=threads)
+    iterator = iter(dataset)
+    start = time.perf_counter()
+    for _ in range(int(spec["warmup_batches"])):
+      views = next(iterator)["views"]
+    record["startup_s"] = round(time.perf_counter() - start, 3)
+    pairs, batches = 0, 0
+    cpu_start, start = time.process_time(), time.perf_counter()
+    while (time.perf_counter() - start < float(spec["seconds"])
+           or batches < int(spec["min_batches"])):
+      views = next(iterator)["views"]
+      pairs += views.shape[0]
+      batches += 1
+    elapsed = time.perf_counter() - start
+    record["main_process_cpu_s"] = round(time.process_time() - cpu_start, 3)
+    with contextlib.suppress(Exception):
+      iterator.close()
+  record.update({"status": "ok", "batches": batches, "elapsed_s": round(elapsed, 3),
+                 "views_shape": list(views.shape), "views_dtype": str(views.dtype),
+                 "pairs_per_s": pairs / elapsed, "images_per_s": 2 * pairs / elapsed})
+  with contextlib.suppress(Exception):
+    record["load_average_1m"] = round(os.getloadavg()[0], 2)
+  emit(record)
+
+
+WORKERS = {"jax": run_jax_item, "torch": run_torch_item, "grain": run_grain_item}
+
+
+def _worker_main(kind: str, spec: dict[str, Any]) -> int:
+  """Entry point of a worker subprocess: prints its records, prefixed, one per line."""
+  if importlib.util.find_spec("tensorflow") is None:
+    _stub_tensorboard_writer()
+  WORKERS[kind](spec, _emit_worker_record)
+  return 0
+
+
+# ------------------------------------------------------------------------------------- plan
+def parse_plan(plan: str) -> list[dict[str, Any]]:
+  items = []
+  for token in [t.strip() for t in plan.split(",") if t.strip()]:
+    parts = token.split(":")
+    kind = parts[0]
+    if (kind == "jax" and len(parts) == 4 and parts[1] in ("float32", "bfloat16")
+        and parts[3] in ("on", "off")):
+      items.append({"kind": "jax", "dtype": parts[1], "batch": int(parts[2]),
+                    "remat": parts[3] == "on"})
+    elif kind == "torch" and len(parts) in (2, 3) and parts[2:] in ([], ["eager"],
+                                                                       ["compile"]):
+      items.append({"kind": "torch", "batch": int(parts[1]),
+                    "mode": parts[2] if len(parts) == 3 else "both"})
+    elif kind == "grain" and len(parts) == 2:
+      workers = (os.cpu_count() or 1) if parts[1] == "cpu" else int(parts[1])
+      items.append({"kind": "grain", "workers": workers})
+    else:
+      raise ValueError(f"bad plan item {token!r}: expected jax:DTYPE:BATCH:on|off, "
+                       "torch:BATCH[:eager|compile] or grain:WORKERS|cpu")
+  return items
+
+
+def item_name(item: dict[str, Any], config_model: str, image_size: int) -> str:
+  if item["kind"] == "jax":
+    return (f"jax {config_model} {image_size}px {_dtype_tag(item['dtype'])} "
+            f"b{item['batch']}/dev remat={'on' if item['remat'] else 'off'}")
+  if item["kind"] == "torch":
+    mode = "" if item["mode"] == "both" else f" {item['mode']}"
+    return (f"torch {item.get('model', 'timm')} {image_size}px bf16-autocast "
+            f"b{item['batch']}{mode}")
+  return f"grain {image_size}px 2 views workers={item['workers']}"
+
+
+def _parse_worker_output(stdout: str) -> list[dict[str, Any]]:
+  records = []
+  for line in (stdout or "").splitlines():
+    if line.startswith(RECORD_PREFIX):
+      with contextlib.suppress(json.JSONDecodeError):
+        records.append(json.loads(line[len(RECORD_PREFIX):]))
+  return records
+
+
+def _tail(text: str | bytes | None, chars: int = 1500) -> str:
+  if isinstance(text, bytes):
+    text = text.decode("utf-8", "replace")
+  return (text or "")[-chars:]
+
+
+def run_in_subprocess(kind: str, spec: dict[str, Any], timeout_s: float,
+                      env: dict[str, str]) -> tuple[list[dict[str, Any]], str | None]:
+  """Runs one worker; returns (records, failure reason or None)."""
+  command = [sys.executable, "-m", "experiments.benchmarks.accelerator", f"--_worker={kind}",
+             "--_spec=" + json.dumps(spec)]
+  # Its own process group, so that a kill at the deadline also ends what it started (Grain
+  # worker processes, torch.compile's compile workers).
+  process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    stdout, stderr = process.communicate(timeout=max(timeout_s, 1.0))
+  except subprocess.TimeoutExpired:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+      os.killpg(process.pid, signal.SIGKILL)
+    stdout, stderr = process.communicate()
+    return (_parse_worker_output(stdout),
+            f"timeout: killed after {timeout_s:.0f} s (--deadline_s); stderr tail: "
+            f"{_tail(stderr, 600)}")
+  records = _parse_worker_output(stdout)
+  if process.returncode != 0:
+    return records, f"worker exit code {process.returncode}; stderr tail: {_tail(stderr)}"
+  return records, None
+
+
+def run_in_process(kind: str, spec: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+  import traceback  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec("tensorflow") is None:
+    _stub_tensorboard_writer()
+  records = []
+  try:
+    WORKERS[kind](spec, records.append)
+    return records, None
+  except Exception as e:  # pylint: disable=broad-except
+    return records, f"{type(e).__name__}: {e}; {_tail(traceback.format_exc(), 1200)}"
+
+
+# ------------------------------------------------------------------------------------ table
+def _fmt(value, spec: str = ".1f", scale: float = 1.0) -> str:
+  if value is None or value == "":
+    return ""
+  if isinstance(value, (int, float)):
+    return format(value * scale, spec)
+  return str(value)
+
+
+TABLE_COLUMNS = ("kind", "name", "status", "compile s", "step ms", "images/s", "TFLOP/s",
+                 "MFU", "peak mem GiB", "note")
+
+
+def table_row(record: dict[str, Any]) -> list[str]:
+  kind = record.get("kind", "")
+  mfu = record.get("mfu")
+  peak = record.get("peak_bytes_in_use")
+  note = record.get("reason", "") if record.get("status") != "ok" else record.get("note", "")
+  return [kind, record.get("name", ""), record.get("status", ""),
+          _fmt(record.get("compile_s")),
+          _fmt(record.get("median_step_s"), ".1f", 1e3),
+          _fmt(record.get("images_per_s"), ".0f"),
+          _fmt(record.get("tflops_per_s"), ".3g"),
+          _fmt(mfu, ".1%") if mfu is not None else "",
+          _fmt(peak, ".2f", 1 / 2**30) if peak is not None else "",
+          str(note).replace("|", "/").replace("\n", " ")[:160]]
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+  lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
+           "| " + " | ".join("---" for _ in TABLE_COLUMNS) + " |"]
+  lines += ["| " + " | ".join(table_row(r)) + " |" for r in records]
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--smoke", action="store_true",
+                      help="CPU, tiny model (configs/pretrain_simclr.py:smoke), 32 px, batch 4")
+  parser.add_argument("--config", default=None,
+                      help="config file:variant (default pretrain_simclr r50x1; smoke: smoke)")
+  parser.add_argument("--plan", default=None, help="comma-separated items (see the docstring)")
+  parser.add_argument("--image_size", type=int, default=0, help="0: the config's (smoke: 32)")
+  parser.add_argument("--steps", type=int, default=0, help="timed steps (0: 20; smoke 2)")
+  parser.add_argument("--warmup", type=int, default=0, help="untimed steps (0: 2; smoke 1)")
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="peak TFLOP/s per device for MFU (0: from the device kind)")
+  parser.add_argument("--budget_s", type=float, default=None,
+                      help="start no item expected to end later (default 420; smoke 900)")
+  parser.add_argument("--deadline_s", type=float, default=None,
+                      help="kill a running item at this time (default 470; smoke 1200)")
+  parser.add_argument("--isolate", choices=["process", "none"], default="process",
+                      help="process: each item in its own subprocess; none: all in this one")
+  parser.add_argument("--torch_model", default=None,
+                      help="timm model (default resnetv2_50x1_bit; smoke: resnetv2_18)")
+  parser.add_argument("--torch_compile", choices=["auto", "on", "off"], default="auto",
+                      help="auto: torch.compile on CUDA only (on CPU it takes minutes)")
+  parser.add_argument("--grain_seconds", type=float, default=None, help="default 10; smoke 0")
+  parser.add_argument("--grain_images", type=int, default=None, help="default 256; smoke 8")
+  parser.add_argument("--grain_batch", type=int, default=None, help="default 32; smoke 4")
+  parser.add_argument("--out", default="", help="also write JSON lines here (+ .md table)")
+  parser.add_argument("--_worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+  parser.add_argument("--_spec", help=argparse.SUPPRESS)
+  return parser
+
+
+def _defaults(args) -> None:
+  smoke = args.smoke
+  args.config = args.config or ("configs/pretrain_simclr.py:smoke" if smoke
+                                else "configs/pretrain_simclr.py:r50x1")
+  args.plan = args.plan or (SMOKE_PLAN if smoke else FULL_PLAN)
+  args.image_size = args.image_size or (32 if smoke else 0)
+  args.torch_model = args.torch_model or ("resnetv2_18" if smoke else "resnetv2_50x1_bit")
+  args.steps = args.steps or (2 if smoke else 20)
+  args.warmup = args.warmup or (1 if smoke else 2)
+  args.budget_s = args.budget_s if args.budget_s is not None else (900.0 if smoke else 420.0)
+  args.deadline_s = (args.deadline_s if args.deadline_s is not None
+                     else (1200.0 if smoke else 470.0))
+  args.grain_seconds = args.grain_seconds if args.grain_seconds is not None else (
+      0.0 if smoke else 10.0)
+  args.grain_images = args.grain_images or (8 if smoke else 256)
+  args.grain_batch = args.grain_batch or (4 if smoke else 32)
+
+
+def _config_facts(config_arg: str) -> dict[str, Any]:
+  """Model name, image size and head of the config, read without importing JAX."""
+  config = _load_config(config_arg)
+  return {"model": config.model.name, "image_size": config.data.image_size,
+          "head_hidden_dims": list(config.model.head_hidden_dims),
+          "projection_dim": config.model.projection_dim,
+          "temperature": config.loss.temperature}
+
+
+def _worker_env(smoke: bool) -> dict[str, str]:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if smoke:
+    env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _package_version(name: str) -> str | None:
+  try:
+    import importlib.metadata as metadata  # pylint: disable=g-import-not-at-top
+    return metadata.version(name)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _summary(records: list[dict[str, Any]], smoke: bool = False) -> dict[str, Any]:
+  ok = [r for r in records if r.get("status") == "ok"]
+  jax_ok = [r for r in ok if r.get("kind") == "jax_step" and r.get("images_per_s")]
+  torch_ok = [r for r in ok if r.get("kind") == "torch_step" and r.get("images_per_s")]
+  grain_ok = [r for r in ok if r.get("kind") == "input_pipeline" and r.get("images_per_s")]
+  summary = {"kind": "summary", "name": "summary", "status": "ok"}
+  notes = []
+  if jax_ok:
+    best = max(jax_ok, key=lambda r: r["images_per_s"])
+    summary.update({"best_jax": best["name"], "images_per_s": best["images_per_s"],
+                    "median_step_s": best.get("median_step_s"),
+                    "tflops_per_s": best.get("tflops_per_s"), "mfu": best.get("mfu"),
+                    "peak_bytes_in_use": best.get("peak_bytes_in_use")})
+    bf16 = [r for r in jax_ok if r.get("dtype") == "bfloat16" and r.get("mfu") is not None]
+    if bf16:
+      summary["best_bf16_mfu"] = max(r["mfu"] for r in bf16)
+      summary["mfu_target_0.45_met"] = summary["best_bf16_mfu"] >= 0.45
+      notes.append(f"best bf16 MFU {summary['best_bf16_mfu']:.1%} (target 45%)")
+    notes.insert(0, f"best JAX: {best['name']}")
+  if torch_ok:
+    best_torch = max(torch_ok, key=lambda r: r["images_per_s"])
+    summary["best_torch"] = best_torch["name"]
+    summary["torch_images_per_s"] = best_torch["images_per_s"]
+    if jax_ok:
+      summary["jax_over_torch"] = summary["images_per_s"] / best_torch["images_per_s"]
+      summary["speedup_target_1.3_met"] = summary["jax_over_torch"] >= 1.3
+      notes.append(f"JAX/torch {summary['jax_over_torch']:.2f}x (target 1.3x)")
+      same = [r for r in jax_ok if r.get("dtype") == "bfloat16" and not r.get("remat")
+              and r.get("global_batch") == best_torch.get("global_batch")]
+      if same:  # like for like: bf16, no remat, the torch batch
+        summary["jax_over_torch_same_batch"] = (max(r["images_per_s"] for r in same)
+                                                / best_torch["images_per_s"])
+  if grain_ok:
+    best_grain = max(grain_ok, key=lambda r: r["images_per_s"])
+    summary["input_images_per_s"] = best_grain["images_per_s"]
+    if jax_ok:
+      summary["input_supply_over_demand"] = best_grain["images_per_s"] / summary["images_per_s"]
+      notes.append(f"input pipeline supplies {summary['input_supply_over_demand']:.2f}x "
+                   "the best step's demand")
+  if smoke and notes:
+    notes.insert(0, "smoke run (toy models, CPU): not a measurement")
+  summary["note"] = "; ".join(notes) or "nothing measured"
+  return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  if args._worker:  # pylint: disable=protected-access
+    return _worker_main(args._worker, json.loads(args._spec))  # pylint: disable=protected-access
+  _defaults(args)
+  t0 = time.perf_counter()
+  items = parse_plan(args.plan)
+  facts = _config_facts(args.config)
+  image_size = args.image_size or facts["image_size"]
+  env = _worker_env(args.smoke)
+  torch_compile = {"on": True, "off": False, "auto": not args.smoke}[args.torch_compile]
+  out_file = None
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    out_file = open(args.out, "w", encoding="utf-8")  # pylint: disable=consider-using-with
+  records: list[dict[str, Any]] = []
+
+  def emit(record: dict[str, Any]) -> None:
+    record.setdefault("wall_clock_s", round(time.perf_counter() - t0, 2))
+    records.append(record)
+    line = json.dumps(record, default=_json_default)
+    print(line, flush=True)
+    if out_file:
+      out_file.write(line + "\n")
+      out_file.flush()
+
+  emit({"kind": "environment", "name": "environment", "status": "ok", "smoke": args.smoke,
+        "config": args.config, "plan": args.plan, "image_size": image_size,
+        "budget_s": args.budget_s, "deadline_s": args.deadline_s, "isolate": args.isolate,
+        "python": sys.version.split()[0], "cpus": os.cpu_count(),
+        "versions": {p: _package_version(p) for p in ("jax", "jaxlib", "flax", "optax", "grain",
+                                                        "torch", "timm")},
+        "note": f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, jax "
+                f"{_package_version('jax')}, torch {_package_version('torch')}"})
+
+  priors = dict(SMOKE_PRIOR_SECONDS if args.smoke else PRIOR_SECONDS)
+  seen: dict[str, float] = {}
+  model_flops: dict[tuple, float] = {}
+  kinds = {"jax": "jax_step", "torch": "torch_step", "grain": "input_pipeline"}
+  for index, item in enumerate(items):
+    kind = item["kind"]
+    if kind == "torch":
+      item["model"] = args.torch_model
+      modes = {"eager": ["eager"], "compile": ["compile"], "both": ["eager", "compile"]}[
+          item["mode"]]
+      if not torch_compile:
+        modes = [m for m in modes if m != "compile"]
+    name = item_name(item, facts["model"], image_size)
+    base = {"kind": kinds[kind], "name": name}
+    if kind == "torch" and not modes:
+      emit(dict(base, status="skipped", reason="torch.compile is off (--torch_compile; auto: "
+                                               "on CUDA runs only)"))
+      continue
+    elapsed = time.perf_counter() - t0
+    cost_key = f"torch:{item['mode']}" if kind == "torch" else kind
+    estimate = seen.get(cost_key, priors[cost_key])
+    if elapsed >= args.deadline_s - 1.0:
+      emit(dict(base, status="skipped",
+                reason=f"deadline: {elapsed:.0f} s of --deadline_s={args.deadline_s:.0f} used"))
+      continue
+    if args.budget_s <= 0 or (index > 0 and elapsed + estimate > args.budget_s):
+      emit(dict(base, status="skipped",
+                reason=f"time budget: {elapsed:.0f} s of --budget_s={args.budget_s:.0f} used, "
+                       f"this item is expected to take ~{estimate:.0f} s"))
+      continue
+    if kind == "jax":
+      spec = {"config": args.config, "dtype": item["dtype"], "batch": item["batch"],
+              "remat": item["remat"], "image_size": args.image_size, "steps": args.steps,
+              "warmup": args.warmup, "peak_tflops": args.peak_tflops}
+      flops_key = (item["dtype"], item["batch"])
+      if item["remat"] and flops_key in model_flops:
+        spec["model_flops_per_step"] = model_flops[flops_key]
+      if args.isolate == "none":
+        spec["peak_bytes_scope"] = "this process, cumulative over the items run so far"
+    elif kind == "torch":
+      spec = dict(facts, model=args.torch_model, batch=item["batch"], image_size=image_size,
+                  steps=args.steps, warmup=args.warmup, modes=modes, allow_cpu=args.smoke)
+    else:
+      spec = {"config": args.config, "workers": item["workers"], "image_size": image_size,
+              "batch": args.grain_batch, "num_images": args.grain_images,
+              "seconds": args.grain_seconds, "warmup_batches": 1 if args.smoke else 3,
+              "min_batches": 2 if args.smoke else 5}
+    _log(f"{name}: starting at {elapsed:.0f} s")
+    start = time.perf_counter()
+    if args.isolate == "process":
+      timeout = args.deadline_s - (time.perf_counter() - t0)
+      item_records, failure = run_in_subprocess(kind, spec, timeout, env)
+    else:
+      item_records, failure = run_in_process(kind, spec)
+    wall = time.perf_counter() - start
+    seen[cost_key] = max(seen.get(cost_key, 0.0), wall)
+    _log(f"{name}: {wall:.1f} s" + (f" ({failure[:200]})" if failure else ""))
+    for record in item_records:
+      suffix = record.pop("name_suffix", None)
+      record = dict(base, **record)
+      if suffix and not name.endswith(suffix):
+        record["name"] = f"{name} {suffix}"
+      record.setdefault("status", "ok")
+      record["item_wall_s"] = round(wall, 2)
+      if kind == "jax" and not item["remat"] and record.get("flops_per_step"):
+        model_flops[(item["dtype"], item["batch"])] = record["flops_per_step"]
+      if kind == "grain":
+        demand = [r["images_per_s"] for r in records
+                  if r.get("kind") == "jax_step" and r.get("status") == "ok"]
+        if demand:
+          record["demand_images_per_s"] = max(demand)
+          record["supply_over_demand"] = record["images_per_s"] / max(demand)
+          record["note"] = (f"{record['supply_over_demand']:.2f}x the best JAX step's "
+                            f"{max(demand):.0f} images/s so far")
+      emit(record)
+    if failure:
+      status = "timeout" if failure.startswith("timeout") else "error"
+      if any(r.get("name") == name for r in records):
+        base = dict(base, name=f"{name} (worker {status})")
+      emit(dict(base, status=status, reason=failure, item_wall_s=round(wall, 2)))
+
+  emit(_summary(records, smoke=args.smoke))
+  table = markdown_table(records)
+  print("\n" + table, flush=True)
+  if out_file:
+    out_file.close()
+    with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
+      f.write(table + "\n")
+  _log(f"done in {time.perf_counter() - t0:.0f} s")
+  return 1 if any(r.get("status") == "error" for r in records) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

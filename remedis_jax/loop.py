@@ -1,0 +1,142 @@
+"""Small pieces every train loop uses, whatever it trains.
+
+- `RunAhead`: JAX dispatches steps asynchronously; without a bound the host runs ahead until
+  something reads a value (the logging window's `float()`), and a SIGTERM handler only runs
+  then. Waiting on step t-1 before dispatching step t+1 keeps at most two steps in flight: the
+  device never idles (step t is queued while the host waits), and a preemption notice is acted
+  on within about two steps plus the save, whatever `log_every_steps` is.
+- `next_batch`: fetches the next host batch so that SIGTERM interrupts the wait at once (a
+  stuck or slow input pipeline cannot delay the exit), with the iterator position taken just
+  before, which is what a checkpoint at the current step must hold.
+- `save_at_interrupt`: saves the current step with that position.
+- `DivergenceMonitor`: a warning when the loss or the parameter norm blows up while staying
+  finite (a runaway learning rate drives weights to 1e11 at chance-level loss; no NaN guard
+  fires).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+from typing import Any
+
+import jax
+import optax
+
+from remedis_jax import checkpointing, preemption
+
+
+class RunAhead:
+  """Bounds how many dispatched train steps may be unfinished at once."""
+
+  def __init__(self, max_in_flight: int = 2):
+    if max_in_flight < 1:
+      raise ValueError(f"max_in_flight must be >= 1; got {max_in_flight}")
+    self._max_in_flight = max_in_flight
+    self._pending = collections.deque()
+
+  def dispatched(self, outputs: Any) -> None:
+    """Call right after dispatching a step with (part of) its outputs, e.g. its metrics.
+
+    Blocks until all but the newest `max_in_flight - 1` steps have finished.
+    """
+    self._pending.append(outputs)
+    while len(self._pending) >= self._max_in_flight:
+      jax.block_until_ready(self._pending.popleft())
+
+  @property
+  def in_flight(self) -> int:
+    """Steps dispatched and possibly unfinished (after `dispatched` returned: at most max-1)."""
+    return len(self._pending)
+
+
+class IteratorSnapshot:
+  """A Grain iterator position that `checkpointing.save` writes like a live iterator's."""
+
+  def __init__(self, state: Any):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    # Grain's checkpoint handler writes `get_state().decode()` for non-Grain iterators.
+    return json.dumps(self._state, indent=4).encode()
+
+
+def next_batch(data_iterator, watcher: preemption.PreemptionWatcher):
+  """(host batch, position before it), or (None, position) when SIGTERM came while waiting."""
+  position = data_iterator.get_state()
+  try:
+    with watcher.interruptible():
+      batch = next(data_iterator)
+  except preemption.InterruptedWhileWaiting:
+    return None, position
+  return batch, position
+
+
+def save_at_interrupt(manager, step: int, state: Any, position: Any,
+                      counters: dict[str, Any] | None = None) -> bool:
+  """Saves `state` at `step` with the iterator `position` unless that step is already saved.
+
+  For SIGTERM during the wait for a batch; logs what it did. Returns whether it saved.
+  """
+  if manager.latest_step() == step:
+    logging.warning("Preempted before step %d: nothing new to save (the newest checkpoint is "
+                    "step %d); rerun the same command to resume.", step + 1, step)
+    return False
+  checkpointing.save(manager, step, state, IteratorSnapshot(position), counters=counters,
+                     force=True)
+  logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
+  return True
+
+
+@jax.jit
+def param_norm(params: Any) -> jax.Array:
+  """Global L2 norm of all parameters (one compiled reduction, also for sharded params)."""
+  return optax.tree.norm(params)
+
+
+class DivergenceMonitor:
+  """Warns (once per kind) when the loss or the parameter norm blows up but stays finite.
+
+  Args:
+    initial_param_norm: the parameter norm at the start of this run (after init or restore).
+    norm_growth: warn when the norm exceeds this multiple of the initial one.
+    loss_growth: warn when a logged loss exceeds this multiple of the first logged loss
+      (plus 1, so that near-zero losses do not warn on noise).
+  """
+
+  def __init__(self, initial_param_norm: float, *, norm_growth: float = 100.0,
+               loss_growth: float = 3.0):
+    self.initial_param_norm = float(initial_param_norm)
+    self.norm_growth, self.loss_growth = norm_growth, loss_growth
+    self.first_loss = None
+    self.warnings: list[str] = []
+    self._warned = set()
+
+  def _warn(self, kind: str, message: str) -> list[str]:
+    if kind in self._warned:
+      return []
+    self._warned.add(kind)
+    self.warnings.append(message)
+    logging.warning("Divergence: %s", message)
+    return [message]
+
+  def update(self, step: int, loss: float, norm: float) -> list[str]:
+    """Checks one logged window; returns the warnings issued now (each kind at most once)."""
+    new = []
+    if self.first_loss is None and math.isfinite(loss):
+      self.first_loss = loss
+    if (self.initial_param_norm > 0 and math.isfinite(norm)
+        and norm > self.norm_growth * self.initial_param_norm):
+      new += self._warn("param_norm", (
+          f"at step {step} the parameter norm is {norm:.3g}, {norm / self.initial_param_norm:.0f}x "
+          f"its {self.initial_param_norm:.3g} at the start: the learning rate is probably far "
+          "too high (the run goes on; the loss can look flat while the weights run away)"))
+    if (self.first_loss is not None and math.isfinite(loss)
+        and loss > self.loss_growth * self.first_loss + 1.0):
+      new += self._warn("loss", (
+          f"at step {step} the loss is {loss:.4g}, up from {self.first_loss:.4g} in the first "
+          "logged window: training is diverging (lower the learning rate, or clip gradients "
+          "with config.optimizer.grad_clip_norm)"))
+    return new
