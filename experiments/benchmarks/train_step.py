@@ -118,6 +118,7 @@ def _loop_step_time(config, steps: int, dataset=None) -> dict:
     config.total_steps = steps + 2 * log_every  # the first window holds the compilation
     config.total_epochs = -1.0
     config.knn.every_steps = 0
+    config.linear_probe.enabled = False  # the end-of-run read-out is not part of the loop
     config.checkpoint_every_steps = 10**9
     config.optimizer.warmup_epochs = -1.0
     config.optimizer.warmup_steps = 1
@@ -144,8 +145,10 @@ def measure_loop(config, steps: int, repeats: int = 3) -> dict:
   import grain  # pylint: disable=g-import-not-at-top
   size, channels = config.data.image_size, config.data.num_channels
   rng = np.random.default_rng(0)
+  # `site` too: with a multi-site source the step also computes the site diagnostics.
   batches = [{"views": rng.integers(0, 256, (config.batch_size, 2, size, size, channels),
-                                    dtype=np.uint8)} for _ in range(8)]
+                                    dtype=np.uint8),
+              "site": (np.arange(config.batch_size) % 4).astype(np.int32)} for _ in range(8)]
   bare_runs, cached_runs = [], []
   for _ in range(max(int(repeats), 1)):
     bare_runs.append(measure_step(config, steps, 0.0)["median_step_s"])

@@ -7,15 +7,15 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
-from remedis_jax.models.bit import ResNetV2
-from remedis_jax.models.bit import create_model
 from remedis_jax.models.heads import ProjectionHead
+from remedis_jax.models.zoo import create_model
 
 Array = jax.Array
 
 
 class ContrastiveModel(nn.Module):
-  """A ResNetV2 encoder followed by a ProjectionHead on its pre_logits.
+  """An encoder of the model zoo (BiT ResNet-v2 or ViT) followed by a ProjectionHead on its
+  pre_logits.
 
   Parameters live under `params["encoder"]` (exactly the tree of
   `create_model(name)`, so it can be saved and loaded into a fine-tuning model
@@ -23,15 +23,16 @@ class ContrastiveModel(nn.Module):
 
   `__call__(images, train=False)` returns `(z, intermediates)`: z is the
   float32 projection (B, output_dim); intermediates is one flat dict with the
-  encoder's entries unchanged ("root", "block1".."block4", "feature_map",
-  "pre_logits") and the head's entries prefixed with "head/" ("head/input",
-  "head/hidden_0", ...).
+  encoder's entries unchanged (ResNet: "root", "block1".."block4",
+  "feature_map", "pre_logits"; ViT: its token and "pre_logits" entries) and
+  the head's entries prefixed with "head/" ("head/input", "head/hidden_0", ...).
 
   Attributes:
-    encoder: a ResNetV2 without classification head (num_classes=None).
+    encoder: a `models.create_model` encoder without classification head
+      (num_classes=None).
     head: the projection head.
   """
-  encoder: ResNetV2
+  encoder: nn.Module
   head: ProjectionHead
 
   def __call__(self, images: Array,
@@ -65,17 +66,18 @@ def create_contrastive_model(encoder_name: str, *,
                              projection_dim: int = 128,
                              head_norm: str = "layer",
                              **encoder_overrides: Any) -> ContrastiveModel:
-  """Builds a ContrastiveModel from a VARIANTS name.
+  """Builds a ContrastiveModel around any encoder of the model zoo, by name.
 
   The head takes the encoder's `dtype` and `param_dtype` so that one override
   switches the whole model to bf16.
 
   Args:
-    encoder_name: a `VARIANTS` name, e.g. "R50x1" or "R_tiny".
+    encoder_name: a `models.create_model` name: BiT ("R50x1", "R_tiny", ...) or ViT
+      ("ViT-S/16", "ViT-micro/4", ...).
     head_hidden_dims: widths of the head's hidden layers.
     projection_dim: size of z.
     head_norm: "layer" or "none".
-    **encoder_overrides: ResNetV2 fields, e.g. dtype, remat, num_groups, stem.
+    **encoder_overrides: `create_model` arguments, e.g. dtype, remat, stem (BiT only).
 
   Returns:
     The (unbound) Linen module.
