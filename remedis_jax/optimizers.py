@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -222,26 +221,21 @@ def _peak_learning_rate(config: ml_collections.ConfigDict, batch_size: int) -> f
 
 
 def _make_schedule(config: ml_collections.ConfigDict, peak_lr: float, total_steps: int) -> Schedule:
+  """Linear warm-up from 0 over `warmup_steps`, then cosine / linear decay to
+  `peak_lr * end_lr_factor` at `total_steps`, or constant (optax's schedules, joined)."""
   warmup_steps = int(config.warmup_steps)
   end_lr = peak_lr * config.end_lr_factor
   decay_steps = max(total_steps - warmup_steps, 1)
-  kind = config.schedule
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    progress = jnp.clip((step - warmup_steps) / decay_steps, 0.0, 1.0)
-    if kind == "cosine":
-      decayed = end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    elif kind == "linear":
-      decayed = peak_lr + (end_lr - peak_lr) * progress
-    else:  # constant
-      decayed = jnp.full_like(step, peak_lr)
-    if warmup_steps == 0:
-      return decayed
-    warmup = peak_lr * step / warmup_steps
-    return jnp.where(step < warmup_steps, warmup, decayed)
-
-  return schedule
+  if config.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak_lr, decay_steps, alpha=config.end_lr_factor)
+  elif config.schedule == "linear":
+    decay = optax.linear_schedule(peak_lr, end_lr, decay_steps)
+  else:  # constant
+    decay = optax.constant_schedule(peak_lr)
+  if warmup_steps == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup_steps), decay],
+                              boundaries=[warmup_steps])
 
 
 def make_weight_decay_schedule(config: Union[ml_collections.ConfigDict, dict],
@@ -265,12 +259,10 @@ def make_weight_decay_schedule(config: Union[ml_collections.ConfigDict, dict],
     return start
   end = float(config.weight_decay_end)
   horizon = max(int(total_steps) - 1, 1)
-
-  def schedule(step):
-    progress = jnp.clip(jnp.asarray(step, jnp.float32) / horizon, 0.0, 1.0)
-    return end + (start - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-
-  return schedule
+  if start == 0.0:  # optax's cosine decays from its initial value: rise as end - decay(end)
+    rise = optax.cosine_decay_schedule(end, horizon)
+    return lambda step: end - rise(step)
+  return optax.cosine_decay_schedule(start, horizon, alpha=end / start)
 
 
 # ---------------------------------------------------------------------------

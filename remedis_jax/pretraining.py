@@ -238,7 +238,6 @@ def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
   # ---- loop
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
-  progress_bar = writers.ProgressBar(total_steps, initial_step=start_step)
   watcher = preemption.PreemptionWatcher(manager)
   run_ahead = loop.RunAhead(max_in_flight=2)
   divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
@@ -285,7 +284,6 @@ def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
       window_steps += 1
       window_metrics.append(step_metrics)
       report_progress(step)
-      progress_bar.update(step)
       preempted = watcher.reached(step)
       is_last = step == total_steps
 
@@ -302,7 +300,6 @@ def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
         writer.write_scalars(step, values)
         last_loss = values["train/loss"]
         divergence.update(step, last_loss, values["train/param_norm"])
-        progress_bar.set_postfix(f"loss {last_loss:.4f}")
         if values["train/nonfinite_steps"] > 0:
           raise FloatingPointError(
               f"non-finite loss or gradients in the {window_steps} steps before step {step} "
@@ -328,7 +325,6 @@ def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
         break
   finally:
     manager.wait_until_finished()
-    progress_bar.close()
     watcher.close()
     writer.flush()
 

@@ -51,9 +51,8 @@ WORKDIR/roc/<name>.json: {class: {fpr: [...], tpr: [...], thresholds: [...]}} pe
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -66,25 +65,17 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metrics as clu_metrics
-from clu import parameter_overview, periodic_actions
 
-from data_pipelines import pipeline, presets
+from data_pipelines import pipeline
 from data_pipelines import sources as data_sources
-from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, initialization, losses, models, optimizers
-from remedis_jax import loop, preemption, sharding, workdir_lock, writers
+from remedis_jax import initialization, losses, models, optimizers, sharding, supervised
 from remedis_jax.evaluators import classification, robustness
-from remedis_jax.train_simclr import DTYPES, normalize_images, put_host_tree, write_run_config
+from remedis_jax.pretraining import normalize_images, put_host_tree
 
-RESULTS_FILE = "results.json"
 RESULTS_FORMAT = "remedis-jax-finetune-results/1"
-SUBSET_MANIFEST_FILE = "subset_manifest.json"
 ROC_DIR = "roc"
-BEST_DIR = "best"
 FINETUNE_MODES = ("full", "linear")
 BEST_METRICS = ("macro_auc", "accuracy", "balanced_accuracy")
-# BiT-HyperRule schedule by training-set size: (max examples, warm-up steps, total steps).
-HYPERRULE = ((20_000, 100, 500), (500_000, 500, 10_000), (math.inf, 500, 20_000))
 
 
 @flax.struct.dataclass
@@ -92,14 +83,6 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-
-
-@flax.struct.dataclass
-class BestState:
-  """What WORKDIR/best/ holds: the best parameters, their step and validation value."""
-  step: jax.Array
-  value: jax.Array
-  params: Any
 
 
 # ------------------------------------------------------------------------------ config check
@@ -243,26 +226,6 @@ def class_weights_from_config(spec: str, labels: np.ndarray, num_classes: int,
   return weights
 
 
-def schedule_from_config(config, num_examples: int) -> tuple[int, int, int]:
-  """(total_steps, warmup_steps, steps_per_epoch), converted once from the labeled subset size.
-
-  total_steps > 0 wins, then total_epochs > 0, else BiT-HyperRule by dataset size. Warm-up:
-  optimizer.warmup_steps >= 0 as given; -1 takes BiT-HyperRule's warm-up share of the schedule.
-  """
-  steps_per_epoch = max(num_examples // config.batch_size, 1)
-  _, rule_warmup, rule_total = next(r for r in HYPERRULE if num_examples < r[0])
-  if config.total_steps and config.total_steps > 0:
-    total_steps = int(config.total_steps)
-  elif config.total_epochs and config.total_epochs > 0:
-    total_steps = max(int(round(config.total_epochs * steps_per_epoch)), 1)
-  else:
-    total_steps = rule_total
-  warmup = int(config.optimizer.warmup_steps)
-  if warmup < 0:
-    warmup = int(round(total_steps * rule_warmup / rule_total))
-  return total_steps, min(warmup, total_steps), steps_per_epoch
-
-
 # ------------------------------------------------------------------------------------ model
 class FirstHeadLayer(nn.Module):
   """Layer 0 of `models.ProjectionHead` (Dense -> LayerNorm -> ReLU), with the same names.
@@ -320,8 +283,9 @@ class FinetuneModel(nn.Module):
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> FinetuneModel:
   model_cfg = config.model
-  encoder = models.create_model(model_cfg.name, num_classes=None, dtype=DTYPES[model_cfg.dtype],
-                                remat=model_cfg.remat, stem=model_cfg.get("stem", "bit"))
+  encoder = models.create_model(model_cfg.name, num_classes=None,
+                                dtype=models.DTYPES[model_cfg.dtype], remat=model_cfg.remat,
+                                stem=model_cfg.get("stem", "bit"))
   head_width = int(model_cfg.head_hidden_dims[0]) if model_cfg.from_head_layer else 0
   return FinetuneModel(encoder=encoder, num_classes=num_classes, head_width=head_width,
                        head_norm=model_cfg.head_norm, linear=config.finetune_mode == "linear")
@@ -369,16 +333,8 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, *, multi_
   def update_fn(state: TrainState, batch: dict[str, jax.Array]):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch["image"], batch["label"])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics["nonfinite_steps"] = 1.0 - finite.astype(jnp.float32)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["param_norm"] = optax.tree.norm(state.params)
-    return new_state, metrics_cls.single_from_model_output(**metrics)
+    state, metrics = supervised.apply_gradients(state, tx, loss, grads, metrics)
+    return state, metrics_cls.single_from_model_output(**metrics)
 
   return update_fn
 
@@ -521,44 +477,6 @@ def load_pretrained(config, state: TrainState, setup: TrainSetup) -> tuple[Train
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _json_safe(value):
-  if isinstance(value, dict):
-    return {str(k): _json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
-  if isinstance(value, (float, np.floating)):
-    return None if not math.isfinite(float(value)) else float(value)
-  if isinstance(value, (np.integer,)):
-    return int(value)
-  if isinstance(value, np.bool_):
-    return bool(value)
-  return value
-
-
-def write_json(path: str, payload: Any) -> None:
-  """Atomic JSON write (tmp + rename) on process 0; NaN/inf become null."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(_json_safe(payload), f, indent=2, sort_keys=False, allow_nan=False)
-  os.replace(path + ".tmp", path)
-
-
-def read_results(workdir: str) -> dict[str, Any] | None:
-  """WORKDIR/results.json of a finished run, or None."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.isfile(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    results = json.load(f)
-  return results if results.get("finished") else None
-
-
-def _improved(value: float, best: float) -> bool:
-  return math.isfinite(value) and (not math.isfinite(best) or value > best)
-
-
 def format_results(results: dict[str, Any]) -> str:
   """A table of the final metrics per test set (and the published baselines, if any)."""
   columns = ("macro_auc", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "ece")
@@ -583,80 +501,38 @@ def format_results(results: dict[str, Any]) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes, keeps the best checkpoint on validation, evaluates it on every test set.
 
-  Args:
-    config: a configs/finetune.py config.
-    workdir: the run's folder (created); rerunning resumes.
-
-  Returns:
-    The results.json contents (schema in the module docstring).
-
-  Raises:
-    ValueError / FileNotFoundError: a bad config (before anything is built).
-    FloatingPointError: non-finite loss or gradients.
-    workdir_lock.WorkdirInUseError: another live run holds the workdir.
+  `config` is a configs/finetune.py config. `workdir` is created, or resumed; a finished one returns its
+  results.json (schema in the module docstring) at once. Raises ValueError or
+  FileNotFoundError for a bad config before anything is built, and what `supervised.run`
+  and `supervised.train` raise (another run holds the workdir; non-finite loss).
   """
-  start_time = time.time()
   test_sets = check_config(config)
-  workdir = os.path.abspath(workdir)
-  finished = read_results(workdir)
-  if finished is not None:
-    logging.info("%s/%s exists: the run is finished; returning its results.", workdir,
-                 RESULTS_FILE)
-    return finished
-  with workdir_lock.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, start_time=start_time, test_sets=test_sets)
+  return supervised.run(workdir, functools.partial(_train_and_evaluate, config,
+                                                   test_sets=test_sets))
 
 
-def _train_and_evaluate(config, workdir, *, start_time, test_sets):
-  write_run_config(config, workdir)
-  writer = writers.create_writer(workdir)
-  writer.write_hparams(writers.flatten_config(config.to_dict()))
-
-  # ---- mesh
-  mesh = sharding.make_mesh(config.get("mesh"))
-  batch_sharding = sharding.batch_sharding(mesh)
-  for key in ("batch_size", "eval_batch_size"):
-    if config[key] % mesh.size or config[key] % jax.process_count():
-      raise ValueError(f"config.{key}={config[key]} must be divisible by the number of devices "
-                       f"({mesh.size}) and processes ({jax.process_count()})")
-  local_batch_size = config.batch_size // jax.process_count()
+def _train_and_evaluate(config, workdir, start_time, *, test_sets):
+  writer, mesh = supervised.start(config, workdir)
 
   # ---- data: the label-fraction subset of the training split
   full_train = data_sources.build_source(config.data, config.data.train_split)
   if full_train.num_classes < 1:
     raise ValueError(f"{full_train.name} has no classes: fine-tuning needs labeled data "
                      f"(data.train_split={config.data.train_split!r})")
-  train_source = subset_lib.subset(full_train, config.label_fraction, config.label_fraction_seed,
-                                   stratify=config.label_fraction_stratify)
-  if jax.process_index() == 0:
-    train_source.write_manifest(os.path.join(workdir, SUBSET_MANIFEST_FILE))
+  stream = supervised.training_stream(config, full_train, workdir)
+  train_source, data_iterator, total_steps = (stream.source, stream.data_iterator,
+                                              stream.total_steps)
+  eval_ops = supervised.eval_ops(config)
   num_classes, multi_label = full_train.num_classes, full_train.multi_label
   class_names = list(full_train.class_names)
-  logging.info("Labels: %d of %d training records (label_fraction=%g, seed %d); per class %s; "
-               "manifest %s", len(train_source), len(full_train), config.label_fraction,
-               config.label_fraction_seed, train_source.class_counts(),
-               os.path.join(workdir, SUBSET_MANIFEST_FILE))
-  train_ops = config.data.train_ops or presets.get_preset(config.data.preset, "finetune",
-                                                          config.data.image_size)
-  eval_ops = config.data.eval_ops or presets.get_preset(config.data.preset, "eval",
-                                                        config.data.image_size)
-  dataset = pipeline.make_train_dataset(
-      train_source, batch_size=local_batch_size, ops=train_ops, seed=config.seed,
-      num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
-      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
-      worker_count=config.data.get("worker_count", 0))
-  data_iterator = iter(dataset)
-  total_steps, warmup_steps, steps_per_epoch = schedule_from_config(config, len(train_source))
-  logging.info("Schedule: %d total steps (%d warm-up), %d steps/epoch of the labeled subset.",
-               total_steps, warmup_steps, steps_per_epoch)
+  logging.info("Labels per class: %s", train_source.class_counts())
   class_weights = class_weights_from_config(config.loss.class_weights, train_source.labels,
                                             num_classes, multi_label)
 
   # ---- model, optimiser, sharded state and the jitted steps
   setup = create_train_setup(config, mesh, num_classes=num_classes, multi_label=multi_label,
-                             total_steps=total_steps, warmup_steps=warmup_steps,
+                             total_steps=total_steps, warmup_steps=stream.warmup_steps,
                              class_weights=class_weights)
-  abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
 
   evaluator_kwargs = dict(ops=eval_ops, batch_size=config.eval_batch_size, mesh=mesh,
                           num_channels=config.data.num_channels, num_bins=config.ece_bins)
@@ -664,130 +540,19 @@ def _train_and_evaluate(config, workdir, *, start_time, test_sets):
   val_evaluator = classification.ClassificationEvaluator(setup.predict_fn, val_source,
                                                          **evaluator_kwargs)
 
-  # ---- restore: own checkpoint -> config.model.init -> scratch
-  manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
-                                       asynchronous=config.get("async_checkpointing", True))
-  best_manager = checkpointing.make_manager(os.path.join(workdir, BEST_DIR), max_to_keep=1,
-                                            asynchronous=False, with_data=False)
-  abstract_best = BestState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                            value=jax.ShapeDtypeStruct((), jnp.float32),
-                            params=abstract_state.params)
-  best_shardings = BestState(step=sharding.replicated(mesh), value=sharding.replicated(mesh),
-                             params=state_shardings.params)
-  abstract_best = checkpointing.abstract_with_shardings(abstract_best, best_shardings)
-  restored = checkpointing.restore_latest(
-      manager, checkpointing.abstract_with_shardings(abstract_state, state_shardings),
-      data_iterator)
-  best_value, best_step = -math.inf, -1
-  if restored is not None:
-    state, start_step = restored
-    init_description = f"resumed from {manager.directory}/{start_step}"
-    best_restored = checkpointing.restore_latest(best_manager, abstract_best)
-    if best_restored is not None:
-      best_value, best_step = float(best_restored[0].value), int(best_restored[0].step)
-  else:
-    start_step = 0
-    state = sharding.create_sharded(setup.init_state, jax.random.key(config.seed),
-                                    shardings=state_shardings)
-    state, init_description = load_pretrained(config, state, setup)
-  logging.info("Initialisation: %s; mode %s", init_description, config.finetune_mode)
-  if jax.process_index() == 0:
-    parameter_overview.log_parameter_overview(state.params)
-    logging.info("Optimiser masks:\n%s",
-                 optimizers.describe_masks(state.params, setup.optimizer_config))
-
-  def validate(step: int) -> None:
-    nonlocal best_value, best_step
-    values = dict(val_evaluator.run(state.params))
-    writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
-    value = values[config.best_metric]
-    if _improved(value, best_value) or best_step < 0:
-      best_value, best_step = value, step
-      best = BestState(step=jnp.asarray(step, jnp.int32), value=jnp.asarray(value, jnp.float32),
-                       params=state.params)
-      checkpointing.save(best_manager, step, best, force=True)
-      best_manager.wait_until_finished()
-      logging.info("Step %d: best validation %s so far, %.4f (kept in %s)", step,
-                   config.best_metric, value, best_manager.directory)
-
-  # ---- loop
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
-  progress_bar = writers.ProgressBar(total_steps, initial_step=start_step)
-  watcher = preemption.PreemptionWatcher(manager)
-  run_ahead = loop.RunAhead(max_in_flight=2)
-  divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
-  train_metrics = None
-  # Run totals continue across resumes (saved with every checkpoint).
-  skipped_records = int(checkpointing.read_counters(manager, start_step or None).get(
-      "skipped_records", 0))
-  window_start, window_steps = time.monotonic(), 0
-  step = start_step
-  preempted = False
-  try:
-    while step < total_steps:
-      host_batch, position = loop.next_batch(data_iterator, watcher)
-      if host_batch is None:  # SIGTERM while waiting for input
-        preempted = True
-        loop.save_at_interrupt(manager, step, state, position,
-                               {"skipped_records": skipped_records})
-        break
-      skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
-      batch = sharding.shard_host_batch({k: host_batch[k] for k in ("image", "label")},
-                                        batch_sharding)
-      state, step_metrics = setup.update_fn(state, batch)
-      run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
-      step += 1
-      window_steps += 1
-      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-      report_progress(step)
-      progress_bar.update(step)
-      preempted = watcher.reached(step)
-      is_last = step == total_steps
-
-      if step % config.log_every_steps == 0 or is_last or preempted:
-        values = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
-        elapsed = time.monotonic() - window_start
-        values["train/learning_rate"] = float(setup.schedule(step - 1))
-        values["train/images_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
-        values["train/skipped_records"] = float(skipped_records)
-        values["train/param_norm"] = float(loop.param_norm(state.params))
-        writer.write_scalars(step, values)
-        divergence.update(step, values["train/loss"], values["train/param_norm"])
-        progress_bar.set_postfix(f"loss {values['train/loss']:.4f}")
-        if values["train/nonfinite_steps"] > 0:
-          raise FloatingPointError(
-              f"non-finite loss or gradients in the {window_steps} steps before step {step} "
-              f"(those updates were skipped); the last good checkpoint is "
-              f"{manager.directory}/{manager.latest_step()}. Lower config.optimizer."
-              "learning_rate or set config.optimizer.grad_clip_norm.")
-        train_metrics, window_steps, window_start = None, 0, time.monotonic()
-
-      if step % config.eval_every_steps == 0 or is_last:
-        with report_progress.timed("validation"):
-          validate(step)
-
-      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last,
-                           counters={"skipped_records": skipped_records})
-      if preempted:
-        logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
-        break
-    if not preempted and best_step < 0:
-      validate(step)  # resumed at the last step before any best was kept
-  finally:
-    manager.wait_until_finished()
-    progress_bar.close()
-    watcher.close()
-    writer.flush()
-  manager.close()
-  if preempted:
-    best_manager.close()
-    return {"finished": False, "steps": step, "total_steps": total_steps, "preempted": True}
+  # ---- the shared supervised loop: restore or init, train, keep the best on validation
+  logging.info("Fine-tuning mode: %s", config.finetune_mode)
+  outcome = supervised.train(
+      config, workdir, setup=setup, mesh=mesh, writer=writer, data_iterator=data_iterator,
+      total_steps=total_steps, batch_keys=("image", "label"),
+      init=lambda state: load_pretrained(config, state, setup),
+      validate=val_evaluator.run, best_metric=config.best_metric)
+  if outcome.preempted:
+    return {"finished": False, "steps": outcome.steps, "total_steps": total_steps,
+            "preempted": True}
 
   # ---- final evaluation of the BEST checkpoint
-  best_state, _ = checkpointing.restore_latest(best_manager, abstract_best)
-  best_manager.close()
+  step, best_state = outcome.steps, outcome.best
   params = best_state.params
   val_labels, val_probs = val_evaluator.predict(params)
   thresholds = classification.choose_thresholds(val_labels, val_probs, multi_label)
@@ -802,7 +567,7 @@ def _train_and_evaluate(config, workdir, *, start_time, test_sets):
     labels, probs = evaluator.predict(params)
     metrics = evaluator.metrics(labels, probs, thresholds)
     roc_file = os.path.join(ROC_DIR, f"{test_set.name}.json")
-    write_json(os.path.join(workdir, roc_file), classification.roc_curves(
+    supervised.write_json(os.path.join(workdir, roc_file), classification.roc_curves(
         labels, probs, multi_label=multi_label, class_names=class_names))
     test_results[test_set.name] = {"split": test_set.split, "sites": test_set.sites,
                                    "num_examples": int(labels.shape[0]), "roc_file": roc_file,
@@ -830,10 +595,10 @@ def _train_and_evaluate(config, workdir, *, start_time, test_sets):
                  "init": config.model.init, "from_head_layer": config.model.from_head_layer,
                  "model": config.model.name, "data_source": config.data.source,
                  "task": config.data.get("task")},
-      "initialisation": init_description,
-      "divergence_warnings": divergence.warnings,
+      "initialisation": outcome.initialisation,
+      "divergence_warnings": outcome.divergence_warnings,
       "num_train_labels": len(train_source),
-      "subset_manifest": SUBSET_MANIFEST_FILE,
+      "subset_manifest": supervised.SUBSET_MANIFEST_FILE,
       "task": {"multi_label": multi_label, "num_classes": num_classes,
                "class_names": class_names},
       "best": {"metric": config.best_metric, "split": config.data.val_split,
@@ -844,12 +609,13 @@ def _train_and_evaluate(config, workdir, *, start_time, test_sets):
       "robustness": robust_results,
       "baselines": config.baselines.to_dict() if config.get("baselines") else {},
   }
-  results = _json_safe(results)
-  write_json(os.path.join(workdir, RESULTS_FILE), results)
+  results = supervised.json_safe(results)
+  supervised.write_json(os.path.join(workdir, supervised.RESULTS_FILE), results)
   if jax.process_index() == 0:
     print(f"Fine-tuning finished: {step} steps, {len(train_source)} labels, "
-          f"{init_description}, mode {config.finetune_mode}; best validation "
+          f"{outcome.initialisation}, mode {config.finetune_mode}; best validation "
           f"{config.best_metric} {results['best']['value']:.4f} at step "
           f"{results['best']['step']} ({time.time() - start_time:.1f} s)\n"
-          + format_results(results) + f"\n  results        {workdir}/{RESULTS_FILE}", flush=True)
+          + format_results(results)
+          + f"\n  results        {workdir}/{supervised.RESULTS_FILE}", flush=True)
   return results

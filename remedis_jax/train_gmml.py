@@ -45,7 +45,6 @@ from data_pipelines.subset import sample
 from remedis_jax import models, optimizers, pretraining, sharding
 from remedis_jax.pretraining import TrainSetup, normalize_images
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 GRID_FOLDER = "reconstructions"
 
 
@@ -107,7 +106,7 @@ def build_model(config: ml_collections.ConfigDict) -> GMMLModel:
   if not models.is_vit(model_cfg.name):
     raise ValueError(f"config.model.name={model_cfg.name!r}: GMML pretraining needs a ViT "
                      "(patch tokens to reconstruct from), e.g. 'ViT-S/16' or 'ViT-tiny/4'")
-  dtype = DTYPES[model_cfg.dtype]
+  dtype = models.DTYPES[model_cfg.dtype]
   encoder = models.create_model(model_cfg.name, num_classes=None, dtype=dtype,
                                 remat=model_cfg.remat)
   head = ReconstructionHead(patch_size=encoder.patch_size,

@@ -49,8 +49,8 @@ stratified random sample of the test set (seed `config.figure_seed` if the confi
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -58,22 +58,15 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from clu import parameter_overview, periodic_actions
 
-from data_pipelines import pipeline, presets
 from data_pipelines import sources as data_sources
-from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, initialization, loop, models, optimizers, preemption
-from remedis_jax import sharding, workdir_lock, writers
+from remedis_jax import initialization, models, optimizers, sharding, supervised
 from remedis_jax.evaluators import segmentation as seg_metrics
 from remedis_jax.models import segmentation as seg_models
-from remedis_jax.train_finetune import (BEST_DIR, RESULTS_FILE, SUBSET_MANIFEST_FILE, BestState,
-                                        TestSet, TrainState, _improved, build_eval_sources,
-                                        make_metrics_cls, parse_test_sets, read_results,
-                                        schedule_from_config, write_json)
-from remedis_jax.train_simclr import DTYPES, normalize_images, put_host_tree, write_run_config
+from remedis_jax.train_finetune import (TestSet, TrainState, build_eval_sources,
+                                        make_metrics_cls, parse_test_sets)
+from remedis_jax.pretraining import normalize_images, put_host_tree
 
 RESULTS_FORMAT = "remedis-jax-segment-results/1"
 FIGURE_DIR = "predictions"
@@ -129,11 +122,11 @@ def build_model(config: ml_collections.ConfigDict) -> seg_models.SegmentationMod
   model = seg_models.create_segmentation_model(
       model_cfg.name, num_classes=1, decoder_width=model_cfg.decoder.width,
       decoder_groups=model_cfg.decoder.num_groups, skip_keys=model_cfg.decoder.skips,
-      dtype=DTYPES[model_cfg.dtype], remat=model_cfg.remat)
+      dtype=models.DTYPES[model_cfg.dtype], remat=model_cfg.remat)
   # create_segmentation_model takes no stem: the encoder is rebuilt with the config's.
   return model.clone(encoder=models.create_model(
-      model_cfg.name, num_classes=None, dtype=DTYPES[model_cfg.dtype], remat=model_cfg.remat,
-      stem=model_cfg.get("stem", "bit")))
+      model_cfg.name, num_classes=None, dtype=models.DTYPES[model_cfg.dtype],
+      remat=model_cfg.remat, stem=model_cfg.get("stem", "bit")))
 
 
 # ------------------------------------------------------------------------------------- loss
@@ -184,16 +177,8 @@ def make_update_fn(model: seg_models.SegmentationModel, tx: optax.GradientTransf
   def update_fn(state: TrainState, batch: dict[str, jax.Array]):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch["image"], batch["lung_mask"])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    metrics["nonfinite_steps"] = 1.0 - finite.astype(jnp.float32)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["param_norm"] = optax.tree.norm(state.params)
-    return new_state, metrics_cls.single_from_model_output(**metrics)
+    state, metrics = supervised.apply_gradients(state, tx, loss, grads, metrics)
+    return state, metrics_cls.single_from_model_output(**metrics)
 
   return update_fn
 
@@ -298,71 +283,30 @@ def format_results(results: dict[str, Any]) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes for segmentation, keeps the best validation Dice, evaluates every test set.
 
-  Args:
-    config: a configs/segment.py config.
-    workdir: the run's folder (created); rerunning resumes.
-
-  Returns:
-    The results.json contents (schema in the module docstring).
-
-  Raises:
-    ValueError / FileNotFoundError: a bad config or data without masks (before training).
-    FloatingPointError: non-finite loss or gradients.
-    workdir_lock.WorkdirInUseError: another live run holds the workdir.
+  `config` is a configs/segment.py config. `workdir` is created, or resumed; a finished one returns its
+  results.json (schema in the module docstring) at once. Raises ValueError or
+  FileNotFoundError for a bad config or data without masks before anything is built, and what `supervised.run`
+  and `supervised.train` raise (another run holds the workdir; non-finite loss).
   """
-  start_time = time.time()
   test_sets = check_config(config)
-  workdir = os.path.abspath(workdir)
-  finished = read_results(workdir)
-  if finished is not None:
-    logging.info("%s/%s exists: the run is finished; returning its results.", workdir,
-                 RESULTS_FILE)
-    return finished
-  with workdir_lock.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, start_time=start_time, test_sets=test_sets)
+  return supervised.run(workdir, functools.partial(_train_and_evaluate, config,
+                                                   test_sets=test_sets))
 
 
-def _train_and_evaluate(config, workdir, *, start_time, test_sets):
-  write_run_config(config, workdir)
-  writer = writers.create_writer(workdir)
-  writer.write_hparams(writers.flatten_config(config.to_dict()))
-
-  # ---- mesh
-  mesh = sharding.make_mesh(config.get("mesh"))
-  batch_sharding = sharding.batch_sharding(mesh)
-  for key in ("batch_size", "eval_batch_size"):
-    if config[key] % mesh.size or config[key] % jax.process_count():
-      raise ValueError(f"config.{key}={config[key]} must be divisible by the number of devices "
-                       f"({mesh.size}) and processes ({jax.process_count()})")
-  local_batch_size = config.batch_size // jax.process_count()
+def _train_and_evaluate(config, workdir, start_time, *, test_sets):
+  writer, mesh = supervised.start(config, workdir)
 
   # ---- data: the label-fraction subset of the training masks
   full_train = data_sources.build_source(config.data, config.data.train_split)
   require_masks(full_train, f"data.train_split={config.data.train_split!r}")
-  train_source = subset_lib.subset(full_train, config.label_fraction, config.label_fraction_seed,
-                                   stratify=config.label_fraction_stratify)
-  if jax.process_index() == 0:
-    train_source.write_manifest(os.path.join(workdir, SUBSET_MANIFEST_FILE))
-  logging.info("Masks: %d of %d training records (label_fraction=%g, seed %d); manifest %s",
-               len(train_source), len(full_train), config.label_fraction,
-               config.label_fraction_seed, os.path.join(workdir, SUBSET_MANIFEST_FILE))
-  train_ops = config.data.train_ops or presets.get_preset(config.data.preset, "finetune",
-                                                          config.data.image_size)
-  eval_ops = config.data.eval_ops or presets.get_preset(config.data.preset, "eval",
-                                                        config.data.image_size)
-  dataset = pipeline.make_train_dataset(
-      train_source, batch_size=local_batch_size, ops=train_ops, seed=config.seed,
-      num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
-      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
-      worker_count=config.data.get("worker_count", 0))
-  data_iterator = iter(dataset)
-  total_steps, warmup_steps, steps_per_epoch = schedule_from_config(config, len(train_source))
-  logging.info("Schedule: %d total steps (%d warm-up), %d steps/epoch of the subset.",
-               total_steps, warmup_steps, steps_per_epoch)
+  stream = supervised.training_stream(config, full_train, workdir)
+  train_source, data_iterator, total_steps = (stream.source, stream.data_iterator,
+                                              stream.total_steps)
+  eval_ops = supervised.eval_ops(config)
 
   # ---- model, optimiser, sharded state and the jitted steps
-  setup = create_train_setup(config, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
-  abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
+  setup = create_train_setup(config, mesh, total_steps=total_steps,
+                             warmup_steps=stream.warmup_steps)
   evaluator_kwargs = dict(ops=eval_ops, batch_size=config.eval_batch_size, mesh=mesh,
                           num_channels=config.data.num_channels, threshold=config.threshold)
   val_source, test_sources = build_eval_sources(config, test_sets)
@@ -372,128 +316,19 @@ def _train_and_evaluate(config, workdir, *, start_time, test_sets):
   val_evaluator = seg_metrics.SegmentationEvaluator(setup.predict_fn, val_source,
                                                     **evaluator_kwargs)
 
-  # ---- restore: own checkpoint -> config.model.init -> scratch
-  manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
-                                       asynchronous=config.get("async_checkpointing", True))
-  best_manager = checkpointing.make_manager(os.path.join(workdir, BEST_DIR), max_to_keep=1,
-                                            asynchronous=False, with_data=False)
-  abstract_best = BestState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                            value=jax.ShapeDtypeStruct((), jnp.float32),
-                            params=abstract_state.params)
-  best_shardings = BestState(step=sharding.replicated(mesh), value=sharding.replicated(mesh),
-                             params=state_shardings.params)
-  abstract_best = checkpointing.abstract_with_shardings(abstract_best, best_shardings)
-  restored = checkpointing.restore_latest(
-      manager, checkpointing.abstract_with_shardings(abstract_state, state_shardings),
-      data_iterator)
-  best_value, best_step = -math.inf, -1
-  if restored is not None:
-    state, start_step = restored
-    init_description = f"resumed from {manager.directory}/{start_step}"
-    best_restored = checkpointing.restore_latest(best_manager, abstract_best)
-    if best_restored is not None:
-      best_value, best_step = float(best_restored[0].value), int(best_restored[0].step)
-  else:
-    start_step = 0
-    state = sharding.create_sharded(setup.init_state, jax.random.key(config.seed),
-                                    shardings=state_shardings)
-    state, init_description = load_pretrained(config, state, setup)
-  logging.info("Initialisation: %s; frozen encoder: %s", init_description, config.freeze_encoder)
-  if jax.process_index() == 0:
-    parameter_overview.log_parameter_overview(state.params)
-
-  def validate(step: int) -> None:
-    nonlocal best_value, best_step
-    values = dict(val_evaluator.run(state.params))
-    writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
-    value = values[BEST_METRIC]
-    if _improved(value, best_value) or best_step < 0:
-      best_value, best_step = value, step
-      best = BestState(step=jnp.asarray(step, jnp.int32), value=jnp.asarray(value, jnp.float32),
-                       params=state.params)
-      checkpointing.save(best_manager, step, best, force=True)
-      best_manager.wait_until_finished()
-      logging.info("Step %d: best validation Dice so far, %.4f", step, value)
-
-  # ---- loop
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
-  progress_bar = writers.ProgressBar(total_steps, initial_step=start_step)
-  watcher = preemption.PreemptionWatcher(manager)
-  run_ahead = loop.RunAhead(max_in_flight=2)
-  divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
-  train_metrics = None
-  # Run totals continue across resumes (saved with every checkpoint).
-  skipped_records = int(checkpointing.read_counters(manager, start_step or None).get(
-      "skipped_records", 0))
-  window_start, window_steps = time.monotonic(), 0
-  step = start_step
-  preempted = False
-  try:
-    while step < total_steps:
-      host_batch, position = loop.next_batch(data_iterator, watcher)
-      if host_batch is None:  # SIGTERM while waiting for input
-        preempted = True
-        loop.save_at_interrupt(manager, step, state, position,
-                               {"skipped_records": skipped_records})
-        break
-      skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
-      batch = sharding.shard_host_batch({k: host_batch[k] for k in ("image", "lung_mask")},
-                                        batch_sharding)
-      state, step_metrics = setup.update_fn(state, batch)
-      run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
-      step += 1
-      window_steps += 1
-      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-      report_progress(step)
-      progress_bar.update(step)
-      preempted = watcher.reached(step)
-      is_last = step == total_steps
-
-      if step % config.log_every_steps == 0 or is_last or preempted:
-        values = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
-        elapsed = time.monotonic() - window_start
-        values["train/learning_rate"] = float(setup.schedule(step - 1))
-        values["train/images_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
-        values["train/skipped_records"] = float(skipped_records)
-        values["train/param_norm"] = float(loop.param_norm(state.params))
-        writer.write_scalars(step, values)
-        divergence.update(step, values["train/loss"], values["train/param_norm"])
-        progress_bar.set_postfix(f"loss {values['train/loss']:.4f} dice "
-                                 f"{values['train/dice']:.3f}")
-        if values["train/nonfinite_steps"] > 0:
-          raise FloatingPointError(
-              f"non-finite loss or gradients in the {window_steps} steps before step {step} "
-              f"(those updates were skipped); the last good checkpoint is "
-              f"{manager.directory}/{manager.latest_step()}. Lower config.optimizer."
-              "learning_rate or set config.optimizer.grad_clip_norm.")
-        train_metrics, window_steps, window_start = None, 0, time.monotonic()
-
-      if step % config.eval_every_steps == 0 or is_last:
-        with report_progress.timed("validation"):
-          validate(step)
-
-      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last,
-                           counters={"skipped_records": skipped_records})
-      if preempted:
-        logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
-        break
-    if not preempted and best_step < 0:
-      validate(step)  # resumed at the last step before any best was kept
-  finally:
-    manager.wait_until_finished()
-    progress_bar.close()
-    watcher.close()
-    writer.flush()
-  manager.close()
-  if preempted:
-    best_manager.close()
-    return {"finished": False, "steps": step, "total_steps": total_steps, "preempted": True}
+  # ---- the shared supervised loop: restore or init, train, keep the best on validation
+  logging.info("Frozen encoder: %s", config.freeze_encoder)
+  outcome = supervised.train(
+      config, workdir, setup=setup, mesh=mesh, writer=writer, data_iterator=data_iterator,
+      total_steps=total_steps, batch_keys=("image", "lung_mask"),
+      init=lambda state: load_pretrained(config, state, setup),
+      validate=val_evaluator.run, best_metric=BEST_METRIC)
+  if outcome.preempted:
+    return {"finished": False, "steps": outcome.steps, "total_steps": total_steps,
+            "preempted": True}
 
   # ---- final evaluation of the BEST checkpoint
-  best_state, _ = checkpointing.restore_latest(best_manager, abstract_best)
-  best_manager.close()
+  step, best_state = outcome.steps, outcome.best
   params = best_state.params
   val_counts, _ = val_evaluator.predict(params)
   val_metrics = seg_metrics.segmentation_metrics(val_counts)
@@ -509,7 +344,7 @@ def _train_and_evaluate(config, workdir, *, start_time, test_sets):
       seg_metrics.save_prediction_grid(
           samples, os.path.join(workdir, figure), threshold=config.threshold,
           title=f"{test_set.name} ({test_set.split}@{test_set.sites or 'config sites'}): "
-                f"Dice {metrics['dice']:.3f}, {init_description}")
+                f"Dice {metrics['dice']:.3f}, {outcome.initialisation}")
     test_results[test_set.name] = {"split": test_set.split, "sites": test_set.sites,
                                    "num_examples": metrics["num_examples"],
                                    "figure": figure if config.num_figure_examples > 0 else None,
@@ -529,19 +364,20 @@ def _train_and_evaluate(config, workdir, *, start_time, test_sets):
                  "init": config.model.init, "model": config.model.name,
                  "freeze_encoder": config.freeze_encoder, "data_source": config.data.source,
                  "dice_weight": config.loss.dice_weight, "threshold": config.threshold},
-      "initialisation": init_description,
-      "divergence_warnings": divergence.warnings,
+      "initialisation": outcome.initialisation,
+      "divergence_warnings": outcome.divergence_warnings,
       "num_train_masks": len(train_source),
-      "subset_manifest": SUBSET_MANIFEST_FILE,
+      "subset_manifest": supervised.SUBSET_MANIFEST_FILE,
       "best": {"metric": BEST_METRIC, "split": config.data.val_split,
                "step": int(best_state.step), "value": float(best_state.value)},
       "val": val_metrics,
       "test_sets": test_results,
   }
-  write_json(os.path.join(workdir, RESULTS_FILE), results)
+  supervised.write_json(os.path.join(workdir, supervised.RESULTS_FILE), results)
   if jax.process_index() == 0:
     print(f"Segmentation fine-tuning finished: {step} steps, {len(train_source)} masks, "
-          f"{init_description}; best validation Dice {results['best']['value']:.4f} at step "
+          f"{outcome.initialisation}; best validation Dice {results['best']['value']:.4f} at step "
           f"{results['best']['step']} ({time.time() - start_time:.1f} s)\n"
-          + format_results(results) + f"\n  results        {workdir}/{RESULTS_FILE}", flush=True)
+          + format_results(results)
+          + f"\n  results        {workdir}/{supervised.RESULTS_FILE}", flush=True)
   return results

@@ -29,9 +29,6 @@ from remedis_jax.pretraining import (TrainSetup, make_metrics_cls, merge_metrics
                                      normalize_images, put_host_tree, steps_from_config,
                                      write_run_config)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -47,7 +44,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
       head_hidden_dims=tuple(model_cfg.head_hidden_dims),
       projection_dim=model_cfg.projection_dim,
       head_norm=model_cfg.head_norm,
-      dtype=DTYPES[model_cfg.dtype],
+      dtype=models.DTYPES[model_cfg.dtype],
       remat=model_cfg.remat,
       stem=model_cfg.get("stem", "bit"),
   )

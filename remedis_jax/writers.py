@@ -1,4 +1,5 @@
-"""Where a run reports: TensorBoard + log (clu), a plain-text JSONL file, a terminal progress bar.
+"""Where a run reports: TensorBoard + log (clu) and a plain-text JSONL file; progress lines come
+from clu's ReportProgress (steps/s, ETA) in the loops.
 
 Only process 0 writes files; the other processes log to their own stderr.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any, Mapping
 
@@ -100,48 +100,3 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     else:
       flat[name] = value
   return flat
-
-
-class ProgressBar:
-  """A one-line progress bar on an interactive terminal of process 0; silent otherwise.
-
-  Non-interactive runs (CI, cluster logs) get periodic log lines from clu's ReportProgress
-  instead, which do not fill log files with carriage returns.
-  """
-
-  def __init__(self, total_steps: int, initial_step: int = 0, stream=None):
-    self._stream = stream or sys.stderr
-    self._enabled = jax.process_index() == 0 and self._stream.isatty()
-    self._total = max(total_steps, 1)
-    self._initial = initial_step
-    self._start = time.monotonic()
-    self._last_draw = 0.0
-    self._postfix = ""
-
-  def set_postfix(self, text: str):
-    self._postfix = text
-
-  def update(self, step: int):
-    if not self._enabled:
-      return
-    now = time.monotonic()
-    if now - self._last_draw < 0.2 and step < self._total:
-      return
-    self._last_draw = now
-    done = step - self._initial
-    rate = done / max(now - self._start, 1e-9)
-    eta = (self._total - step) / rate if rate > 0 else float("inf")
-    width = 30
-    filled = int(width * step / self._total)
-    bar = "#" * filled + "-" * (width - filled)
-    eta_text = f"{eta:6.0f}s" if eta != float("inf") else "   ?  "
-    self._stream.write(
-        f"\r[{bar}] {step}/{self._total} {rate:5.2f} step/s ETA {eta_text} {self._postfix}")
-    if step >= self._total:
-      self._stream.write("\n")
-    self._stream.flush()
-
-  def close(self):
-    if self._enabled:
-      self._stream.write("\n")
-      self._stream.flush()

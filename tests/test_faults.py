@@ -217,6 +217,7 @@ def test_divergence_monitor_warns_once_per_kind():
 
 
 def test_param_norm_matches_numpy():
-  params = {"a": np.arange(6.0, dtype=np.float32).reshape(2, 3), "b": {"c": -np.ones(4, np.float32)}}
+  params = {"a": np.arange(6.0, dtype=np.float32).reshape(2, 3),
+            "b": {"c": -np.ones(4, np.float32)}}
   expected = np.sqrt(np.sum(np.arange(6.0) ** 2) + 4.0)
   np.testing.assert_allclose(float(loop.param_norm(params)), expected, rtol=1e-6)

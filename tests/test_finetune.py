@@ -13,7 +13,7 @@ from sklearn.utils import class_weight
 
 from configs import finetune as finetune_config
 from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, export, models, train_finetune
+from remedis_jax import checkpointing, export, models, supervised, train_finetune
 
 
 def smoke_config(**overrides):
@@ -65,11 +65,11 @@ def test_site_test_sets_are_the_same_patients_at_other_sites():
 
 def test_schedule_follows_bit_hyperrule_by_dataset_size():
   config = smoke_config(total_steps=-1, total_epochs=-1.0, **{"optimizer.warmup_steps": -1})
-  assert train_finetune.schedule_from_config(config, 1_000)[:2] == (500, 100)
-  assert train_finetune.schedule_from_config(config, 100_000)[:2] == (10_000, 500)
-  assert train_finetune.schedule_from_config(config, 1_000_000)[:2] == (20_000, 500)
+  assert supervised.schedule_from_config(config, 1_000)[:2] == (500, 100)
+  assert supervised.schedule_from_config(config, 100_000)[:2] == (10_000, 500)
+  assert supervised.schedule_from_config(config, 1_000_000)[:2] == (20_000, 500)
   config = smoke_config(total_steps=-1, total_epochs=3.0)  # batch 16, warm-up 1 as given
-  assert train_finetune.schedule_from_config(config, 160) == (30, 1, 10)
+  assert supervised.schedule_from_config(config, 160) == (30, 1, 10)
 
 
 def test_balanced_class_weights_match_sklearn():

@@ -20,11 +20,13 @@ from remedis_jax.models.heads import ProjectionHead
 from remedis_jax.models.heads import Prototypes
 from remedis_jax.models.vit import VIT_VARIANTS
 from remedis_jax.models.vit import VisionTransformer
+from remedis_jax.models.zoo import DTYPES
 from remedis_jax.models.zoo import create_model
 from remedis_jax.models.zoo import is_vit
 from remedis_jax.models.zoo import model_names
 
 __all__ = [
+    "DTYPES",
     "VARIANTS",
     "VIT_VARIANTS",
     "ContrastiveModel",

@@ -21,6 +21,9 @@ import jax.numpy as jnp
 from remedis_jax.models import bit
 from remedis_jax.models import vit
 
+# config.model.dtype -> the compute dtype.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 # ResNetV2 fields that mean nothing to a ViT. Callers written for BiT (configs with
 # `num_groups`, exports with BiT overrides) may pass them; a ViT ignores them with a log line
 # instead of failing. Any other unknown field is still an error. `stem` is not among them: it is

@@ -1,0 +1,355 @@
+"""The supervised loop that fine-tuning and segmentation share: the counterpart of pretraining.py.
+
+A trainer (train_finetune.py, train_segment.py) owns what is its own: the data and its subset,
+the model and update step, the evaluator and the final evaluation. This module owns the rest, so
+that resume, preemption, the NaN stop, validation and the best checkpoint behave the same in
+both:
+
+  restore (own checkpoint + best so far, else the trainer's init) -> loop (log window,
+  validation every `eval_every_steps` keeping the best parameters in WORKDIR/best/,
+  checkpoints, preemption) -> the best state, for the trainer's final evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import parameter_overview, periodic_actions
+import numpy as np
+
+from data_pipelines import pipeline, presets
+from data_pipelines import subset as subset_lib
+from remedis_jax import checkpointing, loop, optimizers, preemption, pretraining, sharding
+from remedis_jax import workdir_lock, writers
+
+BEST_DIR = "best"
+RESULTS_FILE = "results.json"  # written by the trainer when its final evaluation is done
+SUBSET_MANIFEST_FILE = "subset_manifest.json"  # ids of the labeled records the run used
+# BiT-HyperRule schedule by training-set size: (max examples, warm-up steps, total steps).
+HYPERRULE = ((20_000, 100, 500), (500_000, 500, 10_000), (math.inf, 500, 20_000))
+
+
+@flax.struct.dataclass
+class BestState:
+  """What WORKDIR/best/ holds: the best parameters, their step and validation value."""
+  step: jax.Array
+  value: jax.Array
+  params: Any
+
+
+def improved(value: float, best: float) -> bool:
+  """Whether `value` beats `best` (higher is better; a non-finite value never does)."""
+  return math.isfinite(value) and (not math.isfinite(best) or value > best)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % mesh.size or config[key] % jax.process_count():
+      raise ValueError(f"config.{key}={config[key]} must be divisible by the number of devices "
+                       f"({mesh.size}) and processes ({jax.process_count()})")
+
+
+def apply_gradients(state, tx: optax.GradientTransformation, loss: jax.Array, grads: Any,
+                    metrics: dict[str, jax.Array]):
+  """One optimiser update inside a jitted step, skipped if the loss or a gradient is not finite.
+
+  Returns:
+    (new state, metrics + nonfinite_steps, grad_norm, param_norm (before the update)).
+  """
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+  new_state, finite = pretraining.keep_if_finite(new_state, state, loss, grads)
+  return new_state, {**metrics, "nonfinite_steps": 1.0 - finite,
+                     "grad_norm": optax.tree.norm(grads),
+                     "param_norm": optax.tree.norm(state.params)}
+
+
+def run(workdir: str,
+        train_and_evaluate: Callable[[str, float], dict[str, Any]]) -> dict[str, Any]:
+  """The finished run's results, or `train_and_evaluate(workdir, start_time)` under the lock.
+
+  Raises:
+    workdir_lock.WorkdirInUseError: another live run holds the workdir.
+  """
+  start_time = time.time()
+  workdir = os.path.abspath(workdir)
+  finished = read_results(workdir)
+  if finished is not None:
+    logging.info("%s/%s exists: the run is finished; returning its results.", workdir,
+                 RESULTS_FILE)
+    return finished
+  with workdir_lock.WorkdirLock(workdir):
+    return train_and_evaluate(workdir, start_time)
+
+
+def start(config: ml_collections.ConfigDict, workdir: str):
+  """(writer, mesh): the run's config and hyper-parameters written, batch sizes checked."""
+  pretraining.write_run_config(config, workdir)
+  writer = writers.create_writer(workdir)
+  writer.write_hparams(writers.flatten_config(config.to_dict()))
+  mesh = sharding.make_mesh(config.get("mesh"))
+  check_batch_sizes(config, mesh)
+  return writer, mesh
+
+
+class TrainingStream(NamedTuple):
+  """The labeled training subset, its input iterator and the run's schedule."""
+  source: Any
+  data_iterator: Any
+  total_steps: int
+  warmup_steps: int
+  steps_per_epoch: int
+
+
+def training_stream(config: ml_collections.ConfigDict, full_train, workdir: str) -> TrainingStream:
+  """The `config.label_fraction` subset of `full_train` (its ids written to the workdir), the
+  augmented input pipeline over it, and the schedule converted from its size."""
+  train_source = subset_lib.subset(full_train, config.label_fraction, config.label_fraction_seed,
+                                   stratify=config.label_fraction_stratify)
+  if jax.process_index() == 0:
+    train_source.write_manifest(os.path.join(workdir, SUBSET_MANIFEST_FILE))
+  logging.info("Labels: %d of %d training records (label_fraction=%g, seed %d); manifest %s",
+               len(train_source), len(full_train), config.label_fraction,
+               config.label_fraction_seed, os.path.join(workdir, SUBSET_MANIFEST_FILE))
+  train_ops = config.data.train_ops or presets.get_preset(config.data.preset, "finetune",
+                                                          config.data.image_size)
+  dataset = pipeline.make_train_dataset(
+      train_source, batch_size=config.batch_size // jax.process_count(), ops=train_ops,
+      seed=config.seed, num_channels=config.data.num_channels,
+      skip_bad_records=config.data.skip_bad_records,
+      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
+      worker_count=config.data.get("worker_count", 0))
+  total_steps, warmup_steps, steps_per_epoch = schedule_from_config(config, len(train_source))
+  logging.info("Schedule: %d total steps (%d warm-up), %d steps/epoch of the labeled subset.",
+               total_steps, warmup_steps, steps_per_epoch)
+  return TrainingStream(train_source, iter(dataset), total_steps, warmup_steps, steps_per_epoch)
+
+
+def eval_ops(config: ml_collections.ConfigDict):
+  return config.data.eval_ops or presets.get_preset(config.data.preset, "eval",
+                                                    config.data.image_size)
+
+
+class Outcome(NamedTuple):
+  """How the loop ended. `best` is None when it was preempted."""
+  steps: int
+  total_steps: int
+  preempted: bool
+  best: BestState | None
+  initialisation: str
+  divergence_warnings: list[str]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, setup, mesh, writer,
+          data_iterator, total_steps: int, batch_keys: tuple[str, ...],
+          init: Callable[[Any], tuple[Any, str]], validate: Callable[[Any], dict[str, float]],
+          best_metric: str) -> Outcome:
+  """Trains `setup.update_fn` for `total_steps`, keeping the best validation checkpoint.
+
+  Args:
+    config: the run config (batch_size, log/eval/checkpoint intervals, keep_checkpoints, seed).
+    workdir: checkpoints/ and best/ go here; an existing run there is resumed.
+    setup: the trainer's setup (abstract_state, state_shardings, init_state, update_fn,
+      schedule, optimizer_config).
+    mesh: the device mesh.
+    writer: the run's metric writer.
+    data_iterator: Grain iterator of host batches (restored in place on resume).
+    total_steps: steps of the whole run.
+    batch_keys: the host batch entries the update step reads.
+    init: fresh state -> (initialised state, description): the trainer's pretrained weights.
+    validate: params -> validation metrics ({name: value}, `best_metric` among them).
+    best_metric: the validation metric to maximise.
+
+  Returns:
+    An Outcome; its `best` holds the best parameters unless the run was preempted.
+
+  Raises:
+    FloatingPointError: non-finite loss or gradients in a logging window.
+  """
+  abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ---- restore: own checkpoint (and the best so far) -> the trainer's init
+  manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                       asynchronous=config.get("async_checkpointing", True))
+  best_manager = checkpointing.make_manager(os.path.join(workdir, BEST_DIR), max_to_keep=1,
+                                            asynchronous=False, with_data=False)
+  abstract_best = checkpointing.abstract_with_shardings(
+      BestState(step=jax.ShapeDtypeStruct((), jnp.int32),
+                value=jax.ShapeDtypeStruct((), jnp.float32), params=abstract_state.params),
+      BestState(step=sharding.replicated(mesh), value=sharding.replicated(mesh),
+                params=state_shardings.params))
+  restored = checkpointing.restore_latest(
+      manager, checkpointing.abstract_with_shardings(abstract_state, state_shardings),
+      data_iterator)
+  best_value, best_step = -math.inf, -1
+  if restored is not None:
+    state, start_step = restored
+    initialisation = f"resumed from {manager.directory}/{start_step}"
+    best_restored = checkpointing.restore_latest(best_manager, abstract_best)
+    if best_restored is not None:
+      best_value, best_step = float(best_restored[0].value), int(best_restored[0].step)
+  else:
+    start_step = 0
+    state = sharding.create_sharded(setup.init_state, jax.random.key(config.seed),
+                                    shardings=state_shardings)
+    state, initialisation = init(state)
+  logging.info("Initialisation: %s", initialisation)
+  if jax.process_index() == 0:
+    parameter_overview.log_parameter_overview(state.params)
+    if getattr(setup, "optimizer_config", None) is not None:
+      logging.info("Optimiser masks:\n%s",
+                   optimizers.describe_masks(state.params, setup.optimizer_config))
+
+  def validate_and_keep_best(step: int) -> None:
+    nonlocal best_value, best_step
+    values = dict(validate(state.params))
+    writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
+    value = values[best_metric]
+    if improved(value, best_value) or best_step < 0:
+      best_value, best_step = value, step
+      best = BestState(step=jnp.asarray(step, jnp.int32), value=jnp.asarray(value, jnp.float32),
+                       params=state.params)
+      checkpointing.save(best_manager, step, best, force=True)
+      best_manager.wait_until_finished()
+      logging.info("Step %d: best validation %s so far, %.4f (kept in %s)", step, best_metric,
+                   value, best_manager.directory)
+
+  # ---- loop
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
+  watcher = preemption.PreemptionWatcher(manager)
+  run_ahead = loop.RunAhead(max_in_flight=2)
+  divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
+  train_metrics = None
+  # Run totals continue across resumes (saved with every checkpoint).
+  skipped_records = int(checkpointing.read_counters(manager, start_step or None).get(
+      "skipped_records", 0))
+  window_start, window_steps = time.monotonic(), 0
+  step = start_step
+  preempted = False
+  try:
+    while step < total_steps:
+      host_batch, position = loop.next_batch(data_iterator, watcher)
+      if host_batch is None:  # SIGTERM while waiting for input
+        preempted = True
+        loop.save_at_interrupt(manager, step, state, position,
+                               {"skipped_records": skipped_records})
+        break
+      skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
+      batch = sharding.shard_host_batch({k: host_batch[k] for k in batch_keys}, batch_sharding)
+      state, step_metrics = setup.update_fn(state, batch)
+      run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
+      step += 1
+      window_steps += 1
+      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+      report_progress(step)
+      preempted = watcher.reached(step)
+      is_last = step == total_steps
+
+      if step % config.log_every_steps == 0 or is_last or preempted:
+        values = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
+        elapsed = time.monotonic() - window_start
+        values["train/learning_rate"] = float(setup.schedule(step - 1))
+        values["train/images_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
+        values["train/skipped_records"] = float(skipped_records)
+        values["train/param_norm"] = float(loop.param_norm(state.params))
+        writer.write_scalars(step, values)
+        divergence.update(step, values["train/loss"], values["train/param_norm"])
+        if values["train/nonfinite_steps"] > 0:
+          raise FloatingPointError(
+              f"non-finite loss or gradients in the {window_steps} steps before step {step} "
+              f"(those updates were skipped); the last good checkpoint is "
+              f"{manager.directory}/{manager.latest_step()}. Lower config.optimizer."
+              "learning_rate or set config.optimizer.grad_clip_norm.")
+        train_metrics, window_steps, window_start = None, 0, time.monotonic()
+
+      if step % config.eval_every_steps == 0 or is_last:
+        with report_progress.timed("validation"):
+          validate_and_keep_best(step)
+
+      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last,
+                           counters={"skipped_records": skipped_records})
+      if preempted:
+        logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
+        break
+    if not preempted and best_step < 0:
+      validate_and_keep_best(step)  # resumed at the last step before any best was kept
+  finally:
+    manager.wait_until_finished()
+    watcher.close()
+    writer.flush()
+  manager.close()
+  best = None
+  if not preempted:
+    best, _ = checkpointing.restore_latest(best_manager, abstract_best)
+  best_manager.close()
+  return Outcome(steps=step, total_steps=total_steps, preempted=preempted, best=best,
+                 initialisation=initialisation, divergence_warnings=divergence.warnings)
+
+
+# ------------------------------------------------------------------ workdir and schedule
+def schedule_from_config(config, num_examples: int) -> tuple[int, int, int]:
+  """(total_steps, warmup_steps, steps_per_epoch), converted once from the labeled subset size.
+
+  total_steps > 0 wins, then total_epochs > 0, else BiT-HyperRule by dataset size. Warm-up:
+  optimizer.warmup_steps >= 0 as given; -1 takes BiT-HyperRule's warm-up share of the schedule.
+  """
+  steps_per_epoch = max(num_examples // config.batch_size, 1)
+  _, rule_warmup, rule_total = next(r for r in HYPERRULE if num_examples < r[0])
+  if config.total_steps and config.total_steps > 0:
+    total_steps = int(config.total_steps)
+  elif config.total_epochs and config.total_epochs > 0:
+    total_steps = max(int(round(config.total_epochs * steps_per_epoch)), 1)
+  else:
+    total_steps = rule_total
+  warmup = int(config.optimizer.warmup_steps)
+  if warmup < 0:
+    warmup = int(round(total_steps * rule_warmup / rule_total))
+  return total_steps, min(warmup, total_steps), steps_per_epoch
+
+
+def json_safe(value):
+  if isinstance(value, dict):
+    return {str(k): json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return None if not math.isfinite(float(value)) else float(value)
+  if isinstance(value, (np.integer,)):
+    return int(value)
+  if isinstance(value, np.bool_):
+    return bool(value)
+  return value
+
+
+def write_json(path: str, payload: Any) -> None:
+  """Atomic JSON write (tmp + rename) on process 0; NaN/inf become null."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(json_safe(payload), f, indent=2, sort_keys=False, allow_nan=False)
+  os.replace(path + ".tmp", path)
+
+
+def read_results(workdir: str) -> dict[str, Any] | None:
+  """WORKDIR/results.json of a finished run, or None."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    results = json.load(f)
+  return results if results.get("finished") else None
