@@ -24,10 +24,7 @@ import optax
 
 from data_pipelines import pipeline, presets
 from remedis_jax import losses, models, pretraining, sharding
-# Shared helpers, re-exported under their historical names (tests and benchmarks use them).
-from remedis_jax.pretraining import (TrainSetup, make_metrics_cls, merge_metrics,  # noqa: F401
-                                     normalize_images, put_host_tree, steps_from_config,
-                                     write_run_config)
+from remedis_jax.pretraining import TrainSetup, make_metrics_cls, normalize_images
 
 @flax.struct.dataclass
 class TrainState:

@@ -17,7 +17,7 @@ import numpy as np
 from configs import pretrain_simclr
 from data_pipelines import pipeline, presets
 from data_pipelines import sources as data_sources
-from remedis_jax import checkpointing, sharding, train_simclr, writers
+from remedis_jax import checkpointing, pretraining, sharding, train_simclr, writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +109,7 @@ def test_two_processes_agree_with_one_process_on_the_same_global_batch(tmp_path)
   iterators = [iter(pipeline.make_pretrain_dataset(
       source, batch_size=8, ops=ops, num_views=2, seed=config.seed, shard_index=i,
       shard_count=2, num_channels=3)) for i in range(2)]
-  total, warmup, _ = train_simclr.steps_from_config(config, len(source))
+  total, warmup, _ = pretraining.steps_from_config(config, len(source))
   mesh = sharding.make_mesh(None)
   setup = train_simclr.create_train_setup(config, mesh, num_classes=source.num_classes,
                                           multi_label=source.multi_label, total_steps=total,

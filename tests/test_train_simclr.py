@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import pretrain_simclr
-from remedis_jax import checkpointing, export, initialization, sharding, train_simclr, writers
+from remedis_jax import (checkpointing, export, initialization, pretraining, sharding,
+                         train_simclr, writers)
 
 
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
@@ -75,7 +76,7 @@ def test_nonfinite_gradients_leave_state_unchanged():
   for key in keys[:-1]:
     node = node[key]
   node[keys[-1]] = leaf
-  state = state.replace(params=train_simclr.put_host_tree(poisoned,
+  state = state.replace(params=pretraining.put_host_tree(poisoned,
                                                           setup.state_shardings.params))
   before = jax.device_get(state)
   batch = sharding.shard_host_batch({"views": _random_views(16), "label": np.zeros(16, np.int32)},
@@ -141,14 +142,14 @@ def test_end_to_end_run_resume_export_and_init(tmp_path):
 
 
 def test_window_merge_equals_numpy_means():
-  metrics_cls = train_simclr.make_metrics_cls(("loss", "accuracy"))
+  metrics_cls = pretraining.make_metrics_cls(("loss", "accuracy"))
   rng = np.random.default_rng(0)
   losses, accuracies = rng.normal(size=7), rng.uniform(size=7)
   nonfinite = np.array([0, 0, 1, 0, 0, 0, 0], np.float32)
   window = tuple(metrics_cls.single_from_model_output(
       loss=jnp.float32(l), accuracy=jnp.float32(a), nonfinite_steps=jnp.float32(n))
                  for l, a, n in zip(losses, accuracies, nonfinite))
-  values = train_simclr.merge_metrics(window).compute()
+  values = pretraining.merge_metrics(window).compute()
   np.testing.assert_allclose(values["loss"], losses.mean(), rtol=1e-6)
   np.testing.assert_allclose(values["accuracy"], accuracies.mean(), rtol=1e-6)
   np.testing.assert_allclose(values["nonfinite_steps"], 1 / 7, rtol=1e-6)
@@ -157,8 +158,8 @@ def test_window_merge_equals_numpy_means():
 def test_steps_from_config_converts_epochs_once():
   config = tiny_config(total_steps=-1, total_epochs=2.5)
   config.optimizer.warmup_epochs = 0.5
-  total, warmup, per_epoch = train_simclr.steps_from_config(config, num_examples=160)
+  total, warmup, per_epoch = pretraining.steps_from_config(config, num_examples=160)
   assert (total, warmup, per_epoch) == (25, 5, 10)
   config.total_epochs = -1.0
   with pytest.raises(ValueError, match="total_steps or config.total_epochs"):
-    train_simclr.steps_from_config(config, num_examples=160)
+    pretraining.steps_from_config(config, num_examples=160)
