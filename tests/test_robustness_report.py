@@ -2,7 +2,8 @@
 and runs without robustness results listed, CSV and JSON round trips, the clear error when no
 run has robustness results (library and CLI), and the methods sweep config: it loads, plans
 4 x 3 x 2 runs, enables every perturbation kind and validates once its pretraining workdirs
-exist. One real `:smoke` sweep with a perturbation feeds both reports end to end (slow)."""
+exist. One real `:smoke` sweep with a perturbation, run as two parallel processes, feeds both
+reports end to end (slow)."""
 
 import csv
 import json
@@ -205,8 +206,10 @@ def test_methods_sweep_config_plans_4x3x2_runs_and_validates(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smoke_sweep_feeds_both_reports(tmp_path):
-  """2 real `configs/finetune.py:smoke` runs (4 steps, validation every 2) with a perturbation."""
+def test_real_parallel_smoke_sweep_feeds_both_reports(tmp_path):
+  """2 real `configs/finetune.py:smoke` runs (4 steps, validation every 2) with a perturbation,
+  run by the sweep as two `python -m remedis_jax.main` processes at once (its parallel mode; the
+  in-process mode is test_label_fraction_sweep's real sweep), then read by both reports."""
   config = sweep.default_sweep_config()
   config.base = "configs/finetune.py:smoke"
   config.inits = ml_collections.ConfigDict({"scratch": ""})
@@ -217,8 +220,13 @@ def test_real_smoke_sweep_feeds_both_reports(tmp_path):
       "robustness": {"perturbations": ("gamma(1.5)",)},
       "test_sets": ("in_distribution=test@A",)})
   workdir = str(tmp_path / "sweep")
-  summary = sweep.run_sweep(config, workdir, verbose=False)
+  summary = sweep.run_sweep(config, workdir, parallel=2, verbose=False)
   assert summary["counts"] == {"finished": 2}, summary["failed"]
+  for seed in (0, 1):
+    run = os.path.join(workdir, "init=scratch", "frac=0.5", f"seed={seed}")
+    assert os.path.exists(os.path.join(run, sweep.LOG_FILE))
+    assert os.path.exists(os.path.join(run, "results.json"))
+  assert summary["cells"][0]["n"] == 2
 
   report = convergence.convergence_report(workdir, verbose=False)
   for run in report["runs"]:

@@ -89,8 +89,9 @@ def test_hybrid_update_step_freezing_queue_and_8_devices():
   # The queue's newest 32 rows are the l2-normalised projections of this batch's global views
   # (computed with the parameters the step started from), the rest still empty.
   images = normalize_images(batch["global_views"].reshape((32, 32, 32, 3)))
-  z, _ = setup.model.apply({"params": {"encoder": initial["encoder"], "head": initial["head"]}},
-                           images, train=True)
+  project = jax.jit(lambda params, images: setup.model.apply({"params": params}, images,
+                                                            train=True)[0])
+  z = project({"encoder": initial["encoder"], "head": initial["head"]}, images)
   z = np.asarray(z, np.float64)
   z /= np.linalg.norm(z, axis=1, keepdims=True)
   np.testing.assert_allclose(state_1.queue[:32], z, atol=1e-5)

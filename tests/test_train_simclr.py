@@ -1,4 +1,8 @@
-"""SimCLR trainer: sharded update step, non-finite guard, end-to-end run, resume, init, export."""
+"""SimCLR trainer: sharded update step, non-finite guard, end-to-end run, resume, init, export.
+
+The step tests share one traced and compiled update step per mesh (a module fixture), built
+exactly as the end-to-end run builds its own, so that run reuses the compiled program.
+"""
 
 import json
 import os
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 
 from configs import pretrain_simclr
+from data_pipelines import sources as data_sources
 from remedis_jax import (checkpointing, export, initialization, pretraining, sharding,
                          train_simclr, writers)
 
@@ -26,46 +31,78 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def _random_views(batch, size=32, seed=0):
-  rng = np.random.default_rng(seed)
-  return rng.integers(0, 256, size=(batch, 2, size, size, 3), dtype=np.uint8)
+def _run_setup(config, mesh):
+  """The setup `train_and_evaluate(config)` builds: the synthetic training source's online
+  probe (4 findings, multi-hot) and site metrics, the config's step counts. On the default mesh
+  its update step is the end-to-end run's below, so that run finds it compiled (cache hit)."""
+  source = data_sources.build_source(config.data, config.data.pretrain_split,
+                                     labels_optional=True)
+  total, warmup, _ = pretraining.steps_from_config(config, len(source))
+  setup = train_simclr.create_setup_for_source(config, mesh, source, total_steps=total,
+                                               warmup_steps=warmup)
+  return setup, source
 
 
-def _setup(config, mesh):
-  return train_simclr.create_train_setup(config, mesh, num_classes=2, multi_label=False,
-                                         total_steps=10, warmup_steps=2)
-
-
-def test_update_step_on_8_devices_equals_single_device():
+@pytest.fixture(scope="module")
+def step_setups():
+  """{1: (setup, mesh), 8: (setup, mesh)}: the `:smoke` update step on one device and on the
+  default 8-device mesh, traced and compiled once for this module's step tests, and one real
+  host batch of the synthetic pipeline (two views, findings, site). The step donates its state:
+  each test initialises its own."""
   config = tiny_config()
-  views = _random_views(16)
-  labels = np.arange(16, dtype=np.int32) % 2
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()[:8]):
-    mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, 1), ("data", "fsdp"))
-    setup = _setup(config, mesh)
-    state = sharding.create_sharded(setup.init_state, jax.random.key(0),
-                                    shardings=setup.state_shardings)
-    batch = sharding.shard_host_batch({"views": views, "label": labels},
-                                      sharding.batch_sharding(mesh))
-    state, metrics = setup.update_fn(state, batch)
-    results.append((jax.device_get(state.params), metrics.compute()))
-  (params_1, metrics_1), (params_8, metrics_8) = results
+  meshes = {1: jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp")),
+            8: sharding.make_mesh(None)}
+  setups = {}
+  for devices, mesh in meshes.items():
+    setup, source = _run_setup(config, mesh)
+    assert setup.batch_keys == ("views", "label", "site") and mesh.size == devices
+    setups[devices] = (setup, mesh)
+  host_batch = next(iter(train_simclr.make_dataset(config, source, config.batch_size)))
+  return setups, {k: host_batch[k] for k in setups[8][0].batch_keys}
+
+
+def _step(setup, mesh, state, host_batch):
+  return setup.update_fn(state, sharding.shard_host_batch(host_batch,
+                                                          sharding.batch_sharding(mesh)))
+
+
+def _initial_state(setup):
+  return sharding.create_sharded(setup.init_state, jax.random.key(0),
+                                 shardings=setup.state_shardings)
+
+
+def test_update_step_on_8_devices_equals_single_device(step_setups):
+  setups, host_batch = step_setups
   assert len(jax.devices()) >= 8
-  np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-5)
-  np.testing.assert_allclose(metrics_8["grad_norm"], metrics_1["grad_norm"], rtol=1e-4)
+  assert host_batch["label"].shape == (16, 4) and len(set(host_batch["site"])) > 1
+  results = {}
+  for devices, (setup, mesh) in setups.items():
+    state = _initial_state(setup)
+    initial = jax.device_get(state.params)
+    metrics = []
+    for _ in range(2):  # step 0 has learning rate 0 (warm-up); step 1 moves the parameters
+      state, step_metrics = _step(setup, mesh, state, host_batch)
+      metrics.append(step_metrics.compute())
+    results[devices] = (initial, jax.device_get(state.params), metrics)
+  (initial_1, params_1, metrics_1), (initial_8, params_8, metrics_8) = results[1], results[8]
+  jax.tree.map(np.testing.assert_array_equal, initial_8, initial_1)
+  for m_8, m_1 in zip(metrics_8, metrics_1):
+    np.testing.assert_allclose(m_8["loss"], m_1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_8["grad_norm"], m_1["grad_norm"], rtol=1e-4)
+    for name in ("probe_loss", "top1_negative_same_site", "same_site_negative_share"):
+      np.testing.assert_allclose(m_8[name], m_1[name], rtol=1e-5, atol=1e-6, err_msg=name)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                params_8, params_1)
+  assert not np.allclose(params_1["encoder"]["root_block"]["conv_root"]["kernel"],
+                         initial_1["encoder"]["root_block"]["conv_root"]["kernel"])
   # The loss is NT-Xent over the whole batch of 16 pairs: at init it is near ln(2N - 1).
-  assert abs(float(metrics_1["loss"]) - np.log(31)) < 1.0
+  assert abs(float(metrics_1[0]["loss"]) - np.log(31)) < 1.0
 
 
-def test_nonfinite_gradients_leave_state_unchanged():
-  config = tiny_config()
-  mesh = sharding.make_mesh(None)
-  setup = _setup(config, mesh)
-  state = sharding.create_sharded(setup.init_state, jax.random.key(0),
-                                  shardings=setup.state_shardings)
+def test_nonfinite_gradients_leave_state_unchanged(step_setups):
+  setups, host_batch = step_setups
+  setup, mesh = setups[8]
+  state = _initial_state(setup)
   params = jax.device_get(state.params)
   first = jax.tree_util.tree_leaves_with_path(params["head"])[0]
   poisoned = jax.tree.map(lambda x: x, params)
@@ -76,12 +113,9 @@ def test_nonfinite_gradients_leave_state_unchanged():
   for key in keys[:-1]:
     node = node[key]
   node[keys[-1]] = leaf
-  state = state.replace(params=pretraining.put_host_tree(poisoned,
-                                                          setup.state_shardings.params))
+  state = state.replace(params=pretraining.put_host_tree(poisoned, setup.state_shardings.params))
   before = jax.device_get(state)
-  batch = sharding.shard_host_batch({"views": _random_views(16), "label": np.zeros(16, np.int32)},
-                                    sharding.batch_sharding(mesh))
-  state, metrics = setup.update_fn(state, batch)
+  state, metrics = _step(setup, mesh, state, host_batch)
   assert float(metrics.compute()["nonfinite_steps"]) == 1.0
   after = jax.device_get(state)
   assert int(after.step) == int(before.step)
