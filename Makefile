@@ -1,5 +1,7 @@
 # Two commands a new user needs: `make quickstart` and `make test`. Both create .venv with
-# python3 and install the pinned requirements first (only when the requirements changed).
+# python3 and install the package with its pinned dependencies first (pyproject.toml, through
+# requirements*.txt: `pip install -e ".[cpu]"` / `".[cpu,dev]"`; only when they changed).
+# Accelerator hosts install `pip install -e ".[tpu]"` or `".[cuda12]"` instead (README).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,13 +9,13 @@ WORKDIR ?= workdirs/quickstart
 
 .PHONY: quickstart test install install-dev clean
 
-$(VENV)/.installed-runtime: requirements.txt
+$(VENV)/.installed-runtime: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed-runtime requirements-dev.txt
+$(VENV)/.installed-dev: $(VENV)/.installed-runtime requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $@
 

@@ -181,6 +181,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.baselines = ml_collections.ConfigDict()  # {name: {metric: value}}, printed beside ours
 
   config.log_every_steps = 50
+  # TensorBoard event files; "" = the workdir. They go through TensorFlow's file system, which
+  # writes gs:// itself; set a local folder where it cannot reach the bucket (the emulator tests).
+  config.tensorboard_dir = ""
+  # jax.profiler trace of steps first_step.. for TensorBoard's Profile tab; num_steps 0 = off.
+  config.profile = common.profile_config()
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   config.async_checkpointing = True
@@ -279,10 +284,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_size = 224
     config.data.num_channels = 3
     config.model.dtype = "bfloat16"
+    config.data.worker_count = common.PAPER_SCALE_WORKERS
     config.eval_every_steps = 500
   elif variant == "r50x1":
     config.data.image_size = 224
     config.model.dtype = "bfloat16"
+    config.data.worker_count = common.PAPER_SCALE_WORKERS
     config.eval_every_steps = 1000
 
   if variant == "tiny_vit":

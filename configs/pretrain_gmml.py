@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == "vit_s16":
     config.data.image_size = 224
+    config.data.worker_count = common.PAPER_SCALE_WORKERS
     config.batch_size = 256
     config.total_epochs = 800.0
     config.optimizer.end_lr_factor = 1e-6 / 5e-4  # min_lr 1e-6 at the peak lr of batch 256

@@ -97,6 +97,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.linear_probe = common.linear_probe_config()
 
   config.log_every_steps = 50
+  # TensorBoard event files; "" = the workdir. They go through TensorFlow's file system, which
+  # writes gs:// itself; set a local folder where it cannot reach the bucket (the emulator tests).
+  config.tensorboard_dir = ""
+  # jax.profiler trace of steps first_step.. for TensorBoard's Profile tab; num_steps 0 = off.
+  config.profile = common.profile_config()
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.async_checkpointing = True
@@ -200,15 +205,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.total_epochs = 100.0
     config.model.init = ""
     config.model.dtype = "bfloat16"
+    config.data.worker_count = common.PAPER_SCALE_WORKERS
     config.knn.every_steps = 2000
   elif variant == "r50x1":
     config.data.image_size = 224
     config.model.dtype = "bfloat16"
+    config.data.worker_count = common.PAPER_SCALE_WORKERS
     config.knn.every_steps = 5000
   elif variant == "r152x2":
     config.data.image_size = 224
     config.model.name = "R152x2"
     config.model.dtype = "bfloat16"
+    config.data.worker_count = common.PAPER_SCALE_WORKERS
     config.model.remat = True
     config.param_sharding = "fsdp"
     config.mesh = common.mesh_config(data=-1, fsdp=8)

@@ -106,6 +106,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_figure_examples = 6    # rows of predictions/<test set>.png
   config.figure_seed = 0            # which records the figure shows (a seeded stratified sample)
   config.log_every_steps = 50
+  # TensorBoard event files; "" = the workdir. They go through TensorFlow's file system, which
+  # writes gs:// itself; set a local folder where it cannot reach the bucket (the emulator tests).
+  config.tensorboard_dir = ""
+  # jax.profiler trace of steps first_step.. for TensorBoard's Profile tab; num_steps 0 = off.
+  config.profile = common.profile_config()
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 2
   config.async_checkpointing = True
@@ -160,5 +165,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.label_columns = ""
     config.data.image_size = 224
     config.model.dtype = "bfloat16"
+    config.data.worker_count = common.PAPER_SCALE_WORKERS
     config.eval_every_steps = 500
   return config

@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.errors import BadRecordError
+from remedis_jax import storage
 
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -83,8 +84,7 @@ def read_image_and_size(path: str, record: str | None = None, keep_bit_depth: bo
   """`read_image`, also returning the (height, width) of the full-resolution image."""
   record = record or str(path)
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = storage.read_bytes(path)
   except FileNotFoundError:
     raise BadRecordError(record, "file does not exist") from None
   except IsADirectoryError:

@@ -1,4 +1,4 @@
-"""Grain input pipelines: per-process shards, seeded shuffling, per-record augmentation, batches.
+"""Grain input pipelines: one global stream of batches, read in slices by every process.
 
 Four entry points, one per use:
 
@@ -16,25 +16,65 @@ Four entry points, one per use:
 - `make_eval_dataset`: one deterministic pass, the last batch padded, with a `valid` mask.
   Batches: `image`, `label`, `site`, `id`, `valid` (+ `lung_mask`).
 
-The training graph (Grain's MapDataset / IterDataset API):
+The same data on any topology. A training pipeline's `batch_size` is this process's part b of
+the global batch B = b * shard_count (shard_count: the JAX processes, by default). The global
+batch of step t is a function of (seed, t) only, whatever the number of processes, devices or
+Grain worker processes:
 
-  source -> shard (this process's records) -> seed -> shuffle -> repeat(num_epochs)
-    -> random_map(read + augment)                [threads: read_threads]
-    -> drop bad records, counting them           (only with skip_bad_records=True;
-                                                  bounded by max_bad_record_share)
-    -> batch(batch_size, drop_remainder=True)    [processes: worker_count]
+  source -> seed -> shuffle -> repeat(num_epochs)    one order of ALL records per epoch (a
+                                                     fresh permutation each epoch): the global
+                                                     stream; position g holds record
+                                                     perm_{g // N}[g % N]
+    -> random_map(read + augment)                    the record's generator is keyed by
+                                                     (seed, g): its views depend on its global
+                                                     position, never on the process reading it
+    -> this process's slice                          process p reads global positions
+                                                     t*B + p*b ... t*B + (p+1)*b - 1 of step t
+    [threads: read_threads]
+    -> drop bad records, counting them               (only with skip_bad_records=True;
+                                                      bounded by max_bad_record_share)
+    -> batch(b, drop_remainder=True)                 [processes: worker_count; each worker
+                                                      makes whole batches (steps w, w+W, ...)
+                                                      and Grain interleaves them back in order]
 
-Exact resume: `random_map` seeds each record's `np.random.Generator` from (pipeline seed,
-position in the repeated, shuffled stream), so a record at a given step of a given epoch always
-gets the same views, and the iterator state is just a position. `iter(ds)` is a Grain
-`DatasetIterator` with `get_state()` / `set_state()`; it can be saved inside an Orbax composite
-with `grain.checkpoint.CheckpointSave(iterator)` and restored with `CheckpointRestore`.
+So concatenating the P processes' batches of step t gives exactly the one-process batch of
+step t: the same records, in the same order, with bit-identical views (tests/
+test_data_topology.py checks P = 1, 2, 4). Grain's worker processes split the stream by whole
+batches, not records, so worker_count does not change the batches either.
 
-Sharding: every JAX process reads a disjoint strided shard (`records[shard_index::shard_count]`,
-default `jax.process_index()` / `jax.process_count()`). For training all shards get the same
-length (floor(N / shard_count); at most shard_count - 1 records are left out) so finite-epoch
-runs have the same number of steps on every process. The pipeline seed is folded with the
-shard index, so processes do not draw identical crops for their i-th records.
+Epochs. A finite run (`num_epochs=E`) is the concatenation of E epochs, each a fresh
+permutation of all N records, cut into global batches of B: a batch may straddle an epoch
+boundary, every process yields floor(E * N / B) batches, and only the last (E * N) mod B
+positions of the whole run are never read. (The trainers repeat forever and count steps.)
+
+Resume. The iterator (`iter(ds)`, a Grain `DatasetIterator`) has `get_state()` /
+`set_state()` and is saved inside an Orbax composite with `grain.checkpoint.CheckpointSave`.
+Its state is JSON holding the global position (`global_position`: B * the batches consumed)
+and the layout that saved it (process index and count, global batch size, worker count, N),
+with Grain's own state of this process's pipeline (`inner`). Restored with the same layout, the
+inner state is set as saved: exact, bad-record skips included. Restored with any other layout
+(another process count or index, worker count or global batch size), the pipeline restarts at
+the saved global position: the same continuation as an uninterrupted run, as long as no record
+was skipped as bad before the save (a process that skipped s records had read s positions of
+later steps; those are read again). A state saved by any one process therefore restores every
+process of any topology. (Grain's Orbax handler files the state as
+`process_<i>-of-<P>.json` and reads only the file of the current i and P; a resume on another
+process count needs the checkpoint layer to hand over one of the saved files.)
+
+Bad records and topology. A skipped bad record is replaced by the next record of the same
+process's stream (the first of its slice of a later step), so the batches stay full but, from
+the first skipped record on, differ between topologies (they are still a function of seed, step
+and topology, and resume exactly). Without bad records (or with skip_bad_records=False, where a
+bad record is an error) the run is topology-independent. In a finite multi-process run, a
+process that skipped records runs out of batches before the others.
+
+GMML's "other_image" fills take donor pixels from another record of the same process batch
+(see `make_gmml_dataset`), so those fills depend on the local batch; every other part of a
+GMML batch follows the rule above.
+
+Evaluation (`make_eval_dataset`) keeps a per-process split: process p reads records
+p, p + P, p + 2P, ..., padded to the same number of batches on every process; every record is
+evaluated exactly once across processes.
 
 Outputs are uint8: normalising to [-1, 1] floats is the train step's job, on the device
 (`views / 127.5 - 1`). uint8 moves 4x fewer bytes between worker processes and to the device.
@@ -49,11 +89,12 @@ survive worker processes; a bad record read after the last good one of a finite 
 logged but not counted (no batch follows it).
 
 Bounded skipping: skipping is for the odd broken file, not for a broken dataset. Once a
-process has read `min(200, shard size)` records, more than `max_bad_record_share` of them bad
+process has read `min(200, N)` records, more than `max_bad_record_share` of them bad
 (default 10%; counted per process, or per worker process, since the start of this run) stops
 the run with a `TooManyBadRecordsError` naming the source, the counts and the last bad record;
-a whole pass over the shard without one good record stops it whatever the share limit. Bad
-records are logged one by one up to 10 per process, then every 100th.
+2N - 1 reads in a row without a good record stop it whatever the share limit (one process
+then has read at least one whole epoch; each of P processes, its slices of about 2P epochs).
+Bad records are logged one by one up to 10 per process, then every 100th.
 """
 from __future__ import annotations
 
@@ -75,7 +116,7 @@ from data_pipelines.errors import BadRecordError, TooManyBadRecordsError
 _BAD_RECORD = "_bad_record"
 # The largest share of bad records a run skips before it stops (config.data.max_bad_record_share).
 DEFAULT_MAX_BAD_RECORD_SHARE = 0.1
-# The share is judged once this many records (or the whole shard, if smaller) were read.
+# The share is judged once this many records (or N, if smaller) were read.
 _MIN_RECORDS_FOR_SHARE = 200
 # Bad records logged one by one per process before only every 100th is.
 _LOGGED_BAD_RECORDS = 10
@@ -150,16 +191,16 @@ def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int
   return int(shard_index), int(shard_count)
 
 
-def shard_indices(num_records: int, shard_index: int, shard_count: int,
-                  equal_shards: bool) -> np.ndarray:
-  """Source indices read by one process: a strided slice of range(num_records).
+def shard_indices(num_records: int, shard_index: int, shard_count: int) -> np.ndarray:
+  """Source indices one process evaluates: records shard_index, shard_index + shard_count, ...
+
+  For evaluation only (every record once across processes). Training reads slices of the
+  global stream instead (see the module docstring).
 
   Args:
     num_records: records in the source.
     shard_index: this process's shard.
     shard_count: number of shards.
-    equal_shards: give every shard floor(num_records / shard_count) records (training: every
-      process runs the same number of steps per epoch), instead of keeping every record.
 
   Returns:
     int64 array of source indices.
@@ -171,13 +212,17 @@ def shard_indices(num_records: int, shard_index: int, shard_count: int,
   if num_records < shard_count:
     raise ValueError(f"the source has {num_records} records, fewer than the {shard_count} "
                      "shards (processes); every process needs at least one record")
-  stop = (num_records // shard_count) * shard_count if equal_shards else num_records
-  return np.arange(shard_index, stop, shard_count, dtype=np.int64)
+  return np.arange(shard_index, num_records, shard_count, dtype=np.int64)
 
 
-def _shard_seed(seed: int, shard_index: int) -> int:
-  """A per-shard pipeline seed in [0, 2**32), so shards draw independent augmentations."""
-  return int(np.random.SeedSequence([int(seed), int(shard_index)]).generate_state(1)[0])
+def _stream_seed(seed: int) -> int:
+  """The global stream's Grain seed in [0, 2**32): the shuffle and every record's generator.
+
+  The same on every process. (seed, 0) is what process 0's shard seed was when every process
+  shuffled its own shard, so single-process runs kept their data order and old checkpoints of
+  single-process runs resume exactly.
+  """
+  return int(np.random.SeedSequence([int(seed), 0]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------
@@ -305,7 +350,8 @@ class _DropBadRecordsIterDataset(grain.IterDataset):
   """Drops bad-record markers; each kept element carries how many were dropped just before it.
 
   Stops with a TooManyBadRecordsError when more than `max_share` of the records read are bad
-  (judged after `min(200, num_records)` reads), or after `num_records` bad records in a row.
+  (judged after `min(200, num_records)` reads), or after 2 * num_records - 1 bad records in a
+  row (for one process, a whole epoch of the global stream without a good record).
   """
 
   def __init__(self, parent: grain.IterDataset, *, source_name: str, num_records: int,
@@ -335,7 +381,7 @@ class _DropBadRecordsIterator(grain.DatasetIterator):
     if self._bad_in_a_row >= 2 * self._num_records - 1:  # so a whole pass was bad
       raise TooManyBadRecordsError(
           f"{self._source_name}: no readable record in {self._bad_in_a_row} reads in a row "
-          f"(this process's shard has {self._num_records} records); the last: {last_bad}. "
+          f"(the source has {self._num_records} records); the last: {last_bad}. "
           "Check data.path / data.root / data.manifest and the files themselves.")
     if (self._read >= min(_MIN_RECORDS_FOR_SHARE, self._num_records)
         and self._bad > self._max_share * self._read):
@@ -400,6 +446,171 @@ def _sum_skipped(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------
+# The global stream, this process's slice of it, and an iterator whose state is a position.
+
+
+class _ProcessSlice(grain.MapDataset):
+  """The global stream -> this process's records: its b positions of every global batch.
+
+  Local record j is global position
+    first_position + (batch_offset + (j // b) * batch_stride) * B + shard_index * b + j % b,
+  over the whole global batches the stream holds from first_position on. first_position is
+  where a resumed run restarts; batch_offset and batch_stride pick a worker's batches.
+
+  `slice(worker::num_workers)` splits by local BATCH, not by record: Grain's worker processes
+  (mp_prefetch) call it to share out the stream, and whole batches per worker, interleaved
+  back in order, make the batches independent of worker_count. Other slices are refused.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, global_batch_size: int,
+               local_batch_size: int, shard_index: int, first_position: int = 0,
+               batch_offset: int = 0, batch_stride: int = 1):
+    super().__init__(parent)
+    self._global_batch_size, self._local_batch_size = global_batch_size, local_batch_size
+    self._shard_index, self._first_position = shard_index, first_position
+    self._batch_offset, self._batch_stride = batch_offset, batch_stride
+    whole_batches = max(0, len(parent) - first_position) // global_batch_size
+    self._num_batches = max(0, -(-(whole_batches - batch_offset) // batch_stride))
+
+  def __len__(self) -> int:
+    return self._num_batches * self._local_batch_size
+
+  def __str__(self) -> str:
+    return (f"ProcessSlice(B={self._global_batch_size}, b={self._local_batch_size}, "
+            f"p={self._shard_index}, first={self._first_position}, "
+            f"batches={self._batch_offset}::{self._batch_stride})")
+
+  def global_position(self, index: int) -> int:
+    local_batch, offset = divmod(int(index), self._local_batch_size)
+    step = self._batch_offset + local_batch * self._batch_stride
+    return (self._first_position + step * self._global_batch_size
+            + self._shard_index * self._local_batch_size + offset)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self.global_position(index)]
+
+  def slice(self, sl: slice) -> "_ProcessSlice":
+    start, step = sl.start or 0, sl.step or 1
+    if sl.stop is not None or not 0 <= start < step:
+      raise ValueError(f"_ProcessSlice splits only by whole batches (worker::num_workers, as "
+                       f"Grain's worker processes do); got {sl}")
+    return _ProcessSlice(self._parent, global_batch_size=self._global_batch_size,
+                         local_batch_size=self._local_batch_size,
+                         shard_index=self._shard_index, first_position=self._first_position,
+                         batch_offset=self._batch_offset + start * self._batch_stride,
+                         batch_stride=self._batch_stride * step)
+
+
+class _GlobalBatchesIterDataset(grain.IterDataset):
+  """This process's batches of the global stream; its iterator's state is a global position.
+
+  `build(first_position)` makes this process's pipeline from that global position on.
+  """
+
+  def __init__(self, build: Any, layout: dict[str, int]):
+    super().__init__()
+    self._build, self._layout = build, dict(layout)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _GlobalBatchesIterator(self._build, self._layout)
+
+  def __str__(self) -> str:
+    return f"GlobalBatchesIterDataset({self._layout})"
+
+
+class _GlobalBatchesIterator(grain.DatasetIterator):
+  """Counts the global positions consumed; restores a state saved with any layout.
+
+  State (JSON): `global_position` (B * batches consumed since position 0), the saving
+  `layout` (process_index, process_count, global_batch_size, worker_count, num_records),
+  `skipped_records` (bad records this process skipped so far), `first_position` (where the
+  inner pipeline started) and `inner` (Grain's state of that pipeline).
+  """
+
+  def __init__(self, build: Any, layout: dict[str, int]):
+    super().__init__()
+    self._build, self._layout = build, layout
+    self._inner = None
+    self._start(first_position=0)
+
+  def _start(self, first_position: int, inner_state: Any = None) -> None:
+    if self._inner is not None:
+      self._inner.close()
+    self._inner = iter(self._build(first_position))
+    if inner_state is not None:
+      self._inner.set_state(inner_state)
+    self._first_position = first_position
+    self._global_position = first_position
+    self._skipped = 0
+
+  def __next__(self) -> dict[str, Any]:
+    batch = next(self._inner)  # StopIteration ends the stream.
+    self._global_position += self._layout["global_batch_size"]
+    self._skipped += int(batch.get("skipped_records", 0))
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {"global_position": self._global_position, "layout": dict(self._layout),
+            "skipped_records": self._skipped, "first_position": self._first_position,
+            "inner": self._inner.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if "global_position" not in state:
+      self._set_legacy_state(state)
+      return
+    position = int(state["global_position"])
+    saved = {k: int(v) for k, v in state["layout"].items()}
+    if saved == self._layout:
+      # Exact, including the shift of a stream that skipped bad records.
+      self._start(int(state["first_position"]), state["inner"])
+      self._global_position, self._skipped = position, int(state["skipped_records"])
+      return
+    if saved["num_records"] != self._layout["num_records"]:
+      logging.warning(
+          "Data: the iterator state was saved over %d records, the source now has %d: the "
+          "global order is a different one; continuing at global position %d.",
+          saved["num_records"], self._layout["num_records"], position)
+    if int(state.get("skipped_records", 0)):
+      logging.warning(
+          "Data: the saved process had skipped %d bad records, so it had read that many "
+          "positions of later steps; restarting the global stream at position %d reads them "
+          "again.", int(state["skipped_records"]), position)
+    logging.info("Data: iterator state saved by process %d of %d (global batch %d, %d "
+                 "workers) restored on process %d of %d (global batch %d, %d workers) at "
+                 "global position %d.", saved["process_index"], saved["process_count"],
+                 saved["global_batch_size"], saved["worker_count"],
+                 self._layout["process_index"], self._layout["process_count"],
+                 self._layout["global_batch_size"], self._layout["worker_count"], position)
+    self._start(position)
+
+  def _set_legacy_state(self, state: dict[str, Any]) -> None:
+    """A state saved before batches were global: Grain's own state of the whole pipeline.
+
+    For one process without workers that pipeline was this one, so the resume is exact.
+    """
+    if self._layout["process_count"] > 1 or self._layout["worker_count"] > 0:
+      logging.warning(
+          "Data: the iterator state predates global batches (each process then shuffled its "
+          "own shard); it is restored as saved, but the records after the resume are not the "
+          "ones the original run would have read.")
+    self._start(0, state)
+    # Records this process had consumed (without workers) -> whole steps -> global position.
+    global_batch_size = self._layout["global_batch_size"]
+    local_batch_size = global_batch_size // self._layout["process_count"]
+    self._global_position = (int(state.get("next_index", 0)) // local_batch_size
+                             * global_batch_size)
+
+  def start_prefetch(self) -> None:
+    self._inner.start_prefetch()
+
+  def close(self) -> None:
+    if getattr(self, "_inner", None) is not None:
+      self._inner.close()
+
+
+# ----------------------------------------------------------------------------------------
 # Public entry points.
 
 
@@ -410,33 +621,53 @@ def _make_augmented_dataset(source: Any, augment: Any, *, batch_size: int, seed:
                             max_bad_record_share: float = DEFAULT_MAX_BAD_RECORD_SHARE,
                             reader_type: type[_RecordReader] = _RecordReader,
                             batch_transform: Any = None) -> grain.IterDataset:
+  """This process's batches of the global stream (module docstring): the training graph."""
   if batch_size <= 0:
     raise ValueError(f"batch_size (per process) must be positive; got {batch_size}")
   if num_epochs is not None and num_epochs <= 0:
     raise ValueError(f"num_epochs must be positive or None (repeat forever); got {num_epochs}")
+  if worker_count < 0:
+    raise ValueError(f"worker_count must be >= 0; got {worker_count}")
   max_bad_record_share = _check_max_bad_share(max_bad_record_share)
   _check_not_empty(source)
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
-  indices = shard_indices(len(source), shard_index, shard_count, equal_shards=True)
-  dataset = (grain.MapDataset.source(reader_type(source, indices, skip_bad_records))
-             .seed(_shard_seed(seed, shard_index))
-             .shuffle()
-             .repeat(num_epochs)
-             .random_map(augment))
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(
-      num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
-  dataset = _DropBadRecordsIterDataset(
-      dataset, source_name=str(getattr(source, "name", type(source).__name__)),
-      num_records=len(indices), max_share=max_bad_record_share)
-  dataset = dataset.batch(batch_size, drop_remainder=True)
-  if batch_transform is not None:
-    # Before mp_prefetch, so batch-level work (GMML's other-image fill) runs in the workers.
-    dataset = dataset.map(batch_transform)
-  if worker_count > 0:
-    _ensure_absl_flags_parsed()
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=worker_count, per_worker_buffer_size=2))
-  return dataset.map(_sum_skipped)
+  num_records = len(source)
+  global_batch_size = batch_size * shard_count
+  if num_epochs is not None and num_epochs * num_records < global_batch_size:
+    raise ValueError(f"{num_epochs} epoch(s) of {num_records} records hold no whole global "
+                     f"batch of {global_batch_size} ({batch_size} per process x "
+                     f"{shard_count} processes); repeat more epochs or use a smaller batch")
+  source_name = str(getattr(source, "name", type(source).__name__))
+  stream = (grain.MapDataset.source(
+      reader_type(source, np.arange(num_records, dtype=np.int64), skip_bad_records))
+            .seed(_stream_seed(seed))
+            .shuffle()
+            .repeat(num_epochs)
+            .random_map(augment))
+
+  def build(first_position: int) -> grain.IterDataset:
+    records = _ProcessSlice(stream, global_batch_size=global_batch_size,
+                            local_batch_size=batch_size, shard_index=shard_index,
+                            first_position=first_position)
+    dataset = records.to_iter_dataset(grain.ReadOptions(
+        num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
+    dataset = _DropBadRecordsIterDataset(dataset, source_name=source_name,
+                                         num_records=num_records,
+                                         max_share=max_bad_record_share)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    if batch_transform is not None:
+      # Before mp_prefetch, so batch-level work (GMML's other-image fill) runs in the workers.
+      dataset = dataset.map(batch_transform)
+    if worker_count > 0:
+      _ensure_absl_flags_parsed()
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=worker_count, per_worker_buffer_size=2))
+    return dataset.map(_sum_skipped)
+
+  layout = {"process_index": shard_index, "process_count": shard_count,
+            "global_batch_size": global_batch_size, "worker_count": worker_count,
+            "num_records": num_records}
+  return _GlobalBatchesIterDataset(build, layout)
 
 
 def make_pretrain_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op] | str,
@@ -451,14 +682,17 @@ def make_pretrain_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib
   Args:
     source: random-access source (`__len__`, `__getitem__` -> record dict, see
       data_pipelines/sources/base.py); must be picklable when worker_count > 0.
-    batch_size: records per batch on this process (the global batch / process count).
+    batch_size: records per batch on this process, b = the global batch / shard_count.
     ops: op list (objects from `presets.get_preset`, or a spec `ops.parse_ops` accepts); must
       end at a fixed size.
     num_views: augmented views per record (SimCLR: 2).
-    seed: pipeline seed; the shuffle and every record's views derive from it.
-    shard_index: this process's shard (default jax.process_index()).
-    shard_count: number of shards (default jax.process_count()).
-    num_epochs: passes over the shard; None repeats forever (count steps in the trainer).
+    seed: pipeline seed; the global order and every record's views derive from it (the
+      same on every process).
+    shard_index: this process (default jax.process_index()): it reads positions
+      shard_index * b ... (shard_index + 1) * b - 1 of every global batch.
+    shard_count: number of processes (default jax.process_count()).
+    num_epochs: passes over the whole source; None repeats forever (count steps in the
+      trainer). A finite run has floor(num_epochs * N / (b * shard_count)) batches.
     num_channels: 3 repeats grayscale to RGB (BiT weights expect RGB); 1 keeps one channel.
     skip_bad_records: False: a BadRecordError from the source propagates (it names the record
       and the reason). True: the record is dropped, logged with its reason, and counted in the
@@ -475,7 +709,8 @@ def make_pretrain_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib
     `skipped_records` (int).
 
   Raises:
-    ValueError: bad sizes, shards, or ops that do not fix the output size.
+    ValueError: bad sizes or shards, no whole global batch in a finite run, or ops that do
+      not fix the output size.
   """
   if num_views < 1:
     raise ValueError(f"num_views must be >= 1; got {num_views}")
@@ -516,8 +751,8 @@ def make_multicrop_dataset(source: Any, *, batch_size: int,
     max_bad_record_share: float = DEFAULT_MAX_BAD_RECORD_SHARE) -> grain.IterDataset:
   """The multi-crop pretraining pipeline (SwAV; Ghesu et al. 2022): global + local views.
 
-  Same graph, sharding, shuffle, per-record seeding, bad-record counting and checkpointable
-  iterator as `make_pretrain_dataset`; each record gives `num_global` views from `global_ops`
+  Same global stream, process slices, per-record seeding, bad-record counting and
+  checkpointable iterator as `make_pretrain_dataset`; each record gives `num_global` views from `global_ops`
   and then `num_local` views from `local_ops` (e.g. `presets.get_multicrop_ops`), all from the
   record's own generator, so a resumed run sees the same crops.
 
@@ -537,11 +772,11 @@ def make_multicrop_dataset(source: Any, *, batch_size: int,
     num_global: global views per record (>= 1; swapped prediction and NT-Xent need 2).
     num_local: local views per record (>= 0). With 0 the batches have NO `local_views` key
       (no empty (B, 0, ...) array): the loss then runs on global views only.
-    seed: pipeline seed; the shuffle and every record's views derive from it.
+    seed: pipeline seed; the global order and every record's views derive from it.
     labeled_indices: 1-D integer array of source indices that count as labeled, or None.
-    shard_index: this process's shard (default jax.process_index()).
-    shard_count: number of shards (default jax.process_count()).
-    num_epochs: passes over the shard; None repeats forever.
+    shard_index: this process (default jax.process_index()); see `make_pretrain_dataset`.
+    shard_count: number of processes (default jax.process_count()).
+    num_epochs: passes over the whole source; None repeats forever.
     num_channels: 3 repeats grayscale to RGB; 1 keeps one channel.
     skip_bad_records: as in `make_pretrain_dataset`.
     worker_count: Grain worker processes (0: augment in reader threads of this process).
@@ -691,7 +926,8 @@ def make_eval_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op]
     source: random-access source.
     batch_size: records per batch on this process.
     ops: eval op list (e.g. `presets.get_preset(name, "eval", size)`); must fix the size.
-    shard_index: this process's shard (default jax.process_index()).
+    shard_index: this process's shard (default jax.process_index()): records shard_index,
+      shard_index + shard_count, ... (`shard_indices`).
     shard_count: number of shards (default jax.process_count()).
     num_channels: 3 (grey repeated to RGB) or 1.
     read_threads: threads reading and transforming records.
@@ -709,7 +945,7 @@ def make_eval_dataset(source: Any, *, batch_size: int, ops: Sequence[ops_lib.Op]
   ops = _check_ops(ops, "make_eval_dataset")
   _check_not_empty(source)
   shard_index, shard_count = resolve_shard(shard_index, shard_count)
-  indices = shard_indices(len(source), shard_index, shard_count, equal_shards=False)
+  indices = shard_indices(len(source), shard_index, shard_count)
   padded_length = num_eval_batches(len(source), batch_size, shard_count) * batch_size
   padded = np.concatenate([indices, np.full(padded_length - len(indices), indices[0])])
   dataset = (grain.MapDataset.source(_RecordReader(source, padded, skip_bad_records=False))
@@ -802,7 +1038,7 @@ def make_gmml_dataset(source: Any, *, batch_size: int, clean_ops: Sequence[ops_l
   reconstruction target; `corrupt_ops` (intensity only: the geometry must stay the clean view's,
   otherwise the pixel target is undefined) then `ops_masking.GroupMask` give the corrupted
   view, the model's input. "other_image" fills are done per batch on the host after batching:
-  the masked patches take the clean pixels of another record of the same process batch
+  the masked patches take the clean pixels of another record of the same PROCESS batch
   (`ops_masking.fill_from_other_images`), in the Grain workers when worker_count > 0. Host
   rather than device: it is one numpy select on data already in host memory (measured on this
   2-core CPU: 19 ms per 64-image 224 px batch with a third of the images filled from others,
@@ -811,10 +1047,13 @@ def make_gmml_dataset(source: Any, *, batch_size: int, clean_ops: Sequence[ops_l
   device-side donor from another shard of a sharded batch would need a collective permute
   of whole images, and the logged image grid shows exactly what the model saw.
 
-  Same graph, sharding, per-record seeding, bad-record counting and checkpointable iterator
-  as `make_pretrain_dataset` (exact resume: a record's views, mask and donor offset come from
-  its own generator; the donor is chosen from the batch position, which a resumed iterator
-  reproduces).
+  Same global stream, process slices, per-record seeding, bad-record counting and
+  checkpointable iterator as `make_pretrain_dataset` (exact resume: a record's views, mask and
+  donor offset come from its own generator; the donor is chosen from the batch position, which
+  a resumed iterator reproduces). The one part that depends on the topology: an other-image
+  fill's donor is a record of this process's batch, so with other processes (or another
+  per-process batch size) an "other_image" row gets another donor; clean views, masks, fill
+  kinds and noise or zero fills are the same on every topology.
 
   Args:
     source: random-access source (see `make_pretrain_dataset`).
@@ -826,10 +1065,10 @@ def make_gmml_dataset(source: Any, *, batch_size: int, clean_ops: Sequence[ops_l
     max_group_share: a group's side is at most this share of the patch grid's side.
     fill_shares: relative shares of (noise, zeros, other_image) fills, one kind per image.
     noise: "uniform" or "gaussian" (see ops_masking).
-    seed: pipeline seed.
-    shard_index: this process's shard (default jax.process_index()).
-    shard_count: number of shards (default jax.process_count()).
-    num_epochs: passes over the shard; None repeats forever.
+    seed: pipeline seed; the global order and every record's views and mask derive from it.
+    shard_index: this process (default jax.process_index()); see `make_pretrain_dataset`.
+    shard_count: number of processes (default jax.process_count()).
+    num_epochs: passes over the whole source; None repeats forever.
     num_channels: 3 repeats grayscale to RGB; 1 keeps one channel.
     skip_bad_records: as in `make_pretrain_dataset`.
     worker_count: Grain worker processes (0: augment in reader threads of this process).

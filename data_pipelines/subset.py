@@ -27,7 +27,6 @@ images, so a first-n kNN bank held one class and its AUC sat at 0.5).
 """
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.sources.base import IndexView, Source
+from remedis_jax import storage
 
 NO_FINDING = "no_finding"
 UNLABELED = "unlabeled"
@@ -121,8 +121,7 @@ class SubsetView(IndexView):
                 "stratify": self.stratify, "num_examples": len(self),
                 "source_num_examples": len(self.parent), "class_counts": self.class_counts(),
                 "ids": self.ids}
-    with open(path, "w") as f:
-      json.dump(manifest, f, indent=1)
+    storage.write_json(path, manifest, indent=1)
 
 
 def subset(source: Source, fraction: float, seed: int = 0, stratify: bool = True) -> SubsetView:
@@ -239,8 +238,7 @@ def read_manifest(path: str, source: Source) -> SubsetView:
   Raises:
     ValueError: the manifest names another source, or ids missing from the source.
   """
-  with open(path) as f:
-    manifest: dict[str, Any] = json.load(f)
+  manifest: dict[str, Any] = storage.read_json(path)
   if manifest["source"] != source.name:
     raise ValueError(f"{path} is a subset of source {manifest['source']!r}, not {source.name!r}")
   position = {example_id: i for i, example_id in enumerate(source.ids)}

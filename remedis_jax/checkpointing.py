@@ -18,8 +18,8 @@ starts from scratch over existing checkpoints.
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import re
 import time
 from typing import Any, Mapping
@@ -29,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from remedis_jax import storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_MARKER = ".damaged-"
@@ -54,8 +56,7 @@ def make_manager(
       are copied to host memory).
     with_data: also manage the `data` item (the Grain iterator state).
   """
-  directory = os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir,
-                           CHECKPOINT_SUBDIR)
+  directory = storage.join(storage.absolute(workdir), CHECKPOINT_SUBDIR)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       enable_async_checkpointing=asynchronous,
@@ -179,15 +180,37 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   if saved_state is not None:  # Outside the try: a different model is not a damaged checkpoint.
     check_compatible(saved_state, abstract_state, what=f"checkpoint {manager.directory}/{step}")
   items = {"state": ocp.args.StandardRestore(abstract_state)}
+  other_topology = None
   if data_iterator is not None:
-    # The iterator position of the same step: restored in one call with the state, and a step
-    # whose iterator file is unreadable is damaged as a whole. A failed attempt may have moved
-    # the iterator; the successful one sets its whole state again.
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    other_topology = _iterator_file_of_other_topology(manager, step)
+    if other_topology is None:
+      # The iterator position of the same step: restored in one call with the state, and a step
+      # whose iterator file is unreadable is damaged as a whole. A failed attempt may have moved
+      # the iterator; the successful one sets its whole state again.
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
-    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    state = manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    if other_topology is not None:
+      # Saved by another number of processes: every process saved the same global stream
+      # position, so any one file serves; the pipeline continues from that position
+      # (data_pipelines/pipeline.py) and logs how it adapted.
+      logging.info("Checkpoint %s/%d was saved by another number of processes; continuing the "
+                   "data stream from %s", manager.directory, step, other_topology)
+      data_iterator.set_state(json.loads(other_topology.read_text()))
+    return state
   except Exception as e:  # pylint: disable=broad-except
     raise _Damaged(e) from e
+
+
+def _iterator_file_of_other_topology(manager: ocp.CheckpointManager, step: int):
+  """The iterator file a run with another process count saved at `step`; None when this
+  process's own file (`data/process_<i>-of-<n>.json`) exists or the step has no data item."""
+  folder = epath.Path(manager.directory) / str(step) / "data"
+  own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if own.exists() or not folder.exists():
+    return None
+  saved = sorted(folder.glob("process_*-of-*.json"))
+  return saved[0] if saved else None
 
 
 def move_aside(manager: ocp.CheckpointManager, step: int) -> str | None:
@@ -290,10 +313,10 @@ def load_params(path: str) -> tuple[dict[str, Any], int]:
   Raises:
     FileNotFoundError: no finished checkpoint under `path`.
   """
-  directory = os.path.abspath(path)  # Orbax's OCDBT reader rejects relative paths
-  if os.path.isdir(os.path.join(directory, CHECKPOINT_SUBDIR)):
-    directory = os.path.join(directory, CHECKPOINT_SUBDIR)
-  if not os.path.isdir(directory):
+  directory = storage.absolute(path)  # Orbax's OCDBT reader rejects relative paths
+  if storage.isdir(storage.join(directory, CHECKPOINT_SUBDIR)):
+    directory = storage.join(directory, CHECKPOINT_SUBDIR)
+  if not storage.isdir(directory):
     raise FileNotFoundError(
         f"{path} is neither a workdir with a '{CHECKPOINT_SUBDIR}/' folder nor an export folder")
   with ocp.CheckpointManager(

@@ -16,11 +16,12 @@ cannot tell them apart. A model.json without "stem" predates the option and mean
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
+
+from remedis_jax import storage
 
 EXPORT_FORMAT = "remedis-jax-export/1"
 METADATA_FILE = "model.json"
@@ -31,25 +32,23 @@ NORMALISATION = "x / 127.5 - 1 (uint8 pixels to [-1, 1], BiT convention)"
 
 
 def is_export(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, METADATA_FILE))
+  return storage.isfile(storage.join(path, METADATA_FILE))
 
 
 def write_export(out: str, params: dict[str, Any], metadata: dict[str, Any]) -> None:
   """Writes params (host arrays) and metadata; refuses to overwrite an existing export."""
-  if os.path.exists(os.path.join(out, METADATA_FILE)) or os.path.exists(
-      os.path.join(out, PARAMS_DIR)):
+  if storage.exists(storage.join(out, METADATA_FILE)) or storage.exists(
+      storage.join(out, PARAMS_DIR)):
     raise FileExistsError(f"{out} already holds an export; choose a new --out folder")
-  os.makedirs(out, exist_ok=True)
+  storage.makedirs(out)
   params = {k: v for k, v in params.items() if v is not None}
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(os.path.join(out, PARAMS_DIR)), params)
+    checkpointer.save(storage.join(storage.absolute(out), PARAMS_DIR), params)
     checkpointer.wait_until_finished()
   # The JSON goes last: a folder without model.json is not an export (is_export is False).
   metadata = dict(metadata, format=EXPORT_FORMAT, parts=sorted(params))
-  tmp = os.path.join(out, METADATA_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(metadata, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(out, METADATA_FILE))
+  storage.write_text(storage.join(out, METADATA_FILE),
+                     json.dumps(metadata, indent=2, sort_keys=True))
 
 
 def load_export(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -62,18 +61,18 @@ def load_export(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     FileNotFoundError: `path` has no model.json (not an export).
     ValueError: the export was written by an unknown format version.
   """
-  meta_path = os.path.join(path, METADATA_FILE)
-  if not os.path.isfile(meta_path):
+  meta_path = storage.join(path, METADATA_FILE)
+  if not storage.isfile(meta_path):
     raise FileNotFoundError(f"{path} is not an export: it has no {METADATA_FILE}")
-  with open(meta_path, encoding="utf-8") as f:
-    metadata = json.load(f)
+  metadata = storage.read_json(meta_path)
   if metadata.get("format") != EXPORT_FORMAT:
     raise ValueError(f"{meta_path}: format {metadata.get('format')!r}, expected {EXPORT_FORMAT!r}")
   with ocp.StandardCheckpointer() as checkpointer:
-    abstract = checkpointer.metadata(os.path.abspath(os.path.join(path, PARAMS_DIR)))
+    params_dir = storage.join(storage.absolute(path), PARAMS_DIR)
+    abstract = checkpointer.metadata(params_dir)
     tree = getattr(abstract, "item_metadata", abstract)
     target = _numpy_targets(tree)
-    params = checkpointer.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
+    params = checkpointer.restore(params_dir, target)
   return metadata, params
 
 
@@ -100,12 +99,11 @@ def create_encoder_from_export(path: str, **overrides):
 def export_workdir(workdir: str, out: str, include_head: bool = False) -> dict[str, Any]:
   """Exports the newest checkpoint of a pretraining workdir; returns the metadata written."""
   from remedis_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  config_path = os.path.join(workdir, RUN_CONFIG_FILE)
-  if not os.path.isfile(config_path):
+  config_path = storage.join(workdir, RUN_CONFIG_FILE)
+  if not storage.isfile(config_path):
     raise FileNotFoundError(
         f"{workdir} has no {RUN_CONFIG_FILE}: it is not a remedis-jax training workdir")
-  with open(config_path, encoding="utf-8") as f:
-    config = json.load(f)
+  config = storage.read_json(config_path)
   params, step = checkpointing.load_params(workdir)
   if "encoder" not in params:
     raise ValueError(f"the checkpoint in {workdir} has no 'encoder' parameters; "
@@ -131,7 +129,7 @@ def export_workdir(workdir: str, out: str, include_head: bool = False) -> dict[s
       "step": int(step),
       "pretraining": {
           "method": config.get("trainer", "simclr"),
-          "workdir": os.path.abspath(workdir),
+          "workdir": storage.absolute(workdir),
           "data_source": data_cfg.get("source"),
       },
   }

@@ -9,11 +9,9 @@ The resume order is spelled out in each trainer:
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, NamedTuple
 
-from remedis_jax import checkpointing, export
+from remedis_jax import checkpointing, export, storage
 
 SCRATCH = ("", "none", "scratch")
 
@@ -49,14 +47,14 @@ def load_init(init: str | None, model_name: str, stem: str = "bit") -> LoadedIni
   bit.check_stem(stem)
   init = str(init)
   if init.endswith(".npz"):
-    if not os.path.isfile(init):
+    if not storage.isfile(init):
       raise FileNotFoundError(f"config.model.init: BiT checkpoint {init} does not exist")
     name, params = bit.load_bit_npz(init, model_name=None, keep_head=False, stem=stem)
     if name != model_name:
       raise ValueError(f"config.model.init={init} holds BiT {name} weights, but "
                        f"config.model.name={model_name!r}; set config.model.name={name!r}")
     return LoadedInit(f"BiT weights {init}", params, None)
-  if not os.path.exists(init):
+  if not storage.exists(init):
     raise FileNotFoundError(f"config.model.init={init} does not exist (expected a BiT .npz, an "
                             "export folder with model.json, or a training workdir)")
   if export.is_export(init):
@@ -88,15 +86,14 @@ def _check_stem(what: str, source_stem: str, stem: str) -> None:
 
 def _workdir_stem(workdir: str) -> str | None:
   """The stem in a training workdir's config.json ("bit" if the key predates it); None: no file."""
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir).rstrip("/")
   candidates = [workdir]
-  if os.path.basename(workdir) == checkpointing.CHECKPOINT_SUBDIR:  # the checkpoints/ folder
-    candidates.append(os.path.dirname(workdir))
+  if storage.basename(workdir) == checkpointing.CHECKPOINT_SUBDIR:  # the checkpoints/ folder
+    candidates.append(storage.dirname(workdir))
   for folder in candidates:
-    path = os.path.join(folder, export.RUN_CONFIG_FILE)
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as f:
-        return json.load(f).get("model", {}).get("stem", "bit")
+    path = storage.join(folder, export.RUN_CONFIG_FILE)
+    if storage.isfile(path):
+      return storage.read_json(path).get("model", {}).get("stem", "bit")
   return None
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -30,7 +29,7 @@ from clu import parameter_overview, periodic_actions
 
 from data_pipelines import sources as data_sources
 from remedis_jax import checkpointing, export, initialization, loop, models, optimizers
-from remedis_jax import preemption, sharding, workdir_lock, writers
+from remedis_jax import preemption, profiling, sharding, storage, workdir_lock, writers
 from remedis_jax.evaluators import knn as knn_evaluator
 from remedis_jax.evaluators import linear_probe
 
@@ -119,11 +118,9 @@ def make_optimizer(config, *, total_steps: int, warmup_steps: int):
 def write_run_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, export.RUN_CONFIG_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-  os.replace(path + ".tmp", path)
+  storage.makedirs(workdir)
+  storage.write_text(storage.join(workdir, export.RUN_CONFIG_FILE),
+                     json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
 
 
 def put_host_tree(tree, shardings):
@@ -181,7 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
   Raises:
     workdir_lock.WorkdirInUseError: another live run holds the workdir.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   with workdir_lock.WorkdirLock(workdir):
     return _run(config, workdir, title=title, make_dataset=make_dataset,
                 create_setup=create_setup, dataset=dataset)
@@ -190,7 +187,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
 def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
   start_time = time.time()
   write_run_config(config, workdir)
-  writer = writers.create_writer(workdir)
+  writer = writers.create_writer(workdir, config.get("tensorboard_dir", ""))
   writer.write_hparams(writers.flatten_config(config.to_dict()))
 
   # ---- mesh
@@ -240,6 +237,7 @@ def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
       num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
   watcher = preemption.PreemptionWatcher(manager)
   run_ahead = loop.RunAhead(max_in_flight=2)
+  profiler = profiling.StepProfiler(config, config.get("tensorboard_dir") or workdir)
   divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
   window_metrics = []  # per-step metric collections of the current logging window
   input_wait = 0.0
@@ -278,9 +276,11 @@ def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
       skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
       batch = sharding.shard_host_batch({k: host_batch[k] for k in setup.batch_keys},
                                         batch_sharding)
-      state, step_metrics = update_fn(state, batch)
+      with profiler.step(step + 1):
+        state, step_metrics = update_fn(state, batch)
       run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
       step += 1
+      profiler.after_step(step, step_metrics)
       window_steps += 1
       window_metrics.append(step_metrics)
       report_progress(step)
@@ -324,6 +324,7 @@ def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
         logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
         break
   finally:
+    profiler.stop()
     manager.wait_until_finished()
     watcher.close()
     writer.flush()

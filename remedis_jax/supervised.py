@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -29,8 +28,9 @@ import numpy as np
 
 from data_pipelines import pipeline, presets
 from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, loop, optimizers, preemption, pretraining, sharding
-from remedis_jax import workdir_lock, writers
+from remedis_jax import checkpointing, loop, optimizers, preemption, pretraining, profiling
+from remedis_jax import sharding
+from remedis_jax import storage, workdir_lock, writers
 
 BEST_DIR = "best"
 RESULTS_FILE = "results.json"  # written by the trainer when its final evaluation is done
@@ -83,7 +83,7 @@ def run(workdir: str,
     workdir_lock.WorkdirInUseError: another live run holds the workdir.
   """
   start_time = time.time()
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   finished = read_results(workdir)
   if finished is not None:
     logging.info("%s/%s exists: the run is finished; returning its results.", workdir,
@@ -96,7 +96,7 @@ def run(workdir: str,
 def start(config: ml_collections.ConfigDict, workdir: str):
   """(writer, mesh): the run's config and hyper-parameters written, batch sizes checked."""
   pretraining.write_run_config(config, workdir)
-  writer = writers.create_writer(workdir)
+  writer = writers.create_writer(workdir, config.get("tensorboard_dir", ""))
   writer.write_hparams(writers.flatten_config(config.to_dict()))
   mesh = sharding.make_mesh(config.get("mesh"))
   check_batch_sizes(config, mesh)
@@ -118,10 +118,10 @@ def training_stream(config: ml_collections.ConfigDict, full_train, workdir: str)
   train_source = subset_lib.subset(full_train, config.label_fraction, config.label_fraction_seed,
                                    stratify=config.label_fraction_stratify)
   if jax.process_index() == 0:
-    train_source.write_manifest(os.path.join(workdir, SUBSET_MANIFEST_FILE))
+    train_source.write_manifest(storage.join(workdir, SUBSET_MANIFEST_FILE))
   logging.info("Labels: %d of %d training records (label_fraction=%g, seed %d); manifest %s",
                len(train_source), len(full_train), config.label_fraction,
-               config.label_fraction_seed, os.path.join(workdir, SUBSET_MANIFEST_FILE))
+               config.label_fraction_seed, storage.join(workdir, SUBSET_MANIFEST_FILE))
   train_ops = config.data.train_ops or presets.get_preset(config.data.preset, "finetune",
                                                           config.data.image_size)
   dataset = pipeline.make_train_dataset(
@@ -183,7 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup, mesh, write
   # ---- restore: own checkpoint (and the best so far) -> the trainer's init
   manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
                                        asynchronous=config.get("async_checkpointing", True))
-  best_manager = checkpointing.make_manager(os.path.join(workdir, BEST_DIR), max_to_keep=1,
+  best_manager = checkpointing.make_manager(storage.join(workdir, BEST_DIR), max_to_keep=1,
                                             asynchronous=False, with_data=False)
   abstract_best = checkpointing.abstract_with_shardings(
       BestState(step=jax.ShapeDtypeStruct((), jnp.int32),
@@ -231,6 +231,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup, mesh, write
       num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
   watcher = preemption.PreemptionWatcher(manager)
   run_ahead = loop.RunAhead(max_in_flight=2)
+  profiler = profiling.StepProfiler(config, config.get("tensorboard_dir") or workdir)
   divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
   train_metrics = None
   # Run totals continue across resumes (saved with every checkpoint).
@@ -249,9 +250,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup, mesh, write
         break
       skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
       batch = sharding.shard_host_batch({k: host_batch[k] for k in batch_keys}, batch_sharding)
-      state, step_metrics = setup.update_fn(state, batch)
+      with profiler.step(step + 1):
+        state, step_metrics = setup.update_fn(state, batch)
       run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
       step += 1
+      profiler.after_step(step, step_metrics)
       window_steps += 1
       train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
       report_progress(step)
@@ -288,6 +291,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup, mesh, write
     if not preempted and best_step < 0:
       validate_and_keep_best(step)  # resumed at the last step before any best was kept
   finally:
+    profiler.stop()
     manager.wait_until_finished()
     watcher.close()
     writer.flush()
@@ -339,17 +343,14 @@ def write_json(path: str, payload: Any) -> None:
   """Atomic JSON write (tmp + rename) on process 0; NaN/inf become null."""
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(json_safe(payload), f, indent=2, sort_keys=False, allow_nan=False)
-  os.replace(path + ".tmp", path)
+  storage.write_text(path, json.dumps(json_safe(payload), indent=2, sort_keys=False,
+                                     allow_nan=False))
 
 
 def read_results(workdir: str) -> dict[str, Any] | None:
   """WORKDIR/results.json of a finished run, or None."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.isfile(path):
+  path = storage.join(workdir, RESULTS_FILE)
+  if not storage.isfile(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    results = json.load(f)
+  results = storage.read_json(path)
   return results if results.get("finished") else None

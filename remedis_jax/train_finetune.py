@@ -68,7 +68,8 @@ from clu import metrics as clu_metrics
 
 from data_pipelines import pipeline
 from data_pipelines import sources as data_sources
-from remedis_jax import initialization, losses, models, optimizers, sharding, supervised
+from remedis_jax import initialization, losses, models, optimizers, sharding, storage
+from remedis_jax import supervised
 from remedis_jax.evaluators import classification, robustness
 from remedis_jax.pretraining import normalize_images, put_host_tree
 
@@ -144,7 +145,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[TestSet]:
   if config.best_metric not in BEST_METRICS:
     raise ValueError(f"config.best_metric={config.best_metric!r}; expected one of {BEST_METRICS}")
   init = str(config.model.init or "").strip()
-  if init.lower() not in initialization.SCRATCH and "://" not in init and not os.path.exists(init):
+  if init.lower() not in initialization.SCRATCH and not storage.exists(init):
     raise FileNotFoundError(
         f"config.model.init={init!r} does not exist; give a BiT .npz, a pretraining workdir, an "
         "export folder, or '' to train from scratch")
@@ -567,7 +568,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
     labels, probs = evaluator.predict(params)
     metrics = evaluator.metrics(labels, probs, thresholds)
     roc_file = os.path.join(ROC_DIR, f"{test_set.name}.json")
-    supervised.write_json(os.path.join(workdir, roc_file), classification.roc_curves(
+    supervised.write_json(storage.join(workdir, roc_file), classification.roc_curves(
         labels, probs, multi_label=multi_label, class_names=class_names))
     test_results[test_set.name] = {"split": test_set.split, "sites": test_set.sites,
                                    "num_examples": int(labels.shape[0]), "roc_file": roc_file,
@@ -610,7 +611,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
       "baselines": config.baselines.to_dict() if config.get("baselines") else {},
   }
   results = supervised.json_safe(results)
-  supervised.write_json(os.path.join(workdir, supervised.RESULTS_FILE), results)
+  supervised.write_json(storage.join(workdir, supervised.RESULTS_FILE), results)
   if jax.process_index() == 0:
     print(f"Fine-tuning finished: {step} steps, {len(train_source)} labels, "
           f"{outcome.initialisation}, mode {config.finetune_mode}; best validation "

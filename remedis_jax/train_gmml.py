@@ -28,8 +28,8 @@ Entry point: `python -m remedis_jax.main --config=configs/pretrain_gmml.py:tiny 
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 from typing import Any, Callable, Sequence
 
 import flax
@@ -42,7 +42,7 @@ import optax
 
 from data_pipelines import ops_masking, pipeline, sources
 from data_pipelines.subset import sample
-from remedis_jax import models, optimizers, pretraining, sharding
+from remedis_jax import models, optimizers, pretraining, sharding, storage
 from remedis_jax.pretraining import TrainSetup, normalize_images
 
 GRID_FOLDER = "reconstructions"
@@ -258,9 +258,9 @@ def save_image_grid(path: str, rows: Sequence[np.ndarray], scale: int = 1) -> No
   image = Image.fromarray(canvas)
   if scale > 1:
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  image.save(path + ".tmp.png")
-  os.replace(path + ".tmp.png", path)
+  buffer = io.BytesIO()
+  image.save(buffer, format="PNG")
+  storage.write_bytes(path, buffer.getvalue())  # atomic, local or gs://
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:
@@ -311,7 +311,7 @@ class ReconstructionMonitor:
     reconstruction, loss, visible = self._evaluate(params, self._device_batch)
     if self.workdir is not None and jax.process_index() == 0 and self.grid_images > 0:
       n = self.grid_images
-      save_image_grid(os.path.join(self.workdir, GRID_FOLDER, f"step_{step:06d}.png"),
+      save_image_grid(storage.join(self.workdir, GRID_FOLDER, f"step_{step:06d}.png"),
                       [self.batch["clean"][:n], self.batch["corrupted"][:n],
                        _to_uint8(np.asarray(reconstruction)[:n])],
                       scale=max(1, 128 // self.batch["clean"].shape[1]))
@@ -340,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     dataset: optional Grain dataset of host batches ({"clean", "corrupted", "mask"}) used
       instead of the configured one. The source still sets the epoch length.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
 
   def create_setup(config, mesh, source, *, total_steps, warmup_steps):
     del source  # GMML reads no labels

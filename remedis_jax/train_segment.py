@@ -61,7 +61,7 @@ import ml_collections
 import optax
 
 from data_pipelines import sources as data_sources
-from remedis_jax import initialization, models, optimizers, sharding, supervised
+from remedis_jax import initialization, models, optimizers, sharding, storage, supervised
 from remedis_jax.evaluators import segmentation as seg_metrics
 from remedis_jax.models import segmentation as seg_models
 from remedis_jax.train_finetune import (TestSet, TrainState, build_eval_sources,
@@ -87,7 +87,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[TestSet]:
     raise ValueError(f"config.label_fraction={config.label_fraction} must be in (0, 1] (e.g. "
                      "0.05 for 5% of the training masks, 1.0 for all)")
   init = str(config.model.init or "").strip()
-  if init.lower() not in initialization.SCRATCH and "://" not in init and not os.path.exists(init):
+  if init.lower() not in initialization.SCRATCH and not storage.exists(init):
     raise FileNotFoundError(
         f"config.model.init={init!r} does not exist; give a pretraining workdir (e.g. "
         "workdirs/gmml/pretrain), an export folder, a BiT .npz, or '' to train from scratch")
@@ -342,7 +342,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
     figure = os.path.join(FIGURE_DIR, f"{test_set.name}.png")
     if jax.process_index() == 0 and config.num_figure_examples > 0:
       seg_metrics.save_prediction_grid(
-          samples, os.path.join(workdir, figure), threshold=config.threshold,
+          samples, storage.join(workdir, figure), threshold=config.threshold,
           title=f"{test_set.name} ({test_set.split}@{test_set.sites or 'config sites'}): "
                 f"Dice {metrics['dice']:.3f}, {outcome.initialisation}")
     test_results[test_set.name] = {"split": test_set.split, "sites": test_set.sites,
@@ -373,7 +373,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
       "val": val_metrics,
       "test_sets": test_results,
   }
-  supervised.write_json(os.path.join(workdir, supervised.RESULTS_FILE), results)
+  supervised.write_json(storage.join(workdir, supervised.RESULTS_FILE), results)
   if jax.process_index() == 0:
     print(f"Segmentation fine-tuning finished: {step} steps, {len(train_source)} masks, "
           f"{outcome.initialisation}; best validation Dice {results['best']['value']:.4f} at step "

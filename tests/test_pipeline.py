@@ -1,4 +1,8 @@
-"""Grain pipelines: sharding, seeding, exact resume (incl. Orbax), eval padding, bad-record handling."""
+"""Grain pipelines: process slices, seeding, exact resume (incl. Orbax), eval padding, bad records.
+
+The topology rule itself (P processes give the one-process global batches) is in
+tests/test_data_topology.py.
+"""
 import logging
 
 import grain
@@ -97,26 +101,39 @@ def test_epoch_covers_every_record_once_and_drops_the_remainder():
   assert len(list(_pretrain(TinySource(10), num_epochs=1))) == 2  # 10 // 4, remainder dropped.
 
 
-def test_shards_are_disjoint_and_complete():
-  seen = []
+def test_processes_read_disjoint_slices_of_the_same_epoch():
+  # 18 records, global batch 4 over 2 processes: 4 steps (the epoch's last 2 positions are never
+  # read); each process reads 2 positions of every step, the two together the one-process run.
+  one_process = np.concatenate([b["label"] for b in _pretrain(TinySource(18), num_epochs=1)])
+  assert len(one_process) == 16 and len(set(one_process.tolist())) == 16
+  per_process = []
   for shard_index in range(2):
-    batches = list(_pretrain(TinySource(16), batch_size=2, shard_index=shard_index,
+    batches = list(_pretrain(TinySource(18), batch_size=2, shard_index=shard_index,
                              shard_count=2, num_epochs=1))
     assert len(batches) == 4
-    seen.append(set(np.concatenate([b["label"] for b in batches]).tolist()))
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(16))
+    per_process.append(np.stack([b["label"] for b in batches]))  # (steps, 2)
+  assert not set(per_process[0].ravel().tolist()) & set(per_process[1].ravel().tolist())
+  np.testing.assert_array_equal(np.concatenate(per_process, axis=1).ravel(), one_process)
 
 
-def test_training_shards_have_equal_length():
-  # 11 records over 2 processes: both get 5 (one record left out), so both run the same steps.
-  lengths = [len(pipeline.shard_indices(11, i, 2, equal_shards=True)) for i in range(2)]
-  assert lengths == [5, 5]
-  assert [len(pipeline.shard_indices(11, i, 2, equal_shards=False)) for i in range(2)] == [6, 5]
+def test_steps_per_epoch_do_not_depend_on_the_process_count():
+  # 2 epochs of 11 records, global batch 4: floor(22 / 4) = 5 steps on every process of any
+  # topology (no record is left out of an epoch because of the process count).
+  for shard_count in (1, 2, 4):
+    for shard_index in range(shard_count):
+      batches = list(_pretrain(TinySource(11), batch_size=4 // shard_count, num_epochs=2,
+                               shard_index=shard_index, shard_count=shard_count))
+      assert len(batches) == 5, (shard_index, shard_count)
+  with pytest.raises(ValueError, match=r"1 epoch\(s\) of 11 records hold no whole global batch "
+                     r"of 12 \(6 per process x 2 processes\)"):
+    _pretrain(TinySource(11), batch_size=6, shard_index=0, shard_count=2, num_epochs=1)
+  # Evaluation keeps a strided split that keeps every record.
+  assert [len(pipeline.shard_indices(11, i, 2)) for i in range(2)] == [6, 5]
+  np.testing.assert_array_equal(pipeline.shard_indices(11, 1, 4), [1, 5, 9])
   with pytest.raises(ValueError, match="fewer than the 4"):
-    pipeline.shard_indices(3, 0, 4, equal_shards=True)
+    pipeline.shard_indices(3, 0, 4)
   with pytest.raises(ValueError, match="both shard_index and shard_count"):
-    pipeline.shard_indices(3, 0, None, equal_shards=True)
+    pipeline.shard_indices(3, 0, None)
 
 
 def test_default_shard_is_this_jax_process():
@@ -125,10 +142,13 @@ def test_default_shard_is_this_jax_process():
   assert len(batches) == 3 and int(np.sum([b["valid"] for b in batches])) == 5
 
 
-def test_shards_draw_independent_augmentations():
-  views = [next(iter(_pretrain(TinySource(8), shard_index=i, shard_count=2)))["views"]
-           for i in range(2)]
-  assert not np.array_equal(views[0], views[1])
+def test_views_depend_on_the_global_position_not_on_the_process():
+  # Process 1 of 2 reads positions 2-3 of step 0: the one-process run's records there, with
+  # bit-identical views (the generator is keyed by the global position, not by the process).
+  one_process = next(iter(_pretrain(TinySource(8))))
+  second_half = next(iter(_pretrain(TinySource(8), batch_size=2, shard_index=1, shard_count=2)))
+  for key in ("views", "label", "site"):
+    np.testing.assert_array_equal(second_half[key], one_process[key][2:], err_msg=key)
 
 
 def test_same_seed_same_batches_different_seed_different():

@@ -14,9 +14,6 @@ msgpack (not pickle) so that reading a corpus from elsewhere cannot run code.
 """
 from __future__ import annotations
 
-import glob
-import json
-import os
 import re
 from typing import Any
 
@@ -26,6 +23,7 @@ import numpy as np
 from data_pipelines import decode
 from data_pipelines.errors import BadRecordError
 from data_pipelines.sources.base import Source, check_index
+from remedis_jax import storage
 
 FORMAT_VERSION = 1
 _SHARD_SUFFIX = re.compile(r"\.array_record-\d{5}-of-\d{5}$")
@@ -69,20 +67,20 @@ def decode_record(data: bytes, record: str, multi_label: bool) -> dict[str, Any]
 
 def resolve(path: str, split: str | None) -> tuple[list[str], str]:
   """DIR (+ split) or a shard glob -> (sorted shard paths, path of the split's JSON)."""
-  if os.path.isdir(path):
+  if storage.isdir(path):
     if not split:
       raise ValueError(f"array_record path {path} is a folder: a split is needed")
-    shards = sorted(glob.glob(os.path.join(path, f"{split}.array_record-*")))
-    info = os.path.join(path, f"{split}.json")
+    shards = storage.glob(storage.join(path, f"{split}.array_record-*"))
+    info = storage.join(path, f"{split}.json")
   else:
-    shards = sorted(glob.glob(path))
+    shards = storage.glob(path)
     if not shards:
       raise FileNotFoundError(f"no ArrayRecord shards match {path} (data.path)")
     info = _SHARD_SUFFIX.sub("", shards[0]) + ".json"
   if not shards:
     raise FileNotFoundError(f"no shards '{split}.array_record-*' in {path} (data.path); "
                             "write them with python -m data_pipelines.convert")
-  if not os.path.isfile(info):
+  if not storage.isfile(info):
     raise FileNotFoundError(f"{info} is missing: the converter writes it next to the shards")
   return shards, info
 
@@ -105,8 +103,7 @@ class ArrayRecordSource(Source):
       ValueError: a JSON from a newer format, or counts that disagree with the shards.
     """
     self.shards, self.info_path = resolve(path, split)
-    with open(self.info_path) as f:
-      info = json.load(f)
+    info = storage.read_json(self.info_path)
     if info.get("format_version", 0) > FORMAT_VERSION:
       raise ValueError(f"{self.info_path} has format_version {info['format_version']}; this "
                        f"reader understands <= {FORMAT_VERSION}")
@@ -119,7 +116,7 @@ class ArrayRecordSource(Source):
     self.keep_bit_depth = bool(keep_bit_depth)
     self.skipped = [tuple(s) for s in info.get("skipped", [])]
     index_path = self.info_path[:-len(".json")] + ".index.npz"
-    with np.load(index_path) as index:
+    with storage.open_npz(index_path) as index:
       self._labels = index["labels"]
       self._sites = index["sites"]
       self._ids = [str(i) for i in index["ids"]]

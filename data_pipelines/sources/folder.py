@@ -34,6 +34,7 @@ Large images can be decoded at reduced size (`decode_size`, see `data_pipelines.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -44,6 +45,7 @@ from PIL import Image
 
 from data_pipelines import decode
 from data_pipelines.errors import BadRecordError
+from remedis_jax import storage
 from data_pipelines.sources.base import (IndexView, Source, as_hwc, check_index, log_skipped,
                                          to_channels)
 
@@ -126,12 +128,13 @@ class FolderSource(Source):
     manifest = str(manifest or "")
     if not manifest:
       raise ValueError("the folder source needs a manifest CSV (data.manifest)")
-    if not os.path.isabs(manifest) and not os.path.exists(manifest) and self.root:
-      manifest = os.path.join(self.root, manifest)
-    if not os.path.isfile(manifest):
+    if (not storage.is_url(manifest) and not os.path.isabs(manifest)
+        and not os.path.exists(manifest) and self.root):
+      manifest = storage.join(self.root, manifest)
+    if not storage.isfile(manifest):
       raise FileNotFoundError(f"manifest {manifest} does not exist (data.manifest)")
     self.manifest = manifest
-    manifest_name = os.path.basename(manifest)
+    manifest_name = storage.basename(manifest)
     self.split = split
     self.name = name or (f"{os.path.splitext(manifest_name)[0]}/{split}" if split
                          else os.path.splitext(manifest_name)[0])
@@ -140,7 +143,7 @@ class FolderSource(Source):
     self.decode_size = max(0, int(decode_size or 0))
     label_columns = parse_columns(label_columns)
 
-    with open(manifest, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(storage.read_bytes(manifest).decode("utf-8-sig"), newline="") as f:
       reader = csv.DictReader(f)
       header = [c.strip() for c in (reader.fieldnames or [])]
       rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
@@ -287,7 +290,7 @@ class FolderSource(Source):
     return len(self._paths)
 
   def image_path(self, index: int) -> str:
-    return os.path.join(self.root, self._paths[index])
+    return storage.join(self.root, self._paths[index])
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = check_index(index, len(self._paths), self.name)
@@ -300,7 +303,7 @@ class FolderSource(Source):
     example = {"image": image, "label": np.copy(label)[()], "id": self._ids[index],
                "site": np.int32(self._sites[index])}
     if self.has_masks:
-      mask_path = os.path.join(self.root, self._masks[index])
+      mask_path = storage.join(self.root, self._masks[index])
       if not self._masks[index]:
         raise BadRecordError(path, "mask_column is set but this row has no mask path")
       mask = decode.read_image(mask_path, record=mask_path)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.errors import BadRecordError
+from remedis_jax import storage
 from data_pipelines.sources.base import (Source, check_index, class_names_or_default,
                                          log_skipped)
 
@@ -66,14 +67,14 @@ class MedMNISTSource(Source):
       KeyError: the file lacks `<split>_images` / `<split>_labels` (message lists its keys).
       ValueError: bad shapes, or labels out of range without skip_bad_records.
     """
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       raise FileNotFoundError(f"MedMNIST file {path} does not exist (data.path)")
     self.path = str(path)
     self.split = split
     self.flag = flag_from_path(path)
     self.name = name or f"{self.flag}/{split}"
     self.image_key, self.label_key = f"{split}_images", f"{split}_labels"
-    with np.load(self.path) as npz:
+    with storage.open_npz(self.path) as npz:
       keys = sorted(npz.files)
       for key in (self.image_key, self.label_key):
         if key not in keys:
@@ -146,7 +147,7 @@ class MedMNISTSource(Source):
 
   def _image_array(self) -> np.ndarray:
     if self._images is None:
-      with np.load(self.path) as npz:
+      with storage.open_npz(self.path) as npz:
         self._images = np.asarray(npz[self.image_key])
     return self._images
 
@@ -193,7 +194,7 @@ def _is_class_id(values: np.ndarray) -> np.ndarray:
 
 def _npy_shape(path: str, key: str) -> tuple[int, ...]:
   """Shape of an array inside an .npz without loading it (reads the .npy header)."""
-  with zipfile.ZipFile(path) as archive:
+  with storage.open_file(path, "rb") as file, zipfile.ZipFile(file) as archive:
     with archive.open(f"{key}.npy") as f:
       version = np.lib.format.read_magic(f)
       if version == (1, 0):

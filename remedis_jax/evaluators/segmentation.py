@@ -25,9 +25,12 @@ A prediction is `probability >= threshold` (0.5 by default: logit >= 0).
 
 from __future__ import annotations
 
+import io
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
+
+from remedis_jax import storage
 
 EMPTY_SCORE = 1.0
 DEFAULT_THRESHOLD = 0.5
@@ -253,6 +256,7 @@ def save_prediction_grid(samples: dict[str, np.ndarray], path: str, *, title: st
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
   plt.close(fig)
+  storage.write_bytes(path, buffer.getvalue())  # atomic, local or gs://

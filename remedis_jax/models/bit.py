@@ -42,6 +42,7 @@ returns):
 from __future__ import annotations
 
 import functools
+import io
 import os
 import re
 import zipfile
@@ -52,6 +53,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from remedis_jax import storage
 
 Array = jax.Array
 Dtype = Any
@@ -478,8 +481,8 @@ def infer_bit_variant(shapes: Mapping[str, Sequence[int]]) -> str:
 def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   """Reads every array of an .npz eagerly, with errors that say what is wrong."""
   path = os.fspath(path)
-  with open(path, "rb") as f:
-    magic = f.read(4)
+  data = storage.read_bytes(path)  # local or gs:// (BiT weights often live in a bucket)
+  magic = data[:4]
   if magic[:2] != b"PK":
     kind = ("a single .npy array" if magic[:4] == b"\x93NUM"
             else f"first bytes {magic!r}")
@@ -487,7 +490,7 @@ def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
         f"{path} is not an .npz archive ({kind}); BiT weights come as "
         "BiT-{S,M}-R<depth>x<width>.npz files.")
   try:
-    with np.load(path, allow_pickle=False) as npz:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
       arrays = {key: np.asarray(npz[key]) for key in npz.files}
   except (zipfile.BadZipFile, EOFError, zlib.error, OSError, ValueError,
           KeyError) as e:

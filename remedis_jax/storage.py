@@ -1,0 +1,231 @@
+"""One path layer for workdirs and inputs: local folders and object stores (gs://) alike.
+
+Every file the project reads or writes outside Orbax and TensorBoard goes through here, on top of
+`etils.epath` (the path library Orbax, Grain and clu use themselves). A path with a scheme
+(`gs://bucket/run`) stays a URL all the way: it is never turned into a local path.
+
+Cloud Storage backends. epath talks to `gs://` through TensorFlow's file system when TensorFlow is
+installed (our requirements install it), and through fsspec + gcsfs when `EPATH_USE_TF=false`.
+Both work against Cloud Storage; only the second can be pointed at a local emulator
+(`STORAGE_EMULATOR_HOST`), so it is the one our tests run (tests/test_gcs.py) and the one the
+README recommends on pods. Orbax writes array data through TensorStore (`TENSORSTORE_GCS_HTTP_URL`
+points it at an emulator) and TensorBoard event files go through TensorFlow.
+
+Atomic small files. `write_text` / `write_json` never leave a half-written file: locally the text
+goes to a temporary file in the same folder, then `os.replace`; on an object store an object
+appears only when its upload completes, so a single put is atomic already.
+
+Object stores cannot append: `Appender` (metrics.jsonl) appends locally and, on a URL, rewrites
+the object with everything written so far at each flush (metrics files are small).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+from etils import epath
+import numpy as np
+
+PathLike = str | os.PathLike
+
+
+def is_url(path: PathLike) -> bool:
+  """Whether `path` names an object in a store (`gs://...`, `s3://...`) rather than a file."""
+  return "://" in os.fspath(path)
+
+
+def absolute(path: PathLike) -> str:
+  """An absolute local path, or the URL unchanged (never `./gs:/bucket`)."""
+  path = os.fspath(path)
+  return path if is_url(path) else os.path.abspath(path)
+
+
+def join(path: PathLike, *parts: str) -> str:
+  """`os.path.join` that keeps a URL's `//` (`join("gs://b/run", "x")` = "gs://b/run/x").
+
+  As with an absolute path in `os.path.join`, a part that is itself a URL starts over from it.
+  """
+  path = os.fspath(path)
+  for part in parts:
+    if is_url(part) or not is_url(path):
+      path = part if is_url(part) else os.path.join(path, part)
+    elif part:
+      path = path.rstrip("/") + "/" + part.lstrip("/")
+  return path
+
+
+def dirname(path: PathLike) -> str:
+  path = os.fspath(path)
+  if not is_url(path):
+    return os.path.dirname(path)
+  return path.rstrip("/").rsplit("/", 1)[0]
+
+
+def basename(path: PathLike) -> str:
+  return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def as_path(path: PathLike) -> epath.Path:
+  return epath.Path(os.fspath(path))
+
+
+def exists(path: PathLike) -> bool:
+  return as_path(path).exists()
+
+
+def isfile(path: PathLike) -> bool:
+  return as_path(path).is_file()
+
+
+def isdir(path: PathLike) -> bool:
+  return as_path(path).is_dir()
+
+
+def makedirs(path: PathLike) -> None:
+  """Creates a folder and its parents (on an object store: a no-op marker, which is harmless)."""
+  if is_url(path):
+    as_path(path).mkdir(parents=True, exist_ok=True)
+  else:
+    os.makedirs(os.fspath(path), exist_ok=True)
+
+
+def listdir(path: PathLike) -> list[str]:
+  """Names (not paths) of the entries in a folder, sorted."""
+  if not is_url(path):
+    return sorted(os.listdir(os.fspath(path)))
+  return sorted(p.name for p in as_path(path).iterdir())
+
+
+def glob(pattern: str) -> list[str]:
+  """Sorted matches of a shell pattern; the folder part must not itself contain wildcards."""
+  if not is_url(pattern):
+    import glob as glob_lib  # pylint: disable=g-import-not-at-top
+    return sorted(glob_lib.glob(pattern))
+  folder, name = dirname(pattern), basename(pattern)
+  if any(c in folder for c in "*?["):
+    raise ValueError(f"{pattern}: wildcards only in the last part of a URL pattern")
+  return sorted(join(folder, p.name) for p in as_path(folder).glob(name))
+
+
+def open_file(path: PathLike, mode: str = "r", encoding: str | None = None):
+  """`open` for local paths and URLs (binary or text)."""
+  if not is_url(path):
+    return open(os.fspath(path), mode, encoding=encoding)  # pylint: disable=consider-using-with
+  if "b" in mode:
+    return as_path(path).open(mode)
+  return as_path(path).open(mode, encoding=encoding or "utf-8")
+
+
+def read_text(path: PathLike) -> str:
+  with open_file(path, "r", encoding="utf-8") as f:
+    return f.read()
+
+
+def read_bytes(path: PathLike) -> bytes:
+  with open_file(path, "rb") as f:
+    return f.read()
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes `data` atomically: the file is either absent/old or complete, never half-written."""
+  path = os.fspath(path)
+  if is_url(path):
+    as_path(path).write_bytes(data)  # one upload: the object appears when it is complete
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: PathLike, text: str) -> None:
+  """Writes `text` (UTF-8) atomically; see `write_bytes`."""
+  write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
+  write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def read_json(path: PathLike) -> Any:
+  return json.loads(read_text(path))
+
+
+@contextlib.contextmanager
+def open_npz(path: PathLike) -> Iterator[Any]:
+  """`np.load` of an `.npz` (local, or a URL read in one request); no pickles."""
+  source = io.BytesIO(read_bytes(path)) if is_url(path) else os.fspath(path)
+  with np.load(source, allow_pickle=False) as npz:
+    yield npz
+
+
+def remove(path: PathLike) -> None:
+  if is_url(path):
+    as_path(path).unlink()
+  else:
+    os.remove(os.fspath(path))
+
+
+def rmtree(path: PathLike) -> None:
+  as_path(path).rmtree()
+
+
+def rename(src: PathLike, dst: PathLike) -> None:
+  """Renames a file or folder (on an object store: copy + delete, so not atomic there)."""
+  if not is_url(src) and not is_url(dst):
+    os.replace(os.fspath(src), os.fspath(dst))
+  else:
+    as_path(src).rename(as_path(dst))
+
+
+class Appender:
+  """A text file that grows line by line (metrics.jsonl), locally or on an object store.
+
+  Locally: append mode, flushed per write. On an object store, where objects cannot grow, the
+  lines written so far (including what the object held when this run started: a resumed run
+  continues the file) are kept in memory and the whole object is rewritten at each `flush`.
+  """
+
+  def __init__(self, path: PathLike):
+    self.path = os.fspath(path)
+    self._remote = is_url(self.path)
+    if self._remote:
+      self._lines = [read_text(self.path)] if exists(self.path) else []
+      self._file = None
+    else:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+
+  def write(self, text: str) -> None:
+    if self._remote:
+      self._lines.append(text)
+    else:
+      self._file.write(text)
+
+  def flush(self) -> None:
+    if self._remote:
+      write_text(self.path, "".join(self._lines))
+    else:
+      self._file.flush()
+
+  def close(self) -> None:
+    self.flush()
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+def read_lines(path: PathLike) -> Iterator[str]:
+  yield from read_text(path).splitlines()

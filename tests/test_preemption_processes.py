@@ -1,0 +1,229 @@
+"""Preemption with several processes: every host saves the same step, exits, and resumes.
+
+First the watcher's multi-process logic against a fake of JAX's preemption protocol (fast),
+then the real entry point: two processes on 127.0.0.1 (`--coordinator_address` etc.), SIGTERM
+to both mid-run, then to one of them during a resumed run's start-up, with JAX's coordination
+service deciding the step (remedis_jax/preemption.py). That test is one of the slowest (four
+2-process runs of R_micro at 32 px; the update step is compiled twice, fresh and resumed, and
+otherwise comes from the session's compilation cache).
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from remedis_jax import checkpointing, preemption, writers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ----------------------------------------------- the watcher against a fake preemption protocol
+
+
+class FakeProtocol:
+  """JAX's preemption sync protocol for one host (all hosts behave alike here).
+
+  A notice makes the agreed step the step last passed to `reached_preemption_sync_point`
+  (0 before any call) plus one, as in XLA's PreemptionSyncManager.
+  """
+
+  def __init__(self):
+    self.last_step, self.agreed, self.calls = 0, None, []
+
+  def notice(self):
+    self.agreed = self.last_step + 1
+
+  def reached_preemption_sync_point(self, step):
+    self.calls.append(step)
+    self.last_step = step
+    return self.agreed == step
+
+
+@pytest.fixture
+def protocol(monkeypatch):
+  fake = FakeProtocol()
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+  monkeypatch.setattr(preemption.multihost_utils, "reached_preemption_sync_point",
+                      fake.reached_preemption_sync_point)
+  return fake
+
+
+def test_no_notice_no_stop(protocol):
+  watcher = preemption.PreemptionWatcher(start_step=7)
+  assert not any(watcher.reached(step) for step in range(8, 12))
+  # The start step is passed before the loop's first step (its compilation can take minutes).
+  assert protocol.calls == [1, 7, 8, 9, 10, 11]
+
+
+def test_notice_during_a_step_stops_at_the_agreed_step(protocol):
+  watcher = preemption.PreemptionWatcher(start_step=7)
+  assert not watcher.reached(8)
+  protocol.notice()
+  assert watcher.reached(9)
+
+
+def test_notice_before_the_first_step_of_a_resumed_run_stops_after_it(protocol, caplog):
+  protocol.notice()  # during restore: the agreed step is 1, which a run at step 7 never passes
+  with caplog.at_level("WARNING"):
+    watcher = preemption.PreemptionWatcher(start_step=7)
+    assert watcher.reached(8)
+  assert "during start-up" in caplog.text and "save step 8" in caplog.text
+
+
+def test_fresh_run_needs_no_start_up_check(protocol):
+  protocol.notice()  # agreed step 1: the first step of a fresh run
+  watcher = preemption.PreemptionWatcher(start_step=0)
+  assert watcher.reached(1)
+  assert protocol.calls == [0, 1]
+
+
+def test_start_step_defaults_to_the_newest_checkpoint(protocol):
+  class Manager:
+    def latest_step(self):
+      return 5
+  preemption.PreemptionWatcher(Manager())
+  assert protocol.calls == [1, 5]
+
+
+def test_without_jax_distributed_sigterm_cannot_be_agreed_on(protocol, monkeypatch, caplog):
+  monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+  with caplog.at_level("WARNING"):
+    watcher = preemption.PreemptionWatcher(start_step=3)
+  protocol.notice()
+  assert not watcher.reached(4) and protocol.calls == []
+  assert "not initialised" in caplog.text
+
+
+# ------------------------------------------------------- two real processes on 127.0.0.1
+
+
+TOTAL_STEPS = 16
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  # The session's XLA flags (conftest: -O0, the compilation cache), one CPU device a process.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if "xla_force_host_platform_device_count" not in f]
+  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start_pair(workdir, logs_prefix):
+  """Two processes of one run; their stdout+stderr go to <logs_prefix>.<i>.log."""
+  port = _free_port()
+  flags = [f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every_steps=100",
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
+  procs, logs = [], []
+  for i in range(2):
+    logs.append(f"{logs_prefix}.{i}.log")
+    with open(logs[-1], "wb") as log:
+      command = [sys.executable, "-m", "remedis_jax.main", f"--workdir={workdir}",
+                 "--config=configs/pretrain_simclr.py:smoke", *flags, f"--process_id={i}"]
+      procs.append(subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log,
+                                    stderr=subprocess.STDOUT))
+  return procs, logs
+
+
+def _read(path):
+  with open(path, encoding="utf-8", errors="replace") as f:
+    return f.read()
+
+
+def _finish(procs, logs, timeout=300):
+  texts = []
+  for proc, log in zip(procs, logs):
+    proc.wait(timeout=timeout)
+    texts.append(_read(log))
+    assert proc.returncode == 0, f"{log}:\n{texts[-1][-3000:]}"
+  return texts
+
+
+def _wait_for(condition, procs, what, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    if any(p.poll() is not None for p in procs):
+      raise AssertionError(f"a process ended before {what}")
+    if time.time() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(0.05)
+
+
+def _saved_steps(texts):
+  return [[int(s) for s in re.findall(r"Preempted: saved step (\d+)", text)] for text in texts]
+
+
+def _checkpoint_steps(workdir):
+  folder = os.path.join(workdir, checkpointing.CHECKPOINT_SUBDIR)
+  return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def _losses(workdir):
+  return {r["step"]: r["train/loss"] for r in writers.read_metrics(workdir) if "train/loss" in r}
+
+
+@pytest.mark.slow
+def test_sigterm_to_two_processes_saves_one_step_and_resume_matches(tmp_path):
+  interrupted, reference = str(tmp_path / "interrupted"), str(tmp_path / "reference")
+  logged = lambda: list(_losses(interrupted))  # process 0 writes metrics.jsonl
+
+  # 1. Interrupted mid-run. The uninterrupted reference starts once the interrupted run has
+  #    logged a step, so that its programs come from the compilation cache.
+  procs, logs = _start_pair(interrupted, str(tmp_path / "run1"))
+  _wait_for(lambda: logged(), procs, "the first logged step")
+  ref_procs, ref_logs = _start_pair(reference, str(tmp_path / "reference"))
+  _wait_for(lambda: max(logged()) >= 3, procs, "step 3")
+  for proc in procs:
+    proc.send_signal(signal.SIGTERM)
+  texts = _finish(procs, logs)
+  saved = _saved_steps(texts)
+  # Both processes saved one and the same step: the one JAX's coordination service agreed on.
+  assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+  step = saved[0][0]
+  assert 3 <= step < TOTAL_STEPS - 1, step
+  for text in texts:
+    assert f"all of them save step {step} and exit" in text
+  assert _checkpoint_steps(interrupted) == [step]
+
+  # 2. The rerun is preempted again during start-up (restore, set-up), before its first step,
+  #    and only on process 1 (one host's maintenance event): JAX's protocol would agree on
+  #    step 1, long passed; both processes save the next step instead.
+  procs, logs = _start_pair(interrupted, str(tmp_path / "run2"))
+  _wait_for(lambda: all(re.search(r"process \d of 2", _read(log)) for log in logs), procs,
+            "jax.distributed to start on both processes")
+  procs[1].send_signal(signal.SIGTERM)
+  texts = _finish(procs, logs)
+  for text in texts:
+    assert "Preemption notice received during start-up (resuming at step %d)" % step in text
+  assert _saved_steps(texts) == [[step + 1], [step + 1]]
+  assert _checkpoint_steps(interrupted) == [step, step + 1]
+
+  # 3. The next rerun resumes there and finishes.
+  _finish(*_start_pair(interrupted, str(tmp_path / "run3")))
+  _finish(ref_procs, ref_logs)
+
+  # Every step's loss (process 0's metrics.jsonl) and the final parameters are the
+  # uninterrupted run's.
+  losses, ref_losses = _losses(interrupted), _losses(reference)
+  assert sorted(losses) == sorted(ref_losses) == list(range(1, TOTAL_STEPS + 1))
+  assert losses == ref_losses
+  final, final_step = checkpointing.load_params(interrupted)
+  expected, ref_step = checkpointing.load_params(reference)
+  assert final_step == ref_step == TOTAL_STEPS
+  jax.tree.map(np.testing.assert_array_equal, final, expected)
