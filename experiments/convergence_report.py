@@ -37,15 +37,14 @@ Outputs (in --output_dir, default the sweep folder): convergence.csv (one row pe
 convergence_runs.csv (one row per run: status, target, steps to target), convergence.json
 (settings, runs with their curves, cells), convergence.md (the markdown table, also printed) and
 convergence.png (mean validation curve over finished seeds per init, one panel per label
-fraction, the target as a dashed line). Imports neither JAX nor TensorFlow.
+fraction, the target as a dashed line). The sweep folder and --output_dir may be URLs
+(gs://...; remedis_jax/storage.py). Imports neither JAX nor TensorFlow.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import sys
 from typing import Any, Sequence
 
@@ -53,6 +52,7 @@ import numpy as np
 
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
+from remedis_jax import storage
 
 METRICS_FILE = "metrics.jsonl"  # remedis_jax.writers.METRICS_FILE, without importing JAX/TF
 CSV_FILE = "convergence.csv"
@@ -89,23 +89,30 @@ def read_validation_curve(run_dir: str, metric: str = "macro_auc") -> list[tuple
   Returns:
     The curve; [] when the file or the key is absent.
   """
-  path = os.path.join(run_dir, METRICS_FILE)
-  if not os.path.isfile(path):
-    return []
   key = f"val/{metric}"
   by_step: dict[int, float] = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except ValueError:
-        continue  # a line cut short by a killed process: the records before it still count
-      if "step" in record and key in record:
-        value = record[key]
-        by_step[int(record["step"])] = math.nan if value is None else float(value)
+  for record in _read_records(run_dir):
+    if "step" in record and key in record:
+      value = record[key]
+      by_step[int(record["step"])] = math.nan if value is None else float(value)
   return sorted(by_step.items())
+
+
+def _read_records(run_dir: str) -> list[dict[str, Any]]:
+  """The JSON objects of RUN_DIR/metrics.jsonl (one read, also on a URL); [] when absent."""
+  try:
+    text = storage.read_text(storage.join(run_dir, METRICS_FILE))
+  except FileNotFoundError:
+    return []
+  records = []
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      continue  # a line cut short by a killed process: the records before it still count
+  return records
 
 
 def steps_to_target(curve: Sequence[tuple[int, float]], target: float) -> int | None:
@@ -141,7 +148,7 @@ def collect_runs(workdir: str, metric: str = "macro_auc") -> tuple[dict[str, Any
   Raises:
     FileNotFoundError: not a sweep folder (label_fraction_sweep.list_runs).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   sweep_config, planned = sweep.list_runs(workdir)
   runs = []
   for run in planned:
@@ -332,12 +339,9 @@ def _csv_value(value: Any) -> Any:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: str) -> None:
-  """Rows -> CSV; NaN/None as empty fields, lists and dicts as JSON text."""
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: _csv_value(v) for k, v in row.items()})
+  """Rows -> CSV (a file or a URL); NaN/None as empty fields, lists and dicts as JSON text."""
+  sweep_results.write_csv([{k: _csv_value(v) for k, v in row.items()} for row in rows], path,
+                          columns)
 
 
 # ------------------------------------------------------------------------------------ plot
@@ -380,7 +384,7 @@ def plot_convergence(runs: Sequence[dict[str, Any]], cells: Sequence[dict[str, A
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  sweep_results.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -422,8 +426,8 @@ def convergence_report(workdir: str, *, metric: str = "macro_auc", target: float
   if metric in LOWER_IS_BETTER:
     raise ValueError(f"--metric={metric}: lower is better, so 'steps to reach a target' is not "
                      "defined here; use macro_auc, accuracy or balanced_accuracy")
-  workdir = os.path.abspath(workdir)
-  output_dir = os.path.abspath(output_dir or workdir)
+  workdir = storage.absolute(workdir)
+  output_dir = storage.absolute(output_dir or workdir)
   sweep_config, runs = collect_runs(workdir, metric)
   baseline = baseline or sweep_config.get("baseline") or DEFAULT_BASELINE
   inits = list(sweep_config.get("inits") or {}) or list(dict.fromkeys(r["init"] for r in runs))
@@ -446,12 +450,12 @@ def convergence_report(workdir: str, *, metric: str = "macro_auc", target: float
   run_rows, cells = analyse(runs, targets, baseline=baseline, inits=inits)
   table = format_table(cells, metric=metric, baseline=baseline, target=target,
                        fraction_of_baseline=fraction_of_baseline, targets=targets)
-  os.makedirs(output_dir, exist_ok=True)
-  paths = {"csv": os.path.join(output_dir, CSV_FILE),
-           "runs_csv": os.path.join(output_dir, RUNS_CSV_FILE),
-           "json": os.path.join(output_dir, JSON_FILE),
-           "table_file": os.path.join(output_dir, TABLE_FILE),
-           "plot": os.path.join(output_dir, PLOT_FILE)}
+  storage.makedirs(output_dir)
+  paths = {"csv": storage.join(output_dir, CSV_FILE),
+           "runs_csv": storage.join(output_dir, RUNS_CSV_FILE),
+           "json": storage.join(output_dir, JSON_FILE),
+           "table_file": storage.join(output_dir, TABLE_FILE),
+           "plot": storage.join(output_dir, PLOT_FILE)}
   counts: dict[str, int] = {}
   for r in runs:
     counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -465,10 +469,9 @@ def convergence_report(workdir: str, *, metric: str = "macro_auc", target: float
       "targets": {f"{f:g}": t for f, t in targets.items()},
       "runs": [dict(r, curve=curves[r["run_id"]]) for r in run_rows], "cells": cells},
       paths["json"])
-  with open(paths["table_file"], "w", encoding="utf-8") as f:
-    f.write(table + "\n")
+  storage.write_text(paths["table_file"], table + "\n")
   plot_convergence(runs, cells, paths["plot"], metric=metric, inits=inits,
-                   title=f"Convergence - {os.path.basename(workdir)}")
+                   title=f"Convergence - {storage.basename(workdir)}")
   if verbose:
     print(table)
     print("\n" + "\n".join(f"{name:10s} {path}" for name, path in paths.items()))
@@ -476,16 +479,7 @@ def convergence_report(workdir: str, *, metric: str = "macro_auc", target: float
 
 
 def _metric_keys(run_dir: str) -> set[str]:
-  path = os.path.join(run_dir, METRICS_FILE)
-  keys: set[str] = set()
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          keys.update(json.loads(line))
-        except ValueError:
-          continue
-  return keys
+  return {key for record in _read_records(run_dir) for key in record}
 
 
 # ------------------------------------------------------------------------------------ CLI

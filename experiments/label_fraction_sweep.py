@@ -21,8 +21,9 @@ The grid (sweep config, configs/sweeps/*.py):
                       labeled subset (nested across fractions within one seed). The std over
                       seeds therefore covers both optimisation noise and the choice of labels.
   inits               name -> `config.model.init`: "" (scratch), a BiT .npz, a pretraining
-                      workdir, or an export folder. Relative paths are relative to the current
-                      directory and are made absolute before any run starts.
+                      workdir, or an export folder, local or a URL (gs://...). Relative paths
+                      are relative to the current directory and are made absolute before any
+                      run starts; URLs are kept as they are.
   baseline            the init whose run at `baseline_fraction` (default: scratch at 100%) is the
                       reference; those runs are added to the grid if the fractions lack it.
   metric              "macro_auc" (column `auc`), "accuracy" or "balanced_accuracy".
@@ -51,16 +52,23 @@ labels on a log axis, one line per init with +-1 std error bars, one panel per t
 baseline as a dashed line) and summary.md (the smallest label fraction at which each init
 matches the baseline).
 
+Object stores: WORKDIR and the inits may be URLs (gs://bucket/sweep); every file of the sweep
+goes through remedis_jax/storage.py, so a URL is never turned into a local path. An object
+cannot grow while a subprocess writes it, so with --parallel=N and a URL workdir each run's
+stdout and stderr go to a local temporary file (its path is printed), which is uploaded to
+WORKDIR/<run>/log.txt every LOG_UPLOAD_INTERVAL_S seconds and when the run ends, after what
+earlier attempts of the run logged there; the temporary file is then deleted. A local WORKDIR
+gets log.txt appended to directly.
+
 Compilation: every run of a grid compiles the same programs (same model, same batch shapes);
 the sweep shares a persistent JAX compilation cache (WORKDIR/.jax_cache unless
-JAX_COMPILATION_CACHE_DIR is set) so only the first run pays for XLA.
+JAX_COMPILATION_CACHE_DIR is set; a gs:// cache works too) so only the first run pays for XLA.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import glob
 import importlib.util
 import json
 import os
@@ -68,6 +76,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Iterable, Sequence
@@ -75,6 +84,7 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 
 from experiments import sweep_results
+from remedis_jax import storage
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("run", "plan", "joblist", "aggregate")
@@ -86,6 +96,8 @@ ERROR_FILE = "sweep_error.txt"
 LOG_FILE = "log.txt"
 RESULTS_FILE = "results.json"  # supervised.RESULTS_FILE, without importing JAX here
 CACHE_SUBDIR = ".jax_cache"
+# How often a URL workdir's log.txt is refreshed from a running subprocess's local log file.
+LOG_UPLOAD_INTERVAL_S = 60.0
 DEFAULT_LABEL_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 _INIT_NAME = re.compile(r"^[A-Za-z0-9_\-+]+$")
 
@@ -247,7 +259,7 @@ def plan_runs(sweep_config: ml_collections.ConfigDict) -> list[Run]:
   runs = []
   for name, fraction in cells:
     path = inits[name].strip()
-    path = "" if path.lower() in SCRATCH else (path if "://" in path else os.path.abspath(path))
+    path = "" if path.lower() in SCRATCH else storage.absolute(path)
     for seed in sweep_config.seeds:
       overrides = dict(shared)
       if sweep_config.finetune_mode:
@@ -261,26 +273,27 @@ def plan_runs(sweep_config: ml_collections.ConfigDict) -> list[Run]:
 
 
 def check_init_path(name: str, path: str) -> None:
-  """A cheap existence check of one init (nothing is loaded).
+  """A cheap existence check of one init, local or a URL (nothing is loaded).
 
   Raises:
     FileNotFoundError: the path is missing or holds no checkpoint, naming the init and the fix.
   """
   fix = (f"fix --config.inits.{name}=... (a BiT .npz, a pretraining workdir with checkpoints/, "
          "an export folder with model.json, or '' for scratch)")
-  if path.lower() in SCRATCH or "://" in path:
+  if path.lower() in SCRATCH:
     return
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"sweep config inits.{name}={path!r} does not exist; {fix}")
   if path.endswith(".npz"):
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
       raise FileNotFoundError(f"sweep config inits.{name}={path!r} is not a file; {fix}")
     return
-  if os.path.isfile(os.path.join(path, "model.json")):
+  if storage.isfile(storage.join(path, "model.json")):
     return  # an export (remedis_jax.export.METADATA_FILE)
-  checkpoints = os.path.join(path, "checkpoints") if os.path.isdir(
-      os.path.join(path, "checkpoints")) else path
-  steps = [d for d in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else ())
+  checkpoints = storage.join(path, "checkpoints")
+  if not storage.isdir(checkpoints):
+    checkpoints = path
+  steps = [d for d in (storage.listdir(checkpoints) if storage.isdir(checkpoints) else ())
            if d.isdigit()]
   if not steps:
     raise FileNotFoundError(f"sweep config inits.{name}={path!r} holds no checkpoint (no "
@@ -402,7 +415,7 @@ def run_command(sweep_config: ml_collections.ConfigDict, run: Run, workdir: str,
                 python: str = sys.executable) -> list[str]:
   """argv of `python -m remedis_jax.main` for one run (to be started in REPO_ROOT)."""
   argv = [python, "-m", "remedis_jax.main", f"--config={resolve_config_path(sweep_config.base)}",
-          f"--workdir={os.path.abspath(os.path.join(workdir, run.run_id))}"]
+          f"--workdir={storage.absolute(run_dir(workdir, run))}"]
   argv += [f"--config.{key}={_flag_value(value)}" for key, value in run.overrides]
   return argv
 
@@ -417,52 +430,55 @@ class RunOutcome:
 
 
 def run_dir(workdir: str, run: Run) -> str:
-  return os.path.join(workdir, run.run_id)
+  return storage.join(workdir, run.run_id)
 
 
 def is_finished(path: str) -> bool:
-  results = os.path.join(path, RESULTS_FILE)
-  if not os.path.isfile(results):
-    return False
+  """Whether RUN_DIR/results.json exists and says finished (one read, also on a URL)."""
   try:
-    with open(results, encoding="utf-8") as f:
-      return bool(json.load(f).get("finished"))
-  except (OSError, ValueError):
-    return False
+    return bool(storage.read_json(storage.join(path, RESULTS_FILE)).get("finished"))
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+    return False  # absent, or cut short by a killed writer (a local file): not finished
 
 
 def compilation_cache_dir(workdir: str) -> str:
   """JAX_COMPILATION_CACHE_DIR when set (e.g. by the tests), else WORKDIR/.jax_cache."""
-  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
-      os.path.abspath(workdir), CACHE_SUBDIR)
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or storage.join(
+      storage.absolute(workdir), CACHE_SUBDIR)
 
 
 def enable_compilation_cache(cache_dir: str, min_compile_time_s: float = 0.5) -> None:
-  """Turns on JAX's persistent compilation cache in this process (if not configured already)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """Turns on JAX's persistent compilation cache in this process (if not configured already).
+
+  Args:
+    cache_dir: a local folder or a URL (JAX writes gs:// caches itself).
+    min_compile_time_s: programs that compile faster than this are not cached.
+  """
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  # pylint: enable=g-import-not-at-top
   if jax.config.jax_compilation_cache_dir:
     return
-  os.makedirs(cache_dir, exist_ok=True)
+  storage.makedirs(cache_dir)
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
-  try:
-    # JAX decides once per process whether the cache is used, at the first compilation (e.g. the
-    # quickstart's pretraining ran before the sweep): make it look again.
-    from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):  # a private API; without it the cache may stay off
-    pass
+  # A program compiled before this (the quickstart's pretraining) must not keep the cache off.
+  # JAX 0.10 sets its cache up lazily, at the first compilation with a cache dir, so it would not;
+  # older versions decided at the first compilation of the process. reset_cache makes any version
+  # read the settings again (tests/test_gcs_sweep.py checks the cache fills).
+  compilation_cache.reset_cache()
 
 
 def _record_failure(path: str, error: str) -> None:
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, ERROR_FILE), "w", encoding="utf-8") as f:
-    f.write(error)
+  storage.makedirs(path)
+  storage.write_text(storage.join(path, ERROR_FILE), error)
 
 
 def _clear_failure(path: str) -> None:
-  if os.path.exists(os.path.join(path, ERROR_FILE)):
-    os.remove(os.path.join(path, ERROR_FILE))
+  error_path = storage.join(path, ERROR_FILE)
+  if storage.exists(error_path):
+    storage.remove(error_path)
 
 
 def _run_in_process(sweep_config, runs: Sequence[Run], workdir: str, log) -> list[RunOutcome]:
@@ -481,7 +497,7 @@ def _run_in_process(sweep_config, runs: Sequence[Run], workdir: str, log) -> lis
       _record_failure(path, error)
       outcomes.append(RunOutcome(run, "failed", time.time() - start, error.strip()))
       log(f"[{i + 1}/{len(runs)}] {run.run_id}: FAILED ({error.strip().splitlines()[-1]}); "
-          f"traceback in {os.path.join(path, ERROR_FILE)}")
+          f"traceback in {storage.join(path, ERROR_FILE)}")
       continue
     status = "finished" if results.get("finished") else "interrupted"
     if status == "finished":
@@ -489,6 +505,52 @@ def _run_in_process(sweep_config, runs: Sequence[Run], workdir: str, log) -> lis
     outcomes.append(RunOutcome(run, status, time.time() - start))
     log(f"[{i + 1}/{len(runs)}] {run.run_id}: {status} in {time.time() - start:.1f} s")
   return outcomes
+
+
+class RunLog:
+  """Where a subprocess's stdout and stderr go: RUN_DIR/log.txt, appended across attempts.
+
+  A local log.txt is the subprocess's own output file. An object (a URL) cannot be appended to
+  or streamed into, so there the subprocess writes a local temporary file; `upload` writes the
+  object as what it held before this attempt followed by the temporary file so far (called
+  every LOG_UPLOAD_INTERVAL_S and at the end), and `close` uploads a last time and deletes the
+  temporary file (kept if that upload fails).
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.remote = storage.is_url(path)
+    if self.remote:
+      try:  # earlier attempts of the run (a retry after a failure, a resumed run) stay in front
+        self._earlier = storage.read_bytes(path)
+      except FileNotFoundError:
+        self._earlier = b""
+      fd, self.local_path = tempfile.mkstemp(prefix="remedis_sweep_log_", suffix=".txt")
+      self.file = os.fdopen(fd, "wb")
+    else:
+      storage.makedirs(storage.dirname(path))
+      self.local_path = path
+      self.file = open(path, "ab")  # pylint: disable=consider-using-with
+    self.last_upload = time.time()
+
+  def upload(self) -> None:
+    """Refreshes a URL's log.txt (the subprocess writes the file itself: nothing to flush)."""
+    if self.remote:
+      with open(self.local_path, "rb") as f:
+        storage.write_bytes(self.path, self._earlier + f.read())
+      self.last_upload = time.time()
+
+  def tail(self, num_lines: int) -> str:
+    with open(self.local_path, encoding="utf-8", errors="replace") as f:
+      return "".join(f.readlines()[-num_lines:])
+
+  def close(self) -> None:
+    if self.file.closed:
+      return
+    self.file.close()
+    if self.remote:
+      self.upload()
+      os.remove(self.local_path)
 
 
 def _run_subprocesses(sweep_config, runs: Sequence[Run], workdir: str, parallel: int, cache_dir,
@@ -499,34 +561,38 @@ def _run_subprocesses(sweep_config, runs: Sequence[Run], workdir: str, parallel:
   env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
                                    else "")
   pending = list(enumerate(runs))
-  active: dict[int, tuple[subprocess.Popen, Run, float, Any]] = {}
+  active: dict[int, tuple[subprocess.Popen, Run, float, RunLog]] = {}
   outcomes: dict[int, RunOutcome] = {}
   try:
     while pending or active:
       while pending and len(active) < parallel:
         i, run = pending.pop(0)
         path = run_dir(workdir, run)
-        os.makedirs(path, exist_ok=True)
-        log_file = open(os.path.join(path, LOG_FILE), "a", encoding="utf-8")
+        storage.makedirs(path)
+        run_log = RunLog(storage.join(path, LOG_FILE))
         process = subprocess.Popen(run_command(sweep_config, run, workdir, python=python),
-                                   cwd=REPO_ROOT, env=env, stdout=log_file,
+                                   cwd=REPO_ROOT, env=env, stdout=run_log.file,
                                    stderr=subprocess.STDOUT)
-        active[i] = (process, run, time.time(), log_file)
-        log(f"[{i + 1}/{len(runs)}] {run.run_id}: started (pid {process.pid}, log "
-            f"{os.path.join(path, LOG_FILE)})")
+        active[i] = (process, run, time.time(), run_log)
+        where = (f"{run_log.local_path}, uploaded to {run_log.path}" if run_log.remote
+                 else run_log.path)
+        log(f"[{i + 1}/{len(runs)}] {run.run_id}: started (pid {process.pid}, log {where})")
       time.sleep(0.2)
+      for process, _, _, run_log in active.values():
+        if (process.poll() is None
+            and time.time() - run_log.last_upload >= LOG_UPLOAD_INTERVAL_S):
+          run_log.upload()
       for i in [i for i, (p, *_) in active.items() if p.poll() is not None]:
-        process, run, start, log_file = active.pop(i)
-        log_file.close()
+        process, run, start, run_log = active.pop(i)
         path, elapsed = run_dir(workdir, run), time.time() - start
+        tail = run_log.tail(25) if process.returncode != 0 else ""
+        run_log.close()
         if process.returncode == 0 and is_finished(path):
           _clear_failure(path)
           outcomes[i] = RunOutcome(run, "finished", elapsed)
         elif process.returncode == 0:
           outcomes[i] = RunOutcome(run, "interrupted", elapsed)
         else:
-          with open(os.path.join(path, LOG_FILE), encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-25:])
           error = f"exit status {process.returncode}; last lines of {LOG_FILE}:\n{tail}"
           _record_failure(path, error)
           outcomes[i] = RunOutcome(run, "failed", elapsed, error.strip())
@@ -534,6 +600,12 @@ def _run_subprocesses(sweep_config, runs: Sequence[Run], workdir: str, parallel:
   finally:
     for process, *_ in active.values():  # interrupted sweep: stop only our own children
       process.terminate()
+    for process, _, _, run_log in active.values():
+      try:
+        process.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        pass
+      run_log.close()  # what the stopped runs logged reaches a URL workdir too
   return [outcomes[i] for i in sorted(outcomes)]
 
 
@@ -547,22 +619,26 @@ def write_job_list(sweep_config: ml_collections.ConfigDict, runs: Sequence[Run],
   Returns:
     The path of the job list.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   cache = f"JAX_COMPILATION_CACHE_DIR={shlex.quote(compilation_cache_dir(workdir))}"
   lines = [f"cd {shlex.quote(REPO_ROOT)} && {cache} "
            + " ".join(shlex.quote(a) for a in run_command(sweep_config, r, workdir, python=python))
            for r in runs if not is_finished(run_dir(workdir, r))]
-  path = os.path.join(workdir, JOBS_FILE)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("".join(line + "\n" for line in lines))
+  path = storage.join(workdir, JOBS_FILE)
+  storage.write_text(path, "".join(line + "\n" for line in lines))
   return path
 
 
 def slurm_hint(jobs_path: str, num_jobs: int, sweep_spec: str, workdir: str) -> str:
+  if storage.is_url(jobs_path):  # sed and xargs read the job list from the store's CLI
+    line = (f"gcloud storage cat {jobs_path} | sed -n \"${{SLURM_ARRAY_TASK_ID}}p\"")
+    local = f"gcloud storage cat {jobs_path} | xargs -P 2 -I{{}} bash -c {{}}"
+  else:
+    line = f"sed -n \"${{SLURM_ARRAY_TASK_ID}}p\" {jobs_path}"
+    local = f"xargs -P 2 -I{{}} bash -c {{}} < {jobs_path}"
   return (f"{num_jobs} jobs in {jobs_path}. With SLURM, one array task per line:\n"
-          f"  sbatch --array=1-{num_jobs} --wrap 'bash -c \"$(sed -n \"${{SLURM_ARRAY_TASK_ID}}p\" "
-          f"{jobs_path})\"'\n"
-          f"or locally: xargs -P 2 -I{{}} bash -c {{}} < {jobs_path}\n"
+          f"  sbatch --array=1-{num_jobs} --wrap 'bash -c \"$({line})\"'\n"
+          f"or locally: {local}\n"
           f"Then: python -m experiments.label_fraction_sweep --config={sweep_spec} "
           f"--workdir={workdir} --mode=aggregate")
 
@@ -572,8 +648,7 @@ def _write_plan(sweep_config, runs: Sequence[Run], workdir: str) -> None:
           "runs": [{"run_id": r.run_id, "init": r.init, "init_path": r.init_path,
                     "label_fraction": r.label_fraction, "seed": r.seed,
                     "overrides": dict(r.overrides)} for r in runs]}
-  with open(os.path.join(workdir, PLAN_FILE), "w", encoding="utf-8") as f:
-    json.dump(plan, f, indent=1, default=str)
+  storage.write_text(storage.join(workdir, PLAN_FILE), json.dumps(plan, indent=1, default=str))
 
 
 _RUN_FOLDER = re.compile(r"^init=(?P<init>[A-Za-z0-9_\-+]+)/frac=(?P<fraction>[0-9.eE+\-]+)/"
@@ -597,22 +672,21 @@ def list_runs(workdir: str) -> tuple[dict[str, Any], list[Run]]:
   Raises:
     FileNotFoundError: the folder does not exist, or holds neither a plan nor a run folder.
   """
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir):
+  workdir = storage.absolute(workdir)
+  if not storage.isdir(workdir):
     raise FileNotFoundError(f"sweep folder {workdir} does not exist; give the --workdir of "
                             "experiments.label_fraction_sweep")
-  plan_path = os.path.join(workdir, PLAN_FILE)
-  if os.path.isfile(plan_path):
-    with open(plan_path, encoding="utf-8") as f:
-      plan = json.load(f)
+  plan_path = storage.join(workdir, PLAN_FILE)
+  if storage.isfile(plan_path):
+    plan = storage.read_json(plan_path)
     runs = [Run(r["init"], r.get("init_path", ""), float(r["label_fraction"]), int(r["seed"]),
                 r["run_id"], tuple((r.get("overrides") or {}).items())) for r in plan["runs"]]
     return plan.get("sweep_config") or {}, runs
   runs = []
-  for path in glob.glob(os.path.join(workdir, "init=*", "frac=*", "seed=*")):
-    relative = os.path.relpath(path, workdir).replace(os.sep, "/")
+  # Folder by folder rather than one glob: a URL pattern may have wildcards in its last part only.
+  for relative in _subfolders(workdir, "init=", "frac=", "seed="):
     match = _RUN_FOLDER.match(relative)
-    if match and os.path.isdir(path):
+    if match:
       runs.append(Run(match["init"], "", float(match["fraction"]), int(match["seed"]),
                       relative, ()))
   if not runs:
@@ -623,15 +697,26 @@ def list_runs(workdir: str) -> tuple[dict[str, Any], list[Run]]:
   return {}, runs
 
 
+def _subfolders(root: str, *prefixes: str) -> list[str]:
+  """Relative paths "a/b/c" of the folders under `root` whose name at level i starts with
+  prefixes[i]."""
+  found = [""]
+  for prefix in prefixes:
+    found = [f"{parent}/{name}".lstrip("/") for parent in found
+             for name in storage.listdir(storage.join(root, parent))
+             if name.startswith(prefix) and storage.isdir(storage.join(root, parent, name))]
+  return found
+
+
 def run_status(workdir: str, run: Run) -> str:
   """"finished" (results.json says so), "failed" (sweep_error.txt), "unfinished" (the folder
   exists: running, interrupted or preempted) or "missing" (never started)."""
   path = run_dir(workdir, run)
   if is_finished(path):
     return "finished"
-  if os.path.isfile(os.path.join(path, ERROR_FILE)):
+  if storage.isfile(storage.join(path, ERROR_FILE)):
     return "failed"
-  return "unfinished" if os.path.isdir(path) else "missing"
+  return "unfinished" if storage.isdir(path) else "missing"
 
 
 def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel: int = 1,
@@ -641,7 +726,8 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel
 
   Args:
     sweep_config: a sweep config (module docstring; configs/sweeps/*.py).
-    workdir: the sweep's folder; one subfolder per run. Rerunning skips finished runs.
+    workdir: the sweep's folder, local or a URL (gs://...); one subfolder per run. Rerunning
+      skips finished runs.
     parallel: 1 = sequential in this process; N > 1 = N `python -m remedis_jax.main` processes.
     mode: "run", "plan", "joblist" or "aggregate" (module docstring).
     python: the interpreter for subprocesses and job lists.
@@ -666,7 +752,7 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel
   if int(parallel) < 1:
     raise ValueError(f"parallel={parallel} must be >= 1 (1 = in this process)")
   runs = validate(sweep_config, check_runs=mode != "aggregate")
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   status = {r.run_id: "finished" if is_finished(run_dir(workdir, r)) else "pending"
             for r in runs}
   summary: dict[str, Any] = {"mode": mode, "workdir": workdir, "num_runs": len(runs)}
@@ -676,7 +762,7 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel
     log(f"{len(runs)} runs, {sum(s == 'finished' for s in status.values())} finished")
     summary.update(runs=status, counts=_counts(status), failed={}, wall_time_s=0.0)
     return summary
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   _write_plan(sweep_config, runs, workdir)
 
   if mode == "joblist":
@@ -711,12 +797,11 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel
   else:  # aggregate
     for r in runs:
       if status[r.run_id] != "finished":
-        error_path = os.path.join(run_dir(workdir, r), ERROR_FILE)
-        if os.path.isfile(error_path):
+        try:
+          failed[r.run_id] = storage.read_text(
+              storage.join(run_dir(workdir, r), ERROR_FILE)).strip()
           status[r.run_id] = "failed"
-          with open(error_path, encoding="utf-8") as f:
-            failed[r.run_id] = f.read().strip()
-        else:
+        except FileNotFoundError:
           status[r.run_id] = "missing"
 
   rows = sweep_results.collect_rows(workdir, runs, failed)
@@ -768,7 +853,8 @@ def define_flags(default_config: str | None = None) -> None:
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", default_config, "Sweep config "
                                   "(configs/sweeps/*.py).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "The sweep's folder (one subfolder per run).")
+  flags.DEFINE_string("workdir", None, "The sweep's folder (one subfolder per run); a local "
+                      "path or a URL (gs://bucket/sweep).")
   flags.DEFINE_integer("parallel", 1, "1: runs in this process, one after another; N > 1: N "
                        "local `python -m remedis_jax.main` processes.")
   flags.DEFINE_enum("mode", "run", list(MODES), "run | plan | joblist | aggregate.")

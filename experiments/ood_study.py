@@ -26,14 +26,13 @@ Both steps are planned and validated before either starts; each step is resumabl
 finished runs (experiments/label_fraction_sweep.py). Outputs in WORKDIR: ood_results.csv and
 ood_results.json (the rows of both steps with a `step` column, cells, zero-shot table,
 matches), ood.png (left: zero-shot metric per site and init; right: site-B data efficiency)
-and ood_summary.md (the tables and the headline sentence).
+and ood_summary.md (the tables and the headline sentence). WORKDIR and the inits may be URLs
+(gs://...), as in the label-fraction sweep.
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import sys
 import time
 from typing import Any
@@ -42,6 +41,7 @@ import ml_collections
 
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
+from remedis_jax import storage
 
 STEP1_DIR = "step1_site_{}"
 STEP2_DIR = "step2_site_{}"
@@ -188,7 +188,7 @@ def plot_ood(step1_cells, step2_cells, path: str, *, metric: str, inits, sites, 
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  sweep_results.save_figure(fig, path)
   plt.close(fig)
 
 
@@ -216,9 +216,9 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
   # Both steps are checked before either runs: a typo in step 2 must not cost step 1's time.
   sweep.validate(step1, check_runs=mode != "aggregate")
   sweep.validate(step2, check_runs=mode != "aggregate")
-  workdir = os.path.abspath(workdir)
-  dir1 = os.path.join(workdir, STEP1_DIR.format(ood_config.site_a))
-  dir2 = os.path.join(workdir, STEP2_DIR.format(ood_config.site_b))
+  workdir = storage.absolute(workdir)
+  dir1 = storage.join(workdir, STEP1_DIR.format(ood_config.site_a))
+  dir2 = storage.join(workdir, STEP2_DIR.format(ood_config.site_b))
   kwargs = dict(parallel=parallel, mode=mode, python=python, verbose=verbose)
   log(f"OOD step 1: fine-tune on site {ood_config.site_a}, test at "
       f"{', '.join([ood_config.site_a, *ood_config.zero_shot_sites])} -> {dir1}")
@@ -253,17 +253,11 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
       zero_shot_table(summary1["cells"], metric=metric, inits=inits, sites=sites,
                       site_a=ood_config.site_a),
       summary2["table"]])
-  paths = {"results_csv": os.path.join(workdir, "ood_results.csv"),
-           "results_json": os.path.join(workdir, "ood_results.json"),
-           "plot": os.path.join(workdir, "ood.png"),
-           "table_file": os.path.join(workdir, "ood_summary.md")}
-  with open(paths["results_csv"], "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=("step",) + sweep_results.COLUMNS,
-                            extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                       for k, v in row.items()})
+  paths = {"results_csv": storage.join(workdir, "ood_results.csv"),
+           "results_json": storage.join(workdir, "ood_results.json"),
+           "plot": storage.join(workdir, "ood.png"),
+           "table_file": storage.join(workdir, "ood_summary.md")}
+  sweep_results.write_csv(rows, paths["results_csv"], ("step",) + sweep_results.COLUMNS)
   sweep_results.write_json({
       "format": "remedis-jax-ood-results/1", "metric": metric,
       "site_a": ood_config.site_a, "site_b": ood_config.site_b,
@@ -276,8 +270,7 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
   plot_ood(summary1["cells"], summary2["cells"], paths["plot"], metric=metric, inits=inits,
            sites=sites, site_b=ood_config.site_b, baseline=ood_config.baseline,
            baseline_fraction=float(ood_config.baseline_fraction))
-  with open(paths["table_file"], "w", encoding="utf-8") as f:
-    f.write(table + "\n")
+  storage.write_text(paths["table_file"], table + "\n")
   summary.update(paths, table=table, headline=text, matches=matches,
                  wall_time_s=time.time() - start)
   log("\n" + table + f"\n\nResults: {paths['results_csv']}\n         {paths['results_json']}\n"

@@ -11,9 +11,10 @@ r"""`make quickstart`: the whole REMEDIS pipeline on the built-in synthetic ches
 
 Rerunning resumes: finished pretraining steps and finished sweep runs are skipped. The numbers
 are what this CPU-sized run measures, whatever they show; the README reports one run of it.
+The workdir may be a URL (gs://bucket/quickstart): every file goes through
+remedis_jax/storage.py, TensorBoard's event files through TensorFlow's file system.
 """
 
-import os
 import time
 
 from absl import app, flags, logging
@@ -21,7 +22,7 @@ from absl import app, flags, logging
 from configs import pretrain_simclr
 from configs.sweeps import tiny as tiny_sweep
 from experiments import label_fraction_sweep
-from remedis_jax import export, train_simclr
+from remedis_jax import export, storage, train_simclr
 
 flags.DEFINE_string("workdir", "workdirs/quickstart", "Where everything is written.")
 flags.DEFINE_integer("total_steps", None, "Override the pretraining length (steps).")
@@ -36,12 +37,12 @@ def run(workdir: str, total_steps: int | None = None, sweep: bool = True) -> dic
   if total_steps is not None:
     config.total_steps = total_steps
   num_stages = 3 if sweep else 2
-  pretrain_dir = os.path.join(workdir, "pretrain_simclr")
+  pretrain_dir = storage.join(workdir, "pretrain_simclr")
   print(f"[1/{num_stages}] SimCLR pretraining ({config.model.name}, {config.total_steps} steps, "
         f"batch {config.batch_size}, {config.data.image_size} px, unlabeled images from all "
         f"sites) -> {pretrain_dir}", flush=True)
   summary = train_simclr.train_and_evaluate(config, pretrain_dir)
-  export_dir = os.path.join(workdir, "export", f"step_{summary['steps']}")
+  export_dir = storage.join(workdir, "export", f"step_{summary['steps']}")
   if export.is_export(export_dir):
     print(f"[2/{num_stages}] Export already present: {export_dir}")
   else:
@@ -51,8 +52,8 @@ def run(workdir: str, total_steps: int | None = None, sweep: bool = True) -> dic
 
   if sweep:
     sweep_config = tiny_sweep.get_config()
-    sweep_config.inits.remedis = os.path.abspath(export_dir)
-    sweep_dir = os.path.join(workdir, "sweep")
+    sweep_config.inits.remedis = storage.absolute(export_dir)
+    sweep_dir = storage.join(workdir, "sweep")
     num_runs = len(label_fraction_sweep.plan_runs(sweep_config))
     print(f"\n[3/{num_stages}] Label-fraction sweep: {', '.join(sweep_config.inits.keys())} x "
           f"{len(sweep_config.label_fractions)} fractions x {len(sweep_config.seeds)} seeds "
@@ -63,7 +64,7 @@ def run(workdir: str, total_steps: int | None = None, sweep: bool = True) -> dic
 
   print(f"\nDone in {time.time() - start:.0f} s.\n"
         f"  TensorBoard:     tensorboard --logdir {workdir}\n"
-        f"  Pretraining:     {os.path.join(pretrain_dir, 'metrics.jsonl')}\n"
+        f"  Pretraining:     {storage.join(pretrain_dir, 'metrics.jsonl')}\n"
         f"  Encoder export:  {export_dir}")
   if result["sweep"] is not None:
     print(f"  Sweep table:     {result['sweep']['table_file']}\n"

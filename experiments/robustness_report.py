@@ -32,15 +32,13 @@ skipped by the sweep, not re-evaluated.
 
 Outputs (in --output_dir, default the sweep folder): robustness.csv (one row per cell),
 robustness_runs.csv (one row per run, test set and perturbation), robustness.json (settings,
-runs, cells, counts) and robustness.md (the markdown tables, also printed). Imports neither JAX
-nor TensorFlow.
+runs, cells, counts) and robustness.md (the markdown tables, also printed). The sweep folder and
+--output_dir may be URLs (gs://...; remedis_jax/storage.py). Imports neither JAX nor TensorFlow.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 from typing import Any, Sequence
 
@@ -49,6 +47,7 @@ import numpy as np
 from experiments import convergence_report
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
+from remedis_jax import storage
 
 CSV_FILE = "robustness.csv"
 RUNS_CSV_FILE = "robustness_runs.csv"
@@ -117,7 +116,7 @@ def collect_rows(workdir: str, metric: str = "macro_auc"
   Raises:
     FileNotFoundError: not a sweep folder.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
   sweep_config, runs = sweep.list_runs(workdir)
   rows, counts, not_finished, without = [], {}, [], []
   for run in runs:
@@ -127,8 +126,7 @@ def collect_rows(workdir: str, metric: str = "macro_auc"
     if status != "finished":
       not_finished.append(f"{run.run_id} ({status})")
       continue
-    with open(os.path.join(path, sweep.RESULTS_FILE), encoding="utf-8") as f:
-      results = json.load(f)
+    results = storage.read_json(storage.join(path, sweep.RESULTS_FILE))
     run_rows = rows_from_results(results, run_id=run.run_id, init=run.init,
                                  label_fraction=run.label_fraction, seed=run.seed, metric=metric,
                                  run_dir=path)
@@ -228,8 +226,8 @@ def robustness_report(workdir: str, *, metric: str = "macro_auc", output_dir: st
     KeyError: the metric is not in the results (names the keys there).
     FileNotFoundError: not a sweep folder.
   """
-  workdir = os.path.abspath(workdir)
-  output_dir = os.path.abspath(output_dir or workdir)
+  workdir = storage.absolute(workdir)
+  output_dir = storage.absolute(output_dir or workdir)
   sweep_config, rows, status = collect_rows(workdir, metric)
   num_finished = status["counts"].get("finished", 0)
   if not num_finished:
@@ -255,18 +253,17 @@ def robustness_report(workdir: str, *, metric: str = "macro_auc", output_dir: st
   if status["not_finished"]:
     table += (f"\n\n**{len(status['not_finished'])} run(s) did not finish** (not in the means): "
               + ", ".join(status["not_finished"]))
-  os.makedirs(output_dir, exist_ok=True)
-  paths = {"csv": os.path.join(output_dir, CSV_FILE),
-           "runs_csv": os.path.join(output_dir, RUNS_CSV_FILE),
-           "json": os.path.join(output_dir, JSON_FILE),
-           "table_file": os.path.join(output_dir, TABLE_FILE)}
+  storage.makedirs(output_dir)
+  paths = {"csv": storage.join(output_dir, CSV_FILE),
+           "runs_csv": storage.join(output_dir, RUNS_CSV_FILE),
+           "json": storage.join(output_dir, JSON_FILE),
+           "table_file": storage.join(output_dir, TABLE_FILE)}
   convergence_report.write_csv(cells, CELL_COLUMNS, paths["csv"])
   convergence_report.write_csv(rows, ROW_COLUMNS, paths["runs_csv"])
   sweep_results.write_json({"format": FORMAT, "workdir": workdir, "metric": metric,
                             "std_ddof": 1, "status": status, "rows": rows, "cells": cells},
                            paths["json"])
-  with open(paths["table_file"], "w", encoding="utf-8") as f:
-    f.write(table + "\n")
+  storage.write_text(paths["table_file"], table + "\n")
   if verbose:
     print(table)
     print("\n" + "\n".join(f"{name:10s} {path}" for name, path in paths.items()))

@@ -22,18 +22,18 @@ Outputs in WORKDIR (the sweep helpers of experiments/sweep_results.py do the mea
                              shifted site minus in distribution, per init and fraction)
   segmentation_dice.png      Dice vs % masks (log axis), one panel per test set
 Runs are sequential in this process and share a persistent compilation cache
-(WORKDIR/.jax_cache), so only the first run of each model pays for XLA.
+(WORKDIR/.jax_cache unless JAX_COMPILATION_CACHE_DIR is set), so only the first run of each
+model pays for XLA. WORKDIR and --gmml_init may be URLs (gs://...; remedis_jax/storage.py).
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 import time
 from typing import Any, Sequence
 
 from experiments import sweep_results
+from remedis_jax import storage
 
 COLUMNS = ("run_id", "init", "label_fraction", "seed", "test_set", "status", "dice", "iou",
            "dice_global", "iou_global", "num_train_masks", "best_step", "best_val", "steps",
@@ -53,8 +53,8 @@ def run_id(init: str, fraction: float, seed: int) -> str:
 
 def gmml_available(path: str) -> bool:
   """Whether `path` is a pretraining workdir with a checkpoints/ folder (or an export)."""
-  return bool(path) and (os.path.isdir(os.path.join(path, "checkpoints"))
-                         or os.path.isfile(os.path.join(path, "model.json")))
+  return bool(path) and (storage.isdir(storage.join(path, "checkpoints"))
+                         or storage.isfile(storage.join(path, "model.json")))
 
 
 def build_config(*, init_path: str, fraction: float, seed: int, steps: int, model: str,
@@ -114,12 +114,7 @@ def drift_table(cells: Sequence[dict[str, Any]], metric: str = "dice") -> str:
 
 def write_outputs(rows: list[dict[str, Any]], workdir: str, study: dict[str, Any]) -> str:
   """CSV, JSON, markdown and the plot; returns the markdown."""
-  with open(os.path.join(workdir, CSV_FILE), "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                       for k, v in row.items()})
+  sweep_results.write_csv(rows, storage.join(workdir, CSV_FILE), COLUMNS)
   cells = sweep_results.summarize(rows, metrics=METRICS)
   inits = list(dict.fromkeys(r["init"] for r in rows))
   notes = "\n".join(f"- {n}" for n in study.get("notes", []))
@@ -129,12 +124,11 @@ def write_outputs(rows: list[dict[str, Any]], workdir: str, study: dict[str, Any
       sweep_results.format_grid_table(cells, metric="dice"),
       sweep_results.format_grid_table(cells, metric="iou"),
       drift_table(cells, "dice")])
-  with open(os.path.join(workdir, TABLE_FILE), "w", encoding="utf-8") as f:
-    f.write(table + "\n")
+  storage.write_text(storage.join(workdir, TABLE_FILE), table + "\n")
   sweep_results.write_json({"format": FORMAT, "study": study, "rows": rows, "cells": cells},
-                           os.path.join(workdir, JSON_FILE))
+                           storage.join(workdir, JSON_FILE))
   if cells:
-    sweep_results.plot_data_efficiency(cells, os.path.join(workdir, PLOT_FILE), metric="dice",
+    sweep_results.plot_data_efficiency(cells, storage.join(workdir, PLOT_FILE), metric="dice",
                                        inits=inits, baseline="scratch", baseline_fraction=1.0,
                                        title="Lung segmentation Dice (synthetic CXR, 32 px)")
   return table
@@ -149,13 +143,13 @@ def run_study(workdir: str, *, gmml_init: str, fractions: Sequence[float], seeds
   """
   from remedis_jax import train_segment  # pylint: disable=g-import-not-at-top
   from experiments import label_fraction_sweep  # pylint: disable=g-import-not-at-top
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  label_fraction_sweep.enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
+  workdir = storage.absolute(workdir)
+  storage.makedirs(workdir)
+  label_fraction_sweep.enable_compilation_cache(label_fraction_sweep.compilation_cache_dir(workdir))
   inits = {"scratch": ""}
   notes = []
   if gmml_available(gmml_init):
-    inits["gmml"] = os.path.abspath(gmml_init)
+    inits["gmml"] = storage.absolute(gmml_init)
     notes.append(f"gmml = encoder of {inits['gmml']}")
   else:
     notes.append(f"no GMML run at {gmml_init!r} (no checkpoints/): scratch only")
@@ -168,7 +162,7 @@ def run_study(workdir: str, *, gmml_init: str, fractions: Sequence[float], seeds
           for init, init_path in inits.items()]
   for init, init_path, fraction, seed in plan:
     run = run_id(init, fraction, seed)
-    path = os.path.join(workdir, run)
+    path = storage.join(workdir, run)
     config = build_config(init_path=init_path, fraction=fraction, seed=seed, steps=steps,
                           model=model, variant=variant)
     start = time.time()

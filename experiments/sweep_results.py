@@ -3,7 +3,8 @@ table, CSV/JSON files and the data-efficiency plot.
 
 Reads each run's results.json (schema "remedis-jax-finetune-results/1", documented in
 remedis_jax/train_finetune.py) and nothing else, so it works the same for runs made in-process,
-by local subprocesses or by a cluster scheduler. Imports neither JAX nor TensorFlow.
+by local subprocesses or by a cluster scheduler. Reads and writes through remedis_jax/storage.py,
+so the sweep folder may be a URL (gs://...). Imports neither JAX nor TensorFlow.
 
 Definitions (also written into the table header):
 * A cell is (init, label_fraction, test_set); its mean and std are over the seeds whose run
@@ -20,12 +21,14 @@ Definitions (also written into the table header):
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from remedis_jax import storage
 
 RESULTS_FILE = "results.json"
 CSV_FILE = "results.csv"
@@ -94,12 +97,11 @@ def collect_rows(workdir: str, runs: Iterable[Any], failed: dict[str, str] | Non
   failed = failed or {}
   rows = []
   for run in runs:
-    path = os.path.join(workdir, run.run_id)
-    results_path = os.path.join(path, RESULTS_FILE)
-    results = None
-    if os.path.isfile(results_path):
-      with open(results_path, encoding="utf-8") as f:
-        results = json.load(f)
+    path = storage.join(workdir, run.run_id)
+    try:
+      results = storage.read_json(storage.join(path, RESULTS_FILE))
+    except FileNotFoundError:
+      results = None
     ids = dict(run_id=run.run_id, init=run.init, label_fraction=run.label_fraction,
                seed=run.seed, run_dir=path)
     if results is not None and results.get("finished"):
@@ -258,13 +260,16 @@ def format_grid_table(cells: Sequence[dict[str, Any]], *, metric: str) -> str:
   return "\n".join(lines)
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
-                       for k, v in row.items()})
+def write_csv(rows: Sequence[dict[str, Any]], path: str,
+              columns: Sequence[str] = COLUMNS) -> None:
+  """Rows -> CSV at `path` (a file or a URL, written at once); NaN as an empty field."""
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=list(columns), extrasaction="ignore")
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
+                     for k, v in row.items()})
+  storage.write_text(path, text.getvalue())
 
 
 def json_safe(value):
@@ -280,9 +285,15 @@ def json_safe(value):
 
 
 def write_json(payload: dict[str, Any], path: str) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(json_safe(payload), f, indent=1, allow_nan=False)
-  os.replace(path + ".tmp", path)
+  """Strict JSON (NaN -> null), written atomically to a file or a URL."""
+  storage.write_text(path, json.dumps(json_safe(payload), indent=1, allow_nan=False))
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+  """`fig.savefig(path)` for a file or a URL: rendered in memory, written in one piece."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  storage.write_bytes(path, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -332,7 +343,7 @@ def plot_data_efficiency(cells: Sequence[dict[str, Any]], path: str, *, metric: 
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  save_figure(fig, path)
   plt.close(fig)
 
 
@@ -370,10 +381,10 @@ def write_outputs(rows: Sequence[dict[str, Any]], workdir: str, *, metric: str, 
   if failed:
     table += (f"\n\n**{len(failed)} run(s) did not finish** (not in the means): "
               + ", ".join(f"{r['run_id']} ({r['status']})" for r in failed))
-  paths = {"results_csv": os.path.join(workdir, prefix + CSV_FILE),
-           "results_json": os.path.join(workdir, prefix + JSON_FILE),
-           "plot": os.path.join(workdir, prefix + PLOT_FILE),
-           "table_file": os.path.join(workdir, prefix + TABLE_FILE)}
+  paths = {"results_csv": storage.join(workdir, prefix + CSV_FILE),
+           "results_json": storage.join(workdir, prefix + JSON_FILE),
+           "plot": storage.join(workdir, prefix + PLOT_FILE),
+           "table_file": storage.join(workdir, prefix + TABLE_FILE)}
   write_csv(rows, paths["results_csv"])
   write_json({"format": FORMAT, "metric": column, "baseline": baseline,
               "baseline_fraction": baseline_fraction, "match_tolerance": tolerance,
@@ -382,6 +393,5 @@ def write_outputs(rows: Sequence[dict[str, Any]], workdir: str, *, metric: str, 
               "matches": matches}, paths["results_json"])
   plot_data_efficiency(cells, paths["plot"], metric=column, inits=inits, baseline=baseline,
                        baseline_fraction=baseline_fraction, title=title)
-  with open(paths["table_file"], "w", encoding="utf-8") as f:
-    f.write(table + "\n")
+  storage.write_text(paths["table_file"], table + "\n")
   return dict(paths, table=table, matches=matches, cells=cells)

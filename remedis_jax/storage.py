@@ -29,9 +29,15 @@ import tempfile
 from typing import Any, Iterator
 
 from etils import epath
+import fsspec.config
 import numpy as np
 
 PathLike = str | os.PathLike
+
+# Other processes write into the same bucket (sweep runs, other hosts): gcsfs would otherwise
+# answer listings and existence checks from a cache that never expires. fsspec's own settings
+# mechanism; a user's FSSPEC_GS_USE_LISTINGS_CACHE / fsspec config wins.
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
 def is_url(path: PathLike) -> bool:

@@ -122,10 +122,12 @@ def gcs(tmp_path_factory):
   CLOUD_STORAGE_EMULATOR_ENDPOINT (ArrayRecord's reader). Subprocesses inherit them.
   """
   emulator = GCSEmulator(str(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log"))
-  names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "CLOUD_STORAGE_EMULATOR_ENDPOINT")
-  saved = {name: os.environ.get(name) for name in names}
-  for name in names:
-    os.environ[name] = emulator.url
+  settings = {name: emulator.url for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+                                               "CLOUD_STORAGE_EMULATOR_ENDPOINT")}
+  # No credentials here: google-auth must not wait for a GCE metadata server that is not there.
+  settings["NO_GCE_CHECK"] = "true"
+  saved = {name: os.environ.get(name) for name in settings}
+  os.environ.update(settings)
   # gcsfs asks Google's control API for each bucket's type and logs a warning when it cannot.
   logging.getLogger("gcsfs").setLevel(logging.ERROR)
   try:

@@ -6,17 +6,22 @@ TensorFlow's file system writes and which cannot reach an emulator, go to a loca
 (`config.tensorboard_dir`); everything else of the run lives in the bucket.
 """
 
-import json
 import os
+import signal
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import finetune as finetune_configs
 from configs import pretrain_simclr
+from data_pipelines import convert, pipeline, presets
+from data_pipelines import sources as data_sources
+from data_pipelines.sources.synthetic import SyntheticCXR
 from remedis_jax import checkpointing, export, initialization, storage, supervised
 from remedis_jax import train_finetune, train_simclr, writers
+from remedis_jax.models import bit
 
 
 def _set(config, **overrides):
@@ -109,28 +114,132 @@ def test_tensorboard_writer_gets_the_url_unchanged(monkeypatch, tmp_path, gcs):
   assert seen["logdir"] == str(tmp_path)
 
 
+# ---------------------------------------------------------------------------- inputs
+
+
+def _upload_tree(local_root, url_root) -> None:
+  for folder, _, names in os.walk(local_root):
+    for name in names:
+      relative = os.path.relpath(os.path.join(folder, name), local_root).replace(os.sep, "/")
+      with open(os.path.join(folder, name), "rb") as f:
+        storage.write_bytes(f"{url_root}/{relative}", f.read())
+
+
+def _same_records(local, remote, count=3):
+  assert len(local) == len(remote)
+  for i in range(count):
+    a, b = local[i], remote[i]
+    assert a["id"] == b["id"]
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_inputs_read_from_a_bucket(gcs, tmp_path):
+  bucket = gcs.bucket()
+  local = tmp_path / "local"
+
+  local.mkdir()
+  rng = np.random.default_rng(0)
+  # BiT weights (.npz, the published layout).
+  np.savez(local / "BiT-M-R_tiny.npz",
+           **{k: rng.normal(size=shape).astype(np.float32)
+              for k, shape in bit.bit_npz_shapes("R_tiny").items()})
+  # MedMNIST (.npz).
+  np.savez(local / "pneumoniamnist.npz",
+           **{f"{split}_images": rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+              for split in ("train", "val", "test")},
+           **{f"{split}_labels": rng.integers(0, 2, (6, 1)) for split in ("train", "val", "test")})
+  # A folder of PNGs with a CSV manifest.
+  (local / "images").mkdir()
+  rows = ["path,label"]
+  for i in range(4):
+    Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)).save(
+        local / "images" / f"{i}.png")
+    rows.append(f"images/{i}.png,{i % 2}")
+  (local / "labels.csv").write_text("\n".join(rows) + "\n")
+  # ArrayRecord shards from the converter (its reader opens gs:// shards itself).
+  convert.convert(_data(image_size=32, num_examples={"train": 6}), "train",
+                  str(local / "shards"), num_shards=2, log=lambda *a: None)
+  _upload_tree(local, f"{bucket}/data")
+  remote = f"{bucket}/data"
+
+  loaded = initialization.load_init(f"{remote}/BiT-M-R_tiny.npz", "R_tiny")
+  expected = initialization.load_init(str(local / "BiT-M-R_tiny.npz"), "R_tiny")
+  jax.tree.map(np.testing.assert_array_equal, loaded.encoder, expected.encoder)
+
+  def source(**keys):
+    return data_sources.build_source(_data(**keys), "train")
+
+  _same_records(source(source="medmnist", path=str(local / "pneumoniamnist.npz")),
+                source(source="medmnist", path=f"{remote}/pneumoniamnist.npz"))
+  _same_records(source(source="folder", root=str(local), manifest="labels.csv"),
+                source(source="folder", root=remote, manifest="labels.csv"))
+  _same_records(source(source="array_record", path=str(local / "shards")),
+                source(source="array_record", path=f"{remote}/shards"), count=6)
+  _same_records(source(source="array_record", path=str(local / "shards" / "train.array_record-*")),
+                source(source="array_record", path=f"{remote}/shards/train.array_record-*"),
+                count=6)
+
+
+def _data(**keys):
+  data = data_sources.default_data_config()
+  for key, value in keys.items():
+    if isinstance(value, dict):
+      data[key].update(value)
+    else:
+      data[key] = value
+  return data
+
+
 # ---------------------------------------------------------------------------- whole runs
 
 
+class SigtermAfter:
+  """A source that sends this process SIGTERM at its `reads`-th read (a preemption notice)."""
+
+  def __init__(self, source, reads):
+    self.source, self.reads, self.name = source, reads, source.name
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    self.reads -= 1
+    if self.reads == 0:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return self.source[index]
+
+
 @pytest.mark.slow
-def test_pretrain_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, monkeypatch):
+def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # a mangled URL would appear here as ./gs:/...
   bucket = gcs.bucket()
   workdir = f"{bucket}/simclr"
   config = _set(pretrain_simclr.get_config("smoke"), tensorboard_dir=str(tmp_path / "tb"),
-                **{"linear_probe.enabled": False, "total_steps": 2,
-                   "checkpoint_every_steps": 1})
-  summary = train_simclr.train_and_evaluate(config, workdir)
-  assert summary["steps"] == 2
-  assert storage.read_json(f"{workdir}/config.json")["model"]["name"] == "R_micro"
-  assert [r["step"] for r in writers.read_metrics(workdir) if "train/loss" in r] == [1, 2]
-  assert sorted(storage.listdir(f"{workdir}/checkpoints")) == ["1", "2"]
+                **{"linear_probe.enabled": False, "knn.every_steps": 0, "total_steps": 4,
+                   "checkpoint_every_steps": 100})
 
-  # A longer rerun resumes from the bucket and continues the metrics file there.
-  config.total_steps = 4
-  summary = train_simclr.train_and_evaluate(config, workdir)
+  def dataset(sigterm_at_read=0):
+    source = SyntheticCXR(split="train", num_examples=96, image_size=32)
+    if sigterm_at_read:
+      source = SigtermAfter(source, sigterm_at_read)
+    return pipeline.make_pretrain_dataset(source, batch_size=config.batch_size, seed=0,
+                                          read_threads=1, prefetch_buffer_size=2,
+                                          ops=presets.get_preset("cxr", "pretrain", 32))
+
+  # Preempted while reading the second batch: the run saves the step it reached in the bucket.
+  summary = train_simclr.train_and_evaluate(config, workdir, dataset=dataset(config.batch_size + 2))
+  assert summary["preempted"] and 1 <= summary["steps"] < 4
+  saved = summary["steps"]
+  assert storage.listdir(f"{workdir}/checkpoints") == [str(saved)]
+  assert storage.read_json(f"{workdir}/config.json")["model"]["name"] == "R_micro"
+
+  # The rerun resumes from the bucket, finishes, and continues the metrics file there.
+  summary = train_simclr.train_and_evaluate(config, workdir, dataset=dataset())
   assert summary["steps"] == 4 and summary["initialisation"].startswith("resumed")
-  assert [r["step"] for r in writers.read_metrics(workdir) if "train/loss" in r] == [1, 2, 3, 4]
+  assert not summary["preempted"]
+  logged = [r["step"] for r in writers.read_metrics(workdir) if "train/loss" in r]
+  assert logged[-1] == 4 and saved in logged
   params, step = checkpointing.load_params(workdir)
   assert step == 4
 
