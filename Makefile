@@ -27,10 +27,11 @@ quickstart: $(VENV)/.installed-runtime
 	$(BIN)/python -m experiments.quickstart --workdir=$(WORKDIR)
 
 # The whole suite; CPU only, tiny models, data generated in the tests. Two pytest-xdist workers
-# (compiling the tiny trainer programs is single-threaded); TEST_WORKERS=0 runs in one process.
+# (compiling the tiny trainer programs is single-threaded), an idle worker takes queued tests from
+# the other (`--dist worksteal`: a few tests take minutes); TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

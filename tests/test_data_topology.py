@@ -3,8 +3,8 @@
 P processes are simulated in one Python process by passing shard_index / shard_count
 explicitly: the concatenation of the P local batches of step t must be the one-process global
 batch of step t (same records, same order, bit-identical views), and an iterator state saved on
-one topology must continue the same global stream on another. The real two-process run is
-tests/test_train_processes.py.
+one topology must continue the same global stream on another. The real two-process run against
+one process with two devices is in tests/test_preemption_processes.py.
 """
 import json
 import logging

@@ -240,7 +240,17 @@ def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, 
   assert not summary["preempted"]
   logged = [r["step"] for r in writers.read_metrics(workdir) if "train/loss" in r]
   assert logged[-1] == 4 and saved in logged
+  # ... and is the uninterrupted run, step for step (a local reference run, same programs).
+  reference = str(tmp_path / "reference")
+  train_simclr.train_and_evaluate(config, reference, dataset=dataset())
+  ref_losses = {r["step"]: r["train/loss"] for r in writers.read_metrics(reference)
+                if "train/loss" in r}
+  losses = {r["step"]: r["train/loss"] for r in writers.read_metrics(workdir)
+            if "train/loss" in r and r["step"] > saved}
+  assert losses and all(losses[s] == ref_losses[s] for s in losses), (losses, ref_losses)
   params, step = checkpointing.load_params(workdir)
+  expected, _ = checkpointing.load_params(reference)
+  jax.tree.map(np.testing.assert_array_equal, params, expected)
   assert step == 4
 
   # Export into the bucket; fine-tune from that export, with the fine-tuning workdir there too.

@@ -3,7 +3,8 @@
 First the watcher's multi-process logic against a fake of JAX's preemption protocol (fast),
 then the real entry point: two processes on 127.0.0.1 (`--coordinator_address` etc.), SIGTERM
 to both mid-run, then to one of them during a resumed run's start-up, with JAX's coordination
-service deciding the step (remedis_jax/preemption.py). That test is one of the slowest (four
+service deciding the step (remedis_jax/preemption.py). Its uninterrupted reference also serves
+the topology check: one process with two devices must log the same losses. That test is one of the slowest (four
 2-process runs of R_micro at 32 px; the update step is compiled twice, fresh and resumed, and
 otherwise comes from the session's compilation cache).
 """
@@ -108,12 +109,12 @@ def test_without_jax_distributed_sigterm_cannot_be_agreed_on(protocol, monkeypat
 TOTAL_STEPS = 16
 
 
-def _env() -> dict:
+def _env(devices: int = 1) -> dict:
   env = dict(os.environ)
-  # The session's XLA flags (conftest: -O0, the compilation cache), one CPU device a process.
+  # The session's XLA flags (conftest: -O0, the compilation cache), `devices` CPU devices.
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
            if "xla_force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=1"])
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO
   return env
@@ -174,6 +175,12 @@ def _checkpoint_steps(workdir):
   return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
 
 
+def _all_losses(workdir) -> dict[tuple[int, str], float]:
+  """Every logged loss of a run: {(step, metric name): value} from WORKDIR/metrics.jsonl."""
+  return {(r["step"], k): v for r in writers.read_metrics(workdir) for k, v in r.items()
+          if "loss" in k}
+
+
 def _losses(workdir):
   return {r["step"]: r["train/loss"] for r in writers.read_metrics(workdir) if "train/loss" in r}
 
@@ -188,6 +195,15 @@ def test_sigterm_to_two_processes_saves_one_step_and_resume_matches(tmp_path):
   procs, logs = _start_pair(interrupted, str(tmp_path / "run1"))
   _wait_for(lambda: logged(), procs, "the first logged step")
   ref_procs, ref_logs = _start_pair(reference, str(tmp_path / "reference"))
+  # And the same run on another topology: one process with two devices (same seed and global
+  # batch; 16 steps of 16 records cross the first epoch's end at 96 records).
+  one_process = str(tmp_path / "one_process")
+  with open(tmp_path / "one_process.log", "wb") as log:
+    single = subprocess.Popen(
+        [sys.executable, "-m", "remedis_jax.main", f"--workdir={one_process}",
+         "--config=configs/pretrain_simclr.py:smoke", f"--config.total_steps={TOTAL_STEPS}",
+         "--config.checkpoint_every_steps=100"],
+        cwd=REPO, env=_env(devices=2), stdout=log, stderr=subprocess.STDOUT)
   _wait_for(lambda: max(logged()) >= 3, procs, "step 3")
   for proc in procs:
     proc.send_signal(signal.SIGTERM)
@@ -217,6 +233,7 @@ def test_sigterm_to_two_processes_saves_one_step_and_resume_matches(tmp_path):
   # 3. The next rerun resumes there and finishes.
   _finish(*_start_pair(interrupted, str(tmp_path / "run3")))
   _finish(ref_procs, ref_logs)
+  _finish([single], [str(tmp_path / "one_process.log")])
 
   # Every step's loss (process 0's metrics.jsonl) and the final parameters are the
   # uninterrupted run's.
@@ -227,3 +244,16 @@ def test_sigterm_to_two_processes_saves_one_step_and_resume_matches(tmp_path):
   expected, ref_step = checkpointing.load_params(reference)
   assert final_step == ref_step == TOTAL_STEPS
   jax.tree.map(np.testing.assert_array_equal, final, expected)
+
+  # The same data on any topology (data_pipelines/pipeline.py): the one-process, two-device run
+  # logs the two-process run's losses, every one of them, and ends with its parameters.
+  multi, single_losses = _all_losses(reference), _all_losses(one_process)
+  assert multi.keys() == single_losses.keys() and {s for s, _ in multi} == set(
+      range(1, TOTAL_STEPS + 1))
+  keys = sorted(multi)
+  np.testing.assert_allclose([multi[k] for k in keys], [single_losses[k] for k in keys],
+                             rtol=0, atol=1e-4, err_msg=str(keys))
+  single_params, single_step = checkpointing.load_params(one_process)
+  assert single_step == TOTAL_STEPS
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               expected, single_params)
