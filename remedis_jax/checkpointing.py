@@ -310,8 +310,12 @@ def load_params(path: str) -> tuple[dict[str, Any], int]:
   Returns:
     (params, step): the params tree as nested dicts of numpy arrays, and the step it was saved at.
 
+  A damaged newest step (a file lost or cut short) is skipped with a warning naming it, and the
+  next newest is read; nothing in `path` is moved or changed (it may be another run's workdir).
+
   Raises:
     FileNotFoundError: no finished checkpoint under `path`.
+    UnreadableCheckpointError: checkpoints exist but none can be read.
   """
   directory = storage.absolute(path)  # Orbax's OCDBT reader rejects relative paths
   if storage.isdir(storage.join(directory, CHECKPOINT_SUBDIR)):
@@ -322,15 +326,31 @@ def load_params(path: str) -> tuple[dict[str, Any], int]:
   with ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
-    step = manager.latest_step()
-    if step is None:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    metadata = manager.item_metadata(step)
-    saved_state = metadata["state"] if isinstance(metadata, Mapping) else metadata.state
-    # Restore as host numpy arrays: the caller places them on its own mesh.
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved_state)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=restore_args)))
-  state = restored["state"]
-  params = state["params"] if isinstance(state, Mapping) else state.params
-  return params, step
+    failures = []
+    for step in steps:
+      try:
+        metadata = manager.item_metadata(step)
+        saved_state = metadata["state"] if isinstance(metadata, Mapping) else metadata.state
+        # Restore as host numpy arrays: the caller places them on its own mesh.
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                    saved_state)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append((step, _describe(e)))
+        logging.warning("Checkpoint %s/%d cannot be read (%s); trying the next older step",
+                        directory, step, failures[-1][1])
+        continue
+      state = restored["state"]
+      params = state["params"] if isinstance(state, Mapping) else state.params
+      if failures:
+        logging.warning("Read %s/%d, the newest readable step; skipped damaged steps %s",
+                        directory, step, ", ".join(str(s) for s, _ in failures))
+      return params, step
+  raise UnreadableCheckpointError(
+      f"no checkpoint in {directory} can be read; tried steps "
+      f"{', '.join(str(s) for s in steps)} (newest first):\n"
+      + "\n".join(f"  step {s}: {why}" for s, why in failures))

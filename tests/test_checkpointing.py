@@ -192,6 +192,26 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_readable(tmp_path, c
   manager.close()
 
 
+def test_load_params_skips_a_damaged_newest_step_and_changes_nothing(tmp_path, caplog):
+  """Initialising from a workdir (config.model.init, export) whose newest step lost a file."""
+  manager = checkpointing.make_manager(str(tmp_path), asynchronous=False)
+  for step in (1, 2):
+    checkpointing.save(manager, step, _state(step), force=True)
+  manager.close()
+  directory = tmp_path / checkpointing.CHECKPOINT_SUBDIR
+  os.remove(_data_files(directory / "2")[0])
+  before = sorted(os.listdir(directory))
+  with caplog.at_level("WARNING"):
+    params, step = checkpointing.load_params(str(tmp_path))
+  assert step == 1 and "skipped damaged steps 2" in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, params,
+               jax.tree.map(np.asarray, _state(1)["params"]))
+  assert sorted(os.listdir(directory)) == before  # another run's workdir: nothing moved
+  os.remove(_data_files(directory / "1")[0])
+  with pytest.raises(checkpointing.UnreadableCheckpointError, match="tried steps 2, 1"):
+    checkpointing.load_params(str(tmp_path))
+
+
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
   manager = checkpointing.make_manager(str(tmp_path), asynchronous=False, with_data=False)
   for step in (1, 2, 3):
