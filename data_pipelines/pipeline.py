@@ -58,8 +58,8 @@ the saved global position: the same continuation as an uninterrupted run, as lon
 was skipped as bad before the save (a process that skipped s records had read s positions of
 later steps; those are read again). A state saved by any one process therefore restores every
 process of any topology. (Grain's Orbax handler files the state as
-`process_<i>-of-<P>.json` and reads only the file of the current i and P; a resume on another
-process count needs the checkpoint layer to hand over one of the saved files.)
+`process_<i>-of-<P>.json` and reads only the file of the current i and P; on another process
+count `remedis_jax.checkpointing` hands over one of the saved files instead.)
 
 Bad records and topology. A skipped bad record is replaced by the next record of the same
 process's stream (the first of its slice of a later step), so the batches stay full but, from
