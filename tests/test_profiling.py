@@ -1,4 +1,7 @@
-"""config.profile: a jax.profiler trace of a window of train steps, for TensorBoard's Profile tab."""
+"""config.profile: a jax.profiler trace of a window of train steps, for TensorBoard's Profile tab.
+
+A real pretraining run with a profile: tests/test_train_simclr.py's end-to-end run.
+"""
 
 import glob
 import os
@@ -8,8 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from configs import pretrain_simclr
-from remedis_jax import profiling, train_simclr
+from remedis_jax import profiling
 
 
 def _traces(logdir) -> list[str]:
@@ -48,18 +50,3 @@ def test_profiler_off_by_default_and_checked(tmp_path):
   assert not profiler.enabled and not _traces(tmp_path)
   with pytest.raises(ValueError, match="config.profile"):
     profiling.StepProfiler(_config(first_step=0, num_steps=2), str(tmp_path))
-
-
-@pytest.mark.slow
-def test_pretraining_run_writes_a_trace(tmp_path):
-  """A run shorter than the window still closes its trace (at the end of the loop)."""
-  config = pretrain_simclr.get_config("smoke")
-  config.total_steps = 3
-  config.linear_probe.enabled = False
-  config.profile.first_step = 2
-  config.profile.num_steps = 5
-  workdir = str(tmp_path / "run")
-  summary = train_simclr.train_and_evaluate(config, workdir)
-  assert summary["steps"] == 3
-  traces = _traces(workdir)
-  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0

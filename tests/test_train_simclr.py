@@ -4,6 +4,7 @@ The step tests share one traced and compiled update step per mesh (a module fixt
 exactly as the end-to-end run builds its own, so that run reuses the compiled program.
 """
 
+import glob
 import json
 import os
 
@@ -124,10 +125,14 @@ def test_nonfinite_gradients_leave_state_unchanged(step_setups):
 
 def test_end_to_end_run_resume_export_and_init(tmp_path):
   workdir = str(tmp_path / "run")
+  # Also profiled (config.profile): steps 2-3 traced for TensorBoard's Profile tab.
   config = tiny_config(**{"knn.every_steps": 2, "knn.bank_size": 32, "knn.query_size": 16,
-                          "knn.batch_size": 16, "linear_probe.enabled": True})
+                          "knn.batch_size": 16, "linear_probe.enabled": True,
+                          "profile.first_step": 2, "profile.num_steps": 2})
   summary = train_simclr.train_and_evaluate(config, workdir)
   assert summary["steps"] == 4 and not summary["preempted"]
+  traces = glob.glob(os.path.join(workdir, "plugins", "profile", "*", "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
 
   records = writers.read_metrics(workdir)
   losses = [r["train/loss"] for r in records if "train/loss" in r]
