@@ -272,21 +272,9 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str,
   storage.write_text(path, text.getvalue())
 
 
-def json_safe(value):
-  if isinstance(value, dict):
-    return {str(k): json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [json_safe(v) for v in value]
-  if isinstance(value, (float, np.floating)):
-    return None if not math.isfinite(float(value)) else float(value)
-  if isinstance(value, np.integer):
-    return int(value)
-  return value
-
-
 def write_json(payload: dict[str, Any], path: str) -> None:
   """Strict JSON (NaN -> null), written atomically to a file or a URL."""
-  storage.write_text(path, json.dumps(json_safe(payload), indent=1, allow_nan=False))
+  storage.write_text(path, json.dumps(storage.json_safe(payload), indent=1, allow_nan=False))
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import tempfile
 from typing import Any, Iterator
@@ -159,6 +160,19 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 def write_text(path: PathLike, text: str) -> None:
   """Writes `text` (UTF-8) atomically; see `write_bytes`."""
   write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(value: Any) -> Any:
+  """`value` with NumPy scalars as Python numbers and NaN / inf as None (JSON has neither)."""
+  if isinstance(value, dict):
+    return {str(k): json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return None if not math.isfinite(float(value)) else float(value)
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
 
 
 def write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:

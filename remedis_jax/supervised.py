@@ -325,25 +325,11 @@ def schedule_from_config(config, num_examples: int) -> tuple[int, int, int]:
   return total_steps, min(warmup, total_steps), steps_per_epoch
 
 
-def json_safe(value):
-  if isinstance(value, dict):
-    return {str(k): json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [json_safe(v) for v in value]
-  if isinstance(value, (float, np.floating)):
-    return None if not math.isfinite(float(value)) else float(value)
-  if isinstance(value, (np.integer,)):
-    return int(value)
-  if isinstance(value, np.bool_):
-    return bool(value)
-  return value
-
-
 def write_json(path: str, payload: Any) -> None:
   """Atomic JSON write (tmp + rename) on process 0; NaN/inf become null."""
   if jax.process_index() != 0:
     return
-  storage.write_text(path, json.dumps(json_safe(payload), indent=2, sort_keys=False,
+  storage.write_text(path, json.dumps(storage.json_safe(payload), indent=2, sort_keys=False,
                                      allow_nan=False))
 
 

@@ -610,7 +610,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
       "robustness": robust_results,
       "baselines": config.baselines.to_dict() if config.get("baselines") else {},
   }
-  results = supervised.json_safe(results)
+  results = storage.json_safe(results)
   supervised.write_json(storage.join(workdir, supervised.RESULTS_FILE), results)
   if jax.process_index() == 0:
     print(f"Fine-tuning finished: {step} steps, {len(train_source)} labels, "

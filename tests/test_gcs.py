@@ -80,6 +80,11 @@ def test_storage_round_trip_local_and_bucket(gcs, tmp_path):
   assert not _local_gs_folders(os.getcwd())
 
 
+def test_json_safe_turns_numpy_and_non_finite_values_into_json():
+  value = {"a": np.float32(1.5), "b": float("nan"), 1: [np.int64(3), (np.inf, -np.inf)], "c": "x"}
+  assert storage.json_safe(value) == {"a": 1.5, "b": None, "1": [3, [None, None]], "c": "x"}
+
+
 def test_atomic_local_write_leaves_old_file_on_error(tmp_path):
   path = str(tmp_path / "results.json")
   storage.write_json(path, {"v": 1})
