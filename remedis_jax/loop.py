@@ -20,12 +20,14 @@ import collections
 import json
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import ml_collections
 import optax
+from clu import periodic_actions
 
-from remedis_jax import checkpointing, preemption
+from remedis_jax import checkpointing, preemption, profiling
 
 
 class RunAhead:
@@ -140,3 +142,29 @@ class DivergenceMonitor:
           "logged window: training is diverging (lower the learning rate, or clip gradients "
           "with config.optimizer.grad_clip_norm)"))
     return new
+
+
+class LoopTools(NamedTuple):
+  """What every train loop runs beside its step, built by `loop_tools`."""
+  report_progress: periodic_actions.ReportProgress  # steps/s and ETA, to the log and writer
+  watcher: preemption.PreemptionWatcher  # SIGTERM, agreed on by every process
+  run_ahead: RunAhead  # at most two steps in flight
+  profiler: profiling.StepProfiler  # config.profile's window
+  divergence: DivergenceMonitor  # parameter norm warnings
+  skipped_records: int  # bad records skipped so far, resumes included
+
+
+def loop_tools(config: ml_collections.ConfigDict, workdir: str, manager, writer, *,
+               total_steps: int, start_step: int, params: Any) -> LoopTools:
+  """The loop's progress report, preemption watcher, run-ahead bound, profiler, divergence
+  monitor and the skipped-record count saved with the checkpoint it resumes from."""
+  return LoopTools(
+      report_progress=periodic_actions.ReportProgress(
+          num_train_steps=total_steps, writer=writer,
+          every_secs=config.get("progress_every_secs", 60)),
+      watcher=preemption.PreemptionWatcher(manager),
+      run_ahead=RunAhead(max_in_flight=2),
+      profiler=profiling.StepProfiler(config, config.get("tensorboard_dir") or workdir),
+      divergence=DivergenceMonitor(float(param_norm(params))),
+      skipped_records=int(checkpointing.read_counters(manager, start_step or None).get(
+          "skipped_records", 0)))

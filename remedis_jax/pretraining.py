@@ -25,11 +25,11 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metrics as clu_metrics
-from clu import parameter_overview, periodic_actions
+from clu import parameter_overview
 
 from data_pipelines import sources as data_sources
 from remedis_jax import checkpointing, export, initialization, loop, models, optimizers
-from remedis_jax import preemption, profiling, sharding, storage, workdir_lock, writers
+from remedis_jax import sharding, storage, workdir_lock, writers
 from remedis_jax.evaluators import knn as knn_evaluator
 from remedis_jax.evaluators import linear_probe
 
@@ -233,19 +233,13 @@ def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
     knn = knn_evaluator.KnnEvaluator.from_config(config, setup.model, mesh)  # None: no labels
 
   # ---- loop
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
-  watcher = preemption.PreemptionWatcher(manager)
-  run_ahead = loop.RunAhead(max_in_flight=2)
-  profiler = profiling.StepProfiler(config, config.get("tensorboard_dir") or workdir)
-  divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
+  report_progress, watcher, run_ahead, profiler, divergence, skipped_records = loop.loop_tools(
+      config, workdir, manager, writer, total_steps=total_steps, start_step=start_step,
+      params=state.params)
   window_metrics = []  # per-step metric collections of the current logging window
   input_wait = 0.0
   # Run totals for the summary; the first batch (pipeline and worker start-up) is kept apart.
   run_input_wait, run_waited_steps, first_batch_wait = 0.0, 0, None
-  # Run totals continue across resumes (saved with every checkpoint).
-  skipped_records = int(checkpointing.read_counters(manager, start_step or None).get(
-      "skipped_records", 0))
   window_start, window_steps = time.monotonic(), 0
   step = start_step
   last_loss = float("nan")

@@ -8,6 +8,10 @@ both:
   restore (own checkpoint + best so far, else the trainer's init) -> loop (log window,
   validation every `eval_every_steps` keeping the best parameters in WORKDIR/best/,
   checkpoints, preemption) -> the best state, for the trainer's final evaluation.
+
+It also builds what both trainers build alike: the state and jitted update step around the
+trainer's loss (`build_setup`), the encoder from `config.model.init` (`load_encoder`), the
+config checks they share (`check_common_config`) and the results' common part.
 """
 
 from __future__ import annotations
@@ -19,16 +23,17 @@ from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from clu import parameter_overview, periodic_actions
+from clu import parameter_overview
 import numpy as np
 
 from data_pipelines import pipeline, presets
 from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, loop, optimizers, preemption, pretraining, profiling
+from remedis_jax import checkpointing, initialization, loop, models, optimizers, pretraining
 from remedis_jax import sharding
 from remedis_jax import storage, workdir_lock, writers
 
@@ -37,6 +42,122 @@ RESULTS_FILE = "results.json"  # written by the trainer when its final evaluatio
 SUBSET_MANIFEST_FILE = "subset_manifest.json"  # ids of the labeled records the run used
 # BiT-HyperRule schedule by training-set size: (max examples, warm-up steps, total steps).
 HYPERRULE = ((20_000, 100, 500), (500_000, 500, 10_000), (math.inf, 500, 20_000))
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+class TrainSetup(NamedTuple):
+  """Everything the loop needs besides data: built by a trainer's `create_train_setup`."""
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: Callable[[int], float]
+  optimizer_config: ml_collections.ConfigDict
+  init_state: Callable[[jax.Array], TrainState]
+  abstract_state: TrainState
+  state_shardings: TrainState
+  update_fn: Callable  # jitted (state, batch) -> (state, metrics); donates `state`
+  predict_fn: Callable  # jitted (params, images uint8) -> the trainer's probabilities
+  batch_keys: tuple[str, ...]  # the host batch entries the update step reads
+
+
+def check_common_config(config: ml_collections.ConfigDict, init_hint: str) -> str:
+  """The checks both trainers need; returns `config.model.init` stripped.
+
+  Raises:
+    ValueError / FileNotFoundError: naming the config key, the value and the fix.
+  """
+  init = str(config.model.init or "").strip()
+  if init.lower() not in initialization.SCRATCH and not storage.exists(init):
+    raise FileNotFoundError(f"config.model.init={init!r} does not exist; give {init_hint}, or '' "
+                            "to train from scratch")
+  if config.batch_size <= 0 or config.eval_batch_size <= 0:
+    raise ValueError(f"config.batch_size={config.batch_size} and config.eval_batch_size="
+                     f"{config.eval_batch_size} must be positive")
+  if config.eval_every_steps <= 0:
+    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} must be positive")
+  return init
+
+
+def build_setup(config: ml_collections.ConfigDict, mesh, model: nn.Module, *,
+                total_steps: int, warmup_steps: int, frozen: tuple[str, ...],
+                wrap_optimizer: Callable[[optax.GradientTransformation],
+                                         optax.GradientTransformation] = lambda tx: tx,
+                loss_fn: Callable, target_key: str, metric_names: tuple[str, ...],
+                predict_fn: Callable) -> TrainSetup:
+  """Optimiser, sharded state init and the jitted update step around a trainer's loss.
+
+  Args:
+    config: the run config (optimizer, batch_size, data.image_size and data.num_channels,
+      param_sharding).
+    mesh: the device mesh.
+    model: the trainer's model; `model.init(rng, images, train=False)` gives its parameters.
+    total_steps: schedule length.
+    warmup_steps: linear warm-up length.
+    frozen: regexes of parameters that do not train (added to `config.optimizer.frozen`).
+    wrap_optimizer: applied to the optimiser before its state is built.
+    loss_fn: `(params, images uint8, targets) -> (loss, {name: value})`, traced in the step.
+    target_key: the batch entry passed to `loss_fn` as targets.
+    metric_names: what `loss_fn` returns (the step adds grad_norm, param_norm and
+      nonfinite_steps).
+    predict_fn: the trainer's jitted `(params, images) -> probabilities`.
+
+  Returns:
+    A TrainSetup; its update step skips a non-finite update and counts it in
+    `nonfinite_steps`.
+  """
+  opt_config = config.optimizer.copy_and_resolve_references()
+  with opt_config.unlocked():
+    opt_config.warmup_steps = warmup_steps
+    opt_config.frozen = tuple(opt_config.frozen) + tuple(frozen)
+  tx, schedule = optimizers.make_optimizer(opt_config, total_steps=total_steps,
+                                           batch_size=config.batch_size)
+  tx = wrap_optimizer(tx)
+  image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+  def init_state(rng):
+    params = dict(model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32),
+                             train=False)["params"])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  state_shardings = sharding.param_shardings(abstract_state, mesh,
+                                             strategy=config.get("param_sharding", "replicate"))
+  metrics_cls = pretraining.make_metrics_cls(tuple(metric_names) + ("grad_norm", "param_norm"))
+
+  def update_fn(state: TrainState, batch: dict[str, jax.Array]):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch["image"], batch[target_key])
+    state, metrics = apply_gradients(state, tx, loss, grads, metrics)
+    return state, metrics_cls.single_from_model_output(**metrics)
+
+  update_fn = jax.jit(update_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)),
+                      donate_argnums=(0,))
+  return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state, state_shardings,
+                    update_fn, predict_fn, batch_keys=("image", target_key))
+
+
+def load_encoder(config: ml_collections.ConfigDict, state: TrainState, setup: TrainSetup):
+  """`state` with its encoder from `config.model.init`, and what was loaded (None: scratch,
+  `state` unchanged).
+
+  Raises:
+    ValueError: the weights do not fit the encoder (merge_params names every key).
+  """
+  loaded = initialization.load_init(config.model.init, config.model.name,
+                                    stem=config.model.get("stem", "bit"))
+  if loaded is None:
+    return state, None
+  params = dict(state.params)
+  params["encoder"] = pretraining.put_host_tree(
+      models.merge_params(loaded.encoder, setup.abstract_state.params["encoder"]),
+      setup.state_shardings.params["encoder"])
+  return state.replace(params=params), loaded
 
 
 @flax.struct.dataclass
@@ -75,13 +196,18 @@ def apply_gradients(state, tx: optax.GradientTransformation, loss: jax.Array, gr
                      "param_norm": optax.tree.norm(state.params)}
 
 
-def run(workdir: str,
-        train_and_evaluate: Callable[[str, float], dict[str, Any]]) -> dict[str, Any]:
-  """The finished run's results, or `train_and_evaluate(workdir, start_time)` under the lock.
+def run(config: ml_collections.ConfigDict, workdir: str, check_config: Callable[[Any], Any],
+        train_and_evaluate: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+  """A trainer's entry point: `checked = check_config(config)` before anything is built, then
+  the finished run's results, or `train_and_evaluate(config, workdir, start_time, checked)`
+  under the workdir lock.
 
   Raises:
-    workdir_lock.WorkdirInUseError: another live run holds the workdir.
+    What `check_config` raises (ValueError / FileNotFoundError naming the key); what
+    `train_and_evaluate` raises; workdir_lock.WorkdirInUseError: another live run holds the
+    workdir.
   """
+  checked = check_config(config)
   start_time = time.time()
   workdir = storage.absolute(workdir)
   finished = read_results(workdir)
@@ -90,7 +216,7 @@ def run(workdir: str,
                  RESULTS_FILE)
     return finished
   with workdir_lock.WorkdirLock(workdir):
-    return train_and_evaluate(workdir, start_time)
+    return train_and_evaluate(config, workdir, start_time, checked)
 
 
 def start(config: ml_collections.ConfigDict, workdir: str):
@@ -151,22 +277,20 @@ class Outcome(NamedTuple):
   divergence_warnings: list[str]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, setup, mesh, writer,
-          data_iterator, total_steps: int, batch_keys: tuple[str, ...],
-          init: Callable[[Any], tuple[Any, str]], validate: Callable[[Any], dict[str, float]],
-          best_metric: str) -> Outcome:
-  """Trains `setup.update_fn` for `total_steps`, keeping the best validation checkpoint.
+def train(config: ml_collections.ConfigDict, workdir: str, *, setup: TrainSetup, mesh, writer,
+          stream: TrainingStream, init: Callable[[Any], tuple[Any, str]],
+          validate: Callable[[Any], dict[str, float]], best_metric: str) -> Outcome:
+  """Trains `setup.update_fn` for `stream.total_steps`, keeping the best validation checkpoint.
 
   Args:
     config: the run config (batch_size, log/eval/checkpoint intervals, keep_checkpoints, seed).
     workdir: checkpoints/ and best/ go here; an existing run there is resumed.
     setup: the trainer's setup (abstract_state, state_shardings, init_state, update_fn,
-      schedule, optimizer_config).
+      batch_keys, schedule, optimizer_config).
     mesh: the device mesh.
     writer: the run's metric writer.
-    data_iterator: Grain iterator of host batches (restored in place on resume).
-    total_steps: steps of the whole run.
-    batch_keys: the host batch entries the update step reads.
+    stream: the training stream: its iterator of host batches (restored in place on resume)
+      and the run's total steps.
     init: fresh state -> (initialised state, description): the trainer's pretrained weights.
     validate: params -> validation metrics ({name: value}, `best_metric` among them).
     best_metric: the validation metric to maximise.
@@ -177,6 +301,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup, mesh, write
   Raises:
     FloatingPointError: non-finite loss or gradients in a logging window.
   """
+  data_iterator, total_steps = stream.data_iterator, stream.total_steps
+  batch_keys = setup.batch_keys
   abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
   batch_sharding = sharding.batch_sharding(mesh)
 
@@ -227,16 +353,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup, mesh, write
                    value, best_manager.directory)
 
   # ---- loop
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, writer=writer, every_secs=config.get("progress_every_secs", 60))
-  watcher = preemption.PreemptionWatcher(manager)
-  run_ahead = loop.RunAhead(max_in_flight=2)
-  profiler = profiling.StepProfiler(config, config.get("tensorboard_dir") or workdir)
-  divergence = loop.DivergenceMonitor(float(loop.param_norm(state.params)))
+  report_progress, watcher, run_ahead, profiler, divergence, skipped_records = loop.loop_tools(
+      config, workdir, manager, writer, total_steps=total_steps, start_step=start_step,
+      params=state.params)
   train_metrics = None
-  # Run totals continue across resumes (saved with every checkpoint).
-  skipped_records = int(checkpointing.read_counters(manager, start_step or None).get(
-      "skipped_records", 0))
   window_start, window_steps = time.monotonic(), 0
   step = start_step
   preempted = False
@@ -302,6 +422,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup, mesh, write
   best_manager.close()
   return Outcome(steps=step, total_steps=total_steps, preempted=preempted, best=best,
                  initialisation=initialisation, divergence_warnings=divergence.warnings)
+
+
+def preempted_results(outcome: Outcome) -> dict[str, Any]:
+  """What a trainer returns when the loop was preempted (nothing is written)."""
+  return {"finished": False, "steps": outcome.steps, "total_steps": outcome.total_steps,
+          "preempted": True}
+
+
+def finish(workdir: str, results_format: str, outcome: Outcome, start_time: float,
+           results: dict[str, Any], *, headline: str,
+           table: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+  """Writes WORKDIR/results.json (the common keys first, then the trainer's `results`; NaN and
+  inf become null) and prints `headline` and `table(results)` on process 0; returns them."""
+  results = storage.json_safe({
+      "format": results_format, "finished": True, "steps": outcome.steps,
+      "total_steps": outcome.total_steps, "wall_time_s": time.time() - start_time, **results})
+  write_json(storage.join(workdir, RESULTS_FILE), results)
+  if jax.process_index() == 0:
+    print(f"{headline} ({time.time() - start_time:.1f} s)\n{table(results)}\n"
+          f"  results        {workdir}/{RESULTS_FILE}", flush=True)
+  return results
 
 
 # ------------------------------------------------------------------ workdir and schedule

@@ -54,21 +54,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 from typing import Any, Callable, NamedTuple, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metrics as clu_metrics
 
 from data_pipelines import pipeline
 from data_pipelines import sources as data_sources
-from remedis_jax import initialization, losses, models, optimizers, sharding, storage
+from remedis_jax import initialization, losses, models, storage
 from remedis_jax import supervised
 from remedis_jax.evaluators import classification, robustness
 from remedis_jax.pretraining import normalize_images, put_host_tree
@@ -77,13 +74,6 @@ RESULTS_FORMAT = "remedis-jax-finetune-results/1"
 ROC_DIR = "roc"
 FINETUNE_MODES = ("full", "linear")
 BEST_METRICS = ("macro_auc", "accuracy", "balanced_accuracy")
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
 
 
 # ------------------------------------------------------------------------------ config check
@@ -144,20 +134,12 @@ def check_config(config: ml_collections.ConfigDict) -> list[TestSet]:
                      f"{FINETUNE_MODES}")
   if config.best_metric not in BEST_METRICS:
     raise ValueError(f"config.best_metric={config.best_metric!r}; expected one of {BEST_METRICS}")
-  init = str(config.model.init or "").strip()
-  if init.lower() not in initialization.SCRATCH and not storage.exists(init):
-    raise FileNotFoundError(
-        f"config.model.init={init!r} does not exist; give a BiT .npz, a pretraining workdir, an "
-        "export folder, or '' to train from scratch")
+  init = supervised.check_common_config(
+      config, "a BiT .npz, a pretraining workdir, an export folder")
   if config.model.from_head_layer and init.lower() in initialization.SCRATCH:
     raise ValueError("config.model.from_head_layer=True needs a pretrained projection head: set "
                      "config.model.init to a SimCLR workdir or an export written with "
                      "--include_head")
-  if config.batch_size <= 0 or config.eval_batch_size <= 0:
-    raise ValueError(f"config.batch_size={config.batch_size} and config.eval_batch_size="
-                     f"{config.eval_batch_size} must be positive")
-  if config.eval_every_steps <= 0:
-    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} must be positive")
   robustness.parse_perturbations(config.robustness.perturbations)
   test_sets = parse_test_sets(config.test_sets, config.data.source)
   names = [t.name for t in test_sets]
@@ -300,18 +282,12 @@ def frozen_regexes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------ update step
-def make_metrics_cls(names):
-  fields = {name: clu_metrics.Average.from_output(name) for name in names}
-  return clu_metrics.Collection.create(**fields)
+def make_loss_fn(model: nn.Module, *, multi_label: bool,
+                 class_weights: np.ndarray | None) -> Callable:
+  """`loss_fn(params, images, labels) -> (loss, metrics)` for the supervised update step.
 
-
-def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, *, multi_label: bool,
-                   class_weights: np.ndarray | None, metrics_cls) -> Callable:
-  """The pure update step `update_fn(state, batch) -> (state, metrics)`.
-
-  `batch["image"]` is uint8 (B, H, W, C); `batch["label"]` int32 (B,) or float32 (B, K), -1 for
-  unlabeled records (weight 0). A non-finite loss or gradient leaves the state unchanged and
-  is counted in `nonfinite_steps`.
+  `images` are uint8 (B, H, W, C); `labels` int32 (B,) or float32 (B, K), -1 for unlabeled
+  records (weight 0).
   """
   weights_per_class = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
@@ -331,13 +307,7 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, *, multi_
     metrics["loss"] = loss
     return loss, metrics
 
-  def update_fn(state: TrainState, batch: dict[str, jax.Array]):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch["image"], batch["label"])
-    state, metrics = supervised.apply_gradients(state, tx, loss, grads, metrics)
-    return state, metrics_cls.single_from_model_output(**metrics)
-
-  return update_fn
+  return loss_fn
 
 
 def make_predict_fn(model: nn.Module, multi_label: bool) -> Callable:
@@ -348,19 +318,6 @@ def make_predict_fn(model: nn.Module, multi_label: bool) -> Callable:
     return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits, axis=-1)
 
   return jax.jit(predict)
-
-
-class TrainSetup(NamedTuple):
-  """Everything the loop needs besides data: built by `create_train_setup`."""
-  model: FinetuneModel
-  tx: optax.GradientTransformation
-  schedule: Callable[[int], float]
-  optimizer_config: ml_collections.ConfigDict
-  init_state: Callable[[jax.Array], TrainState]
-  abstract_state: TrainState
-  state_shardings: TrainState
-  update_fn: Callable  # jitted (state, batch) -> (state, metrics); donates `state`
-  predict_fn: Callable  # jitted (params, images) -> probs
 
 
 def scale_encoder_updates(tx: optax.GradientTransformation, *, multiplier: float,
@@ -398,71 +355,45 @@ def scale_encoder_updates(tx: optax.GradientTransformation, *, multiplier: float
 
 def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: int,
                        multi_label: bool, total_steps: int, warmup_steps: int,
-                       class_weights: np.ndarray | None = None) -> TrainSetup:
+                       class_weights: np.ndarray | None = None) -> supervised.TrainSetup:
   """Model, optimiser (frozen encoder in linear mode), sharded state init and jitted steps.
 
   Args:
-    config: the run config (model, optimizer, finetune_mode, batch_size, data.image_size and
-      data.num_channels, param_sharding).
+    config: the run config (model, optimizer, finetune_mode, encoder learning-rate options,
+      batch_size, data.image_size and data.num_channels, param_sharding).
     mesh: the device mesh.
     num_classes: K, the classifier's outputs.
     multi_label: sigmoid (True) or softmax (False) cross-entropy.
     total_steps: schedule length.
     warmup_steps: linear warm-up length.
     class_weights: optional (K,) loss weights.
-
-  Returns:
-    A TrainSetup.
   """
   model = build_model(config, num_classes)
-  opt_config = config.optimizer.copy_and_resolve_references()
-  with opt_config.unlocked():
-    opt_config.warmup_steps = warmup_steps
-    opt_config.frozen = tuple(opt_config.frozen) + frozen_regexes(config)
-  tx, schedule = optimizers.make_optimizer(opt_config, total_steps=total_steps,
-                                           batch_size=config.batch_size)
   frozen_fraction = float(config.get("encoder_frozen_fraction", 0.0))
   if not 0.0 <= frozen_fraction < 1.0:
     raise ValueError(f"config.encoder_frozen_fraction={frozen_fraction} must be in [0, 1)")
-  tx = scale_encoder_updates(tx, multiplier=float(config.get("encoder_lr_multiplier", 1.0)),
-                             frozen_steps=int(round(frozen_fraction * total_steps)))
-  image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-  def init_state(rng):
-    params = model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32), train=False)["params"]
-    params = dict(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_shardings = sharding.param_shardings(abstract_state, mesh,
-                                             strategy=config.get("param_sharding", "replicate"))
-  names = ["loss", "grad_norm", "param_norm", "nonfinite_steps"]
-  if not multi_label:
-    names.append("accuracy")
-  update_fn = make_update_fn(model, tx, multi_label=multi_label, class_weights=class_weights,
-                             metrics_cls=make_metrics_cls(names))
-  update_fn = jax.jit(update_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
-  return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state, state_shardings,
-                    update_fn, make_predict_fn(model, multi_label))
+  wrap = functools.partial(
+      scale_encoder_updates, multiplier=float(config.get("encoder_lr_multiplier", 1.0)),
+      frozen_steps=int(round(frozen_fraction * total_steps)))
+  return supervised.build_setup(
+      config, mesh, model, total_steps=total_steps, warmup_steps=warmup_steps,
+      frozen=frozen_regexes(config), wrap_optimizer=wrap,
+      loss_fn=make_loss_fn(model, multi_label=multi_label, class_weights=class_weights),
+      target_key="label", metric_names=("loss",) if multi_label else ("loss", "accuracy"),
+      predict_fn=make_predict_fn(model, multi_label))
 
 
-def load_pretrained(config, state: TrainState, setup: TrainSetup) -> tuple[TrainState, str]:
+def load_pretrained(config, state: supervised.TrainState,
+                    setup: supervised.TrainSetup) -> tuple[supervised.TrainState, str]:
   """Fills the encoder (and the first head layer) from `config.model.init`; else keeps `state`.
 
   Raises:
     ValueError: the weights do not fit the model (merge_params names every key), or
       from_head_layer without a head in the init.
   """
-  loaded = initialization.load_init(config.model.init, config.model.name,
-                                    stem=config.model.get("stem", "bit"))
+  state, loaded = supervised.load_encoder(config, state, setup)
   if loaded is None:
     return state, "scratch"
-  params = dict(state.params)
-  params["encoder"] = put_host_tree(
-      models.merge_params(loaded.encoder, setup.abstract_state.params["encoder"]),
-      setup.state_shardings.params["encoder"])
   description = loaded.description
   if config.model.from_head_layer:
     if loaded.head is None:
@@ -470,11 +401,13 @@ def load_pretrained(config, state: TrainState, setup: TrainSetup) -> tuple[Train
                        f"{config.model.init} has no projection head; export it with "
                        "--include_head or use the pretraining workdir")
     first_layer = {k: v for k, v in loaded.head.items() if k in ("hidden_0", "hidden_0_norm")}
+    params = dict(state.params)
     params["head"] = put_host_tree(
         models.merge_params(first_layer, setup.abstract_state.params["head"]),
         setup.state_shardings.params["head"])
+    state = state.replace(params=params)
     description += " (from the first projection-head layer)"
-  return state.replace(params=params), description
+  return state, description
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -502,17 +435,14 @@ def format_results(results: dict[str, Any]) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes, keeps the best checkpoint on validation, evaluates it on every test set.
 
-  `config` is a configs/finetune.py config. `workdir` is created, or resumed; a finished one returns its
-  results.json (schema in the module docstring) at once. Raises ValueError or
-  FileNotFoundError for a bad config before anything is built, and what `supervised.run`
-  and `supervised.train` raise (another run holds the workdir; non-finite loss).
+  `config`: a configs/finetune.py config. A finished `workdir` returns its results.json (schema
+  in the module docstring) at once; an unfinished one resumes. Raises what `check_config` and
+  `supervised.run` / `supervised.train` raise.
   """
-  test_sets = check_config(config)
-  return supervised.run(workdir, functools.partial(_train_and_evaluate, config,
-                                                   test_sets=test_sets))
+  return supervised.run(config, workdir, check_config, _train_and_evaluate)
 
 
-def _train_and_evaluate(config, workdir, start_time, *, test_sets):
+def _train_and_evaluate(config, workdir, start_time, test_sets):
   writer, mesh = supervised.start(config, workdir)
 
   # ---- data: the label-fraction subset of the training split
@@ -521,8 +451,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
     raise ValueError(f"{full_train.name} has no classes: fine-tuning needs labeled data "
                      f"(data.train_split={config.data.train_split!r})")
   stream = supervised.training_stream(config, full_train, workdir)
-  train_source, data_iterator, total_steps = (stream.source, stream.data_iterator,
-                                              stream.total_steps)
+  train_source, total_steps = stream.source, stream.total_steps
   eval_ops = supervised.eval_ops(config)
   num_classes, multi_label = full_train.num_classes, full_train.multi_label
   class_names = list(full_train.class_names)
@@ -534,6 +463,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
   setup = create_train_setup(config, mesh, num_classes=num_classes, multi_label=multi_label,
                              total_steps=total_steps, warmup_steps=stream.warmup_steps,
                              class_weights=class_weights)
+  logging.info("Fine-tuning mode: %s", config.finetune_mode)
 
   evaluator_kwargs = dict(ops=eval_ops, batch_size=config.eval_batch_size, mesh=mesh,
                           num_channels=config.data.num_channels, num_bins=config.ece_bins)
@@ -542,15 +472,12 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
                                                          **evaluator_kwargs)
 
   # ---- the shared supervised loop: restore or init, train, keep the best on validation
-  logging.info("Fine-tuning mode: %s", config.finetune_mode)
   outcome = supervised.train(
-      config, workdir, setup=setup, mesh=mesh, writer=writer, data_iterator=data_iterator,
-      total_steps=total_steps, batch_keys=("image", "label"),
+      config, workdir, setup=setup, mesh=mesh, writer=writer, stream=stream,
       init=lambda state: load_pretrained(config, state, setup),
       validate=val_evaluator.run, best_metric=config.best_metric)
   if outcome.preempted:
-    return {"finished": False, "steps": outcome.steps, "total_steps": total_steps,
-            "preempted": True}
+    return supervised.preempted_results(outcome)
 
   # ---- final evaluation of the BEST checkpoint
   step, best_state = outcome.steps, outcome.best
@@ -583,12 +510,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
           if k in ("macro_auc", "accuracy")})
   writer.flush()
 
-  results = {
-      "format": RESULTS_FORMAT,
-      "finished": True,
-      "steps": step,
-      "total_steps": total_steps,
-      "wall_time_s": time.time() - start_time,
+  return supervised.finish(workdir, RESULTS_FORMAT, outcome, start_time, {
       "config": {"variant": config.get("variant"), "recipe": config.get("recipe"),
                  "seed": config.seed, "finetune_mode": config.finetune_mode,
                  "label_fraction": config.label_fraction,
@@ -609,14 +531,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
       "test_sets": test_results,
       "robustness": robust_results,
       "baselines": config.baselines.to_dict() if config.get("baselines") else {},
-  }
-  results = storage.json_safe(results)
-  supervised.write_json(storage.join(workdir, supervised.RESULTS_FILE), results)
-  if jax.process_index() == 0:
-    print(f"Fine-tuning finished: {step} steps, {len(train_source)} labels, "
-          f"{outcome.initialisation}, mode {config.finetune_mode}; best validation "
-          f"{config.best_metric} {results['best']['value']:.4f} at step "
-          f"{results['best']['step']} ({time.time() - start_time:.1f} s)\n"
-          + format_results(results)
-          + f"\n  results        {workdir}/{supervised.RESULTS_FILE}", flush=True)
-  return results
+  }, headline=(f"Fine-tuning finished: {step} steps, {len(train_source)} labels, "
+               f"{outcome.initialisation}, mode {config.finetune_mode}; best validation "
+               f"{config.best_metric} {float(best_state.value):.4f} at step "
+               f"{int(best_state.step)}"), table=format_results)

@@ -49,11 +49,9 @@ stratified random sample of the test set (seed `config.figure_seed` if the confi
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -61,12 +59,11 @@ import ml_collections
 import optax
 
 from data_pipelines import sources as data_sources
-from remedis_jax import initialization, models, optimizers, sharding, storage, supervised
+from remedis_jax import initialization, models, storage, supervised
 from remedis_jax.evaluators import segmentation as seg_metrics
 from remedis_jax.models import segmentation as seg_models
-from remedis_jax.train_finetune import (TestSet, TrainState, build_eval_sources,
-                                        make_metrics_cls, parse_test_sets)
-from remedis_jax.pretraining import normalize_images, put_host_tree
+from remedis_jax.train_finetune import TestSet, build_eval_sources, parse_test_sets
+from remedis_jax.pretraining import normalize_images
 
 RESULTS_FORMAT = "remedis-jax-segment-results/1"
 FIGURE_DIR = "predictions"
@@ -86,19 +83,11 @@ def check_config(config: ml_collections.ConfigDict) -> list[TestSet]:
   if not 0.0 < float(config.label_fraction) <= 1.0:
     raise ValueError(f"config.label_fraction={config.label_fraction} must be in (0, 1] (e.g. "
                      "0.05 for 5% of the training masks, 1.0 for all)")
-  init = str(config.model.init or "").strip()
-  if init.lower() not in initialization.SCRATCH and not storage.exists(init):
-    raise FileNotFoundError(
-        f"config.model.init={init!r} does not exist; give a pretraining workdir (e.g. "
-        "workdirs/gmml/pretrain), an export folder, a BiT .npz, or '' to train from scratch")
+  init = supervised.check_common_config(
+      config, "a pretraining workdir (e.g. workdirs/gmml/pretrain), an export folder, a BiT .npz")
   if config.freeze_encoder and init.lower() in initialization.SCRATCH:
     raise ValueError("config.freeze_encoder=True with config.model.init='' would train a decoder "
                      "on random features; set config.model.init to a pretraining run")
-  if config.batch_size <= 0 or config.eval_batch_size <= 0:
-    raise ValueError(f"config.batch_size={config.batch_size} and config.eval_batch_size="
-                     f"{config.eval_batch_size} must be positive")
-  if config.eval_every_steps <= 0:
-    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} must be positive")
   if config.loss.dice_weight < 0:
     raise ValueError(f"config.loss.dice_weight={config.loss.dice_weight} must be >= 0")
   if not 0.0 < float(config.threshold) < 1.0:
@@ -160,13 +149,9 @@ def segmentation_loss(logits: jax.Array, masks: jax.Array,
 
 
 # ------------------------------------------------------------------------------ update step
-def make_update_fn(model: seg_models.SegmentationModel, tx: optax.GradientTransformation, *,
-                   dice_weight: float, metrics_cls) -> Callable:
-  """The pure update step `update_fn(state, batch) -> (state, metrics)`.
-
-  `batch["image"]` is uint8 (B, H, W, C), `batch["lung_mask"]` uint8 (B, H, W). A non-finite
-  loss or gradient leaves the state unchanged and is counted in `nonfinite_steps`.
-  """
+def make_loss_fn(model: seg_models.SegmentationModel, dice_weight: float) -> Callable:
+  """`loss_fn(params, images, masks) -> (loss, metrics)` for the supervised update step:
+  `images` uint8 (B, H, W, C), `masks` uint8 (B, H, W)."""
 
   def loss_fn(params, images, masks):
     logits, _ = model.apply({"params": params}, normalize_images(images), train=True)
@@ -174,13 +159,7 @@ def make_update_fn(model: seg_models.SegmentationModel, tx: optax.GradientTransf
     metrics["loss"] = loss
     return loss, metrics
 
-  def update_fn(state: TrainState, batch: dict[str, jax.Array]):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch["image"], batch["lung_mask"])
-    state, metrics = supervised.apply_gradients(state, tx, loss, grads, metrics)
-    return state, metrics_cls.single_from_model_output(**metrics)
-
-  return update_fn
+  return loss_fn
 
 
 def make_predict_fn(model: seg_models.SegmentationModel) -> Callable:
@@ -193,21 +172,8 @@ def make_predict_fn(model: seg_models.SegmentationModel) -> Callable:
   return jax.jit(predict)
 
 
-class TrainSetup(NamedTuple):
-  """Everything the loop needs besides data: built by `create_train_setup`."""
-  model: seg_models.SegmentationModel
-  tx: optax.GradientTransformation
-  schedule: Callable[[int], float]
-  optimizer_config: ml_collections.ConfigDict
-  init_state: Callable[[jax.Array], TrainState]
-  abstract_state: TrainState
-  state_shardings: TrainState
-  update_fn: Callable  # jitted (state, batch) -> (state, metrics); donates `state`
-  predict_fn: Callable  # jitted (params, images) -> probabilities
-
-
 def create_train_setup(config: ml_collections.ConfigDict, mesh, *, total_steps: int,
-                       warmup_steps: int) -> TrainSetup:
+                       warmup_steps: int) -> supervised.TrainSetup:
   """Model, optimiser (frozen encoder if asked), sharded state init and jitted steps.
 
   Args:
@@ -216,54 +182,20 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, total_steps: 
     mesh: the device mesh.
     total_steps: schedule length.
     warmup_steps: linear warm-up length.
-
-  Returns:
-    A TrainSetup.
   """
   model = build_model(config)
-  opt_config = config.optimizer.copy_and_resolve_references()
-  with opt_config.unlocked():
-    opt_config.warmup_steps = warmup_steps
-    if config.freeze_encoder:
-      opt_config.frozen = tuple(opt_config.frozen) + ("encoder/.*",)
-  tx, schedule = optimizers.make_optimizer(opt_config, total_steps=total_steps,
-                                           batch_size=config.batch_size)
-  image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-  def init_state(rng):
-    params = dict(model.init(rng, jnp.zeros((1,) + image_shape, jnp.float32),
-                             train=False)["params"])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_shardings = sharding.param_shardings(abstract_state, mesh,
-                                             strategy=config.get("param_sharding", "replicate"))
-  metrics_cls = make_metrics_cls(["loss", "bce", "soft_dice_loss", "dice", "grad_norm",
-                                  "param_norm", "nonfinite_steps"])
-  update_fn = make_update_fn(model, tx, dice_weight=float(config.loss.dice_weight),
-                             metrics_cls=metrics_cls)
-  update_fn = jax.jit(update_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
-  return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state, state_shardings,
-                    update_fn, make_predict_fn(model))
+  return supervised.build_setup(
+      config, mesh, model, total_steps=total_steps, warmup_steps=warmup_steps,
+      frozen=("encoder/.*",) if config.freeze_encoder else (),
+      loss_fn=make_loss_fn(model, float(config.loss.dice_weight)), target_key="lung_mask",
+      metric_names=("loss", "bce", "soft_dice_loss", "dice"), predict_fn=make_predict_fn(model))
 
 
-def load_pretrained(config, state: TrainState, setup: TrainSetup) -> tuple[TrainState, str]:
-  """Fills the encoder from `config.model.init` (the decoder stays fresh); else keeps `state`.
-
-  Raises:
-    ValueError: the weights do not fit the encoder (merge_params names every key).
-  """
-  loaded = initialization.load_init(config.model.init, config.model.name,
-                                    stem=config.model.get("stem", "bit"))
-  if loaded is None:
-    return state, "scratch"
-  params = dict(state.params)
-  params["encoder"] = put_host_tree(
-      models.merge_params(loaded.encoder, setup.abstract_state.params["encoder"]),
-      setup.state_shardings.params["encoder"])
-  return state.replace(params=params), loaded.description
+def load_pretrained(config, state: supervised.TrainState,
+                    setup: supervised.TrainSetup) -> tuple[supervised.TrainState, str]:
+  """Fills the encoder from `config.model.init` (the decoder stays fresh); else keeps `state`."""
+  state, loaded = supervised.load_encoder(config, state, setup)
+  return state, "scratch" if loaded is None else loaded.description
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -283,30 +215,26 @@ def format_results(results: dict[str, Any]) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Fine-tunes for segmentation, keeps the best validation Dice, evaluates every test set.
 
-  `config` is a configs/segment.py config. `workdir` is created, or resumed; a finished one returns its
-  results.json (schema in the module docstring) at once. Raises ValueError or
-  FileNotFoundError for a bad config or data without masks before anything is built, and what `supervised.run`
-  and `supervised.train` raise (another run holds the workdir; non-finite loss).
+  `config`: a configs/segment.py config. Data without masks is refused before training; the
+  rest is `train_finetune.train_and_evaluate`'s contract (results.json schema above).
   """
-  test_sets = check_config(config)
-  return supervised.run(workdir, functools.partial(_train_and_evaluate, config,
-                                                   test_sets=test_sets))
+  return supervised.run(config, workdir, check_config, _train_and_evaluate)
 
 
-def _train_and_evaluate(config, workdir, start_time, *, test_sets):
+def _train_and_evaluate(config, workdir, start_time, test_sets):
   writer, mesh = supervised.start(config, workdir)
 
   # ---- data: the label-fraction subset of the training masks
   full_train = data_sources.build_source(config.data, config.data.train_split)
   require_masks(full_train, f"data.train_split={config.data.train_split!r}")
   stream = supervised.training_stream(config, full_train, workdir)
-  train_source, data_iterator, total_steps = (stream.source, stream.data_iterator,
-                                              stream.total_steps)
+  train_source, total_steps = stream.source, stream.total_steps
   eval_ops = supervised.eval_ops(config)
 
   # ---- model, optimiser, sharded state and the jitted steps
   setup = create_train_setup(config, mesh, total_steps=total_steps,
                              warmup_steps=stream.warmup_steps)
+  logging.info("Frozen encoder: %s", config.freeze_encoder)
   evaluator_kwargs = dict(ops=eval_ops, batch_size=config.eval_batch_size, mesh=mesh,
                           num_channels=config.data.num_channels, threshold=config.threshold)
   val_source, test_sources = build_eval_sources(config, test_sets)
@@ -317,15 +245,12 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
                                                     **evaluator_kwargs)
 
   # ---- the shared supervised loop: restore or init, train, keep the best on validation
-  logging.info("Frozen encoder: %s", config.freeze_encoder)
   outcome = supervised.train(
-      config, workdir, setup=setup, mesh=mesh, writer=writer, data_iterator=data_iterator,
-      total_steps=total_steps, batch_keys=("image", "lung_mask"),
+      config, workdir, setup=setup, mesh=mesh, writer=writer, stream=stream,
       init=lambda state: load_pretrained(config, state, setup),
       validate=val_evaluator.run, best_metric=BEST_METRIC)
   if outcome.preempted:
-    return {"finished": False, "steps": outcome.steps, "total_steps": total_steps,
-            "preempted": True}
+    return supervised.preempted_results(outcome)
 
   # ---- final evaluation of the BEST checkpoint
   step, best_state = outcome.steps, outcome.best
@@ -352,12 +277,7 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
     writer.write_scalars(step, {f"test/{test_set.name}/{k}": v for k, v in metrics.items()})
   writer.flush()
 
-  results = {
-      "format": RESULTS_FORMAT,
-      "finished": True,
-      "steps": step,
-      "total_steps": total_steps,
-      "wall_time_s": time.time() - start_time,
+  return supervised.finish(workdir, RESULTS_FORMAT, outcome, start_time, {
       "config": {"variant": config.get("variant"), "seed": config.seed,
                  "label_fraction": config.label_fraction,
                  "label_fraction_seed": config.label_fraction_seed,
@@ -372,12 +292,6 @@ def _train_and_evaluate(config, workdir, start_time, *, test_sets):
                "step": int(best_state.step), "value": float(best_state.value)},
       "val": val_metrics,
       "test_sets": test_results,
-  }
-  supervised.write_json(storage.join(workdir, supervised.RESULTS_FILE), results)
-  if jax.process_index() == 0:
-    print(f"Segmentation fine-tuning finished: {step} steps, {len(train_source)} masks, "
-          f"{outcome.initialisation}; best validation Dice {results['best']['value']:.4f} at step "
-          f"{results['best']['step']} ({time.time() - start_time:.1f} s)\n"
-          + format_results(results)
-          + f"\n  results        {workdir}/{supervised.RESULTS_FILE}", flush=True)
-  return results
+  }, headline=(f"Segmentation fine-tuning finished: {step} steps, {len(train_source)} masks, "
+               f"{outcome.initialisation}; best validation Dice {float(best_state.value):.4f} "
+               f"at step {int(best_state.step)}"), table=format_results)
