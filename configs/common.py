@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Iterable, Mapping
+
 import ml_collections
 
 
@@ -60,3 +62,32 @@ def parse_variant(arg: str | None, known: tuple[str, ...], default: str) -> str:
   if variant not in known:
     raise ValueError(f"unknown config variant {variant!r}; known: {', '.join(known)}")
   return variant
+
+
+def override(config: ml_collections.ConfigDict,
+             overrides: Mapping[str, Any] | Iterable[tuple[str, Any]], *,
+             where: str = "overrides") -> ml_collections.ConfigDict:
+  """Sets dotted keys (`"model.init"`, ...) on `config` in place and returns it.
+
+  Raises:
+    KeyError: a key the config lacks (`where` says whose overrides they were).
+    TypeError: a value whose type does not fit the field.
+  """
+  items = overrides.items() if isinstance(overrides, Mapping) else overrides
+  for key, value in items:
+    node = config
+    *parents, leaf = key.split(".")
+    for i, parent in enumerate(parents):
+      if parent not in node or not isinstance(node[parent], ml_collections.ConfigDict):
+        raise KeyError(f"{where}: {key!r} is not a key of the base config "
+                       f"({'.'.join(parents[:i + 1])!r} is not a config block)")
+      node = node[parent]
+    if leaf not in node:
+      raise KeyError(f"{where}: {key!r} is not a key of the base config; known keys "
+                     f"there: {', '.join(sorted(node.keys()))}")
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise TypeError(f"{where}: {key}={value!r} does not fit the base config "
+                      f"field ({e})") from None
+  return config

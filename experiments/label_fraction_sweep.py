@@ -83,6 +83,7 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 
+from configs import common
 from experiments import sweep_results
 from remedis_jax import storage
 
@@ -197,24 +198,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
   """
   # A deep copy: ConfigDict(config) shares the nested blocks, so setting `model.name` for one
   # run would leak into every later run built from the same base.
-  config = copy.deepcopy(config)
-  for key, value in overrides:
-    node = config
-    *parents, leaf = key.split(".")
-    for i, parent in enumerate(parents):
-      if parent not in node or not isinstance(node[parent], ml_collections.ConfigDict):
-        raise KeyError(f"sweep config {where}: {key!r} is not a key of the base config "
-                       f"({'.'.join(parents[:i + 1])!r} is not a config block)")
-      node = node[parent]
-    if leaf not in node:
-      raise KeyError(f"sweep config {where}: {key!r} is not a key of the base config; known keys "
-                     f"there: {', '.join(sorted(node.keys()))}")
-    try:
-      node[leaf] = value
-    except TypeError as e:
-      raise TypeError(f"sweep config {where}: {key}={value!r} does not fit the base config "
-                      f"field ({e})") from None
-  return config
+  return common.override(copy.deepcopy(config), overrides, where=f"sweep config {where}")
 
 
 # --------------------------------------------------------------------------- plan + validate

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain_simclr
+from configs import common, pretrain_simclr
 from data_pipelines import pipeline, presets
 from data_pipelines.errors import BadRecordError
 from data_pipelines.sources.synthetic import SyntheticCXR
@@ -97,13 +97,7 @@ def _config(**overrides):
   config.knn.every_steps = 0
   config.total_steps = 50
   config.checkpoint_every_steps = 1000
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return common.override(config, overrides)
 
 
 def test_sigterm_while_input_is_stuck_saves_the_current_step_and_exits(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.utils import class_weight
 
-from configs import finetune as finetune_config
+from configs import common, finetune as finetune_config
 from data_pipelines import subset as subset_lib
 from remedis_jax import checkpointing, export, models, supervised, train_finetune
 
@@ -19,13 +19,7 @@ from remedis_jax import checkpointing, export, models, supervised, train_finetun
 def smoke_config(**overrides):
   """The `:smoke` config with dotted-key overrides, e.g. smoke_config(**{"model.init": p})."""
   config = finetune_config.get_config("smoke")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return common.override(config, overrides)
 
 
 # ------------------------------------------------------------------------ fast checks

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import finetune as finetune_configs
+from configs import common, finetune as finetune_configs
 from configs import pretrain_simclr
 from data_pipelines import convert, pipeline, presets
 from data_pipelines import sources as data_sources
@@ -25,13 +25,7 @@ from remedis_jax.models import bit
 
 
 def _set(config, **overrides):
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return common.override(config, overrides)
 
 
 def _local_gs_folders(root) -> list[str]:

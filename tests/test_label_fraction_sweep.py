@@ -18,6 +18,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from configs import common, finetune as finetune_config
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
 from remedis_jax import export, models, train_finetune
@@ -352,3 +353,16 @@ def test_real_smoke_sweep_end_to_end_then_skips_everything(tmp_path):
   assert again["counts"] == {"skipped": 4}
   assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
   assert again["matches"] == summary["matches"]
+
+
+def test_dotted_overrides_are_strict_and_in_place():
+  # configs/common.override: the tests' and the sweeps' one way to set dotted keys.
+  config = common.override(finetune_config.get_config("smoke"), {"model.init": "x.npz",
+                                                                 "seed": 3})
+  assert (config.model.init, config.seed) == ("x.npz", 3)
+  with pytest.raises(KeyError, match="'model.nmae' is not a key of the base config; known keys"):
+    common.override(config, {"model.nmae": "R_tiny"})
+  with pytest.raises(KeyError, match="'modell' is not a config block"):
+    common.override(config, [("modell.name", "R_tiny")], where="mine")
+  with pytest.raises(TypeError, match="seed='three' does not fit"):
+    common.override(config, {"seed": "three"})

@@ -7,20 +7,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import pretrain_cluster
+from configs import common, pretrain_cluster
 from remedis_jax import checkpointing, export, sharding, train_cluster, writers
 from remedis_jax.pretraining import normalize_images
 
 
 def smoke_config(variant="smoke", **overrides) -> ml_collections.ConfigDict:
   config = pretrain_cluster.get_config(variant)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return common.override(config, overrides)
 
 
 def _batch(batch_size=16, num_local=2, seed=0, labeled=None):

@@ -9,19 +9,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import pretrain_gmml
+from configs import common, pretrain_gmml
 from remedis_jax import optimizers, sharding, train_gmml, writers
 
 
 def smoke_config(**overrides) -> ml_collections.ConfigDict:
   config = pretrain_gmml.get_config("smoke")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return common.override(config, overrides)
 
 
 # -------------------------------------------------------------------------------------- loss

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import pretrain_simclr
+from configs import common, pretrain_simclr
 from data_pipelines import sources as data_sources
 from remedis_jax import (checkpointing, export, initialization, pretraining, sharding,
                          train_simclr, writers)
@@ -23,13 +23,7 @@ from remedis_jax import (checkpointing, export, initialization, pretraining, sha
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """The `:smoke` config with dotted-key overrides, e.g. tiny_config(**{"knn.k": 5})."""
   config = pretrain_simclr.get_config("smoke")
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return common.override(config, overrides)
 
 
 def _run_setup(config, mesh):

@@ -292,20 +292,14 @@ def test_dispatcher():
 
 # ------------------------------------------------------------------ fine-tuning and export
 def _smoke_config(**overrides):
-  from configs import finetune as finetune_config  # pylint: disable=g-import-not-at-top
+  from configs import common, finetune as finetune_config  # pylint: disable=g-import-not-at-top
   config = finetune_config.get_config("smoke")
   config.model.name = "ViT-micro/4"
   config.test_sets = ("test@A",)
   config.robustness.perturbations = ()
   # Validate and checkpoint once, at the last step: the same code paths, less time.
   config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = 4
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return common.override(config, overrides)
 
 
 def test_export_round_trip_then_linear_and_full_finetuning_from_it(tmp_path):
