@@ -6,10 +6,11 @@ to both mid-run, then to one of them during a resumed run's start-up, with JAX's
 service deciding the step (remedis_jax/preemption.py). The uninterrupted reference is the same
 run on another topology, one process with two devices: the same global batches
 (data_pipelines/pipeline.py) and, with two participants, the same all-reduce sums, so the
-interrupted two-process run must end bit-identical to it (exact resume and topology at once).
-That test is one of the slowest (three 2-process runs of R_micro at 32 px and the reference;
-the update step is compiled twice, fresh and resumed, and otherwise comes from the session's
-compilation cache).
+interrupted run must end bit-identical to it (exact resume and topology at once). Its last leg
+resumes the two-process checkpoint on that other topology too (one process, two devices).
+That test is one of the slowest (two 2-process runs of R_micro at 32 px, the reference and the
+last leg; the update step is compiled twice, fresh and resumed, and otherwise comes from the
+session's compilation cache).
 """
 
 import os
@@ -145,6 +146,16 @@ def _start_pair(workdir, logs_prefix):
   return procs, logs
 
 
+def _start_single(workdir, log_path):
+  """One process with two devices: the reference, and the last leg of the interrupted run."""
+  with open(log_path, "wb") as log:
+    return subprocess.Popen(
+        [sys.executable, "-m", "remedis_jax.main", f"--workdir={workdir}",
+         "--config=configs/pretrain_simclr.py:smoke", f"--config.total_steps={TOTAL_STEPS}",
+         "--config.checkpoint_every_steps=100"],
+        cwd=REPO, env=_env(devices=2), stdout=log, stderr=subprocess.STDOUT)
+
+
 def _read(path):
   with open(path, encoding="utf-8", errors="replace") as f:
     return f.read()
@@ -200,12 +211,7 @@ def test_sigterm_to_two_processes_saves_one_step_and_resume_matches(tmp_path):
   procs, logs = _start_pair(interrupted, str(tmp_path / "run1"))
   _wait_for(lambda: logged(), procs, "the first logged step")
   reference_log = str(tmp_path / "one_process.log")
-  with open(reference_log, "wb") as log:
-    single = subprocess.Popen(
-        [sys.executable, "-m", "remedis_jax.main", f"--workdir={reference}",
-         "--config=configs/pretrain_simclr.py:smoke", f"--config.total_steps={TOTAL_STEPS}",
-         "--config.checkpoint_every_steps=100"],
-        cwd=REPO, env=_env(devices=2), stdout=log, stderr=subprocess.STDOUT)
+  single = _start_single(reference, reference_log)
   _wait_for(lambda: max(logged()) >= 3, procs, "step 3")
   for proc in procs:
     proc.send_signal(signal.SIGTERM)
@@ -232,8 +238,11 @@ def test_sigterm_to_two_processes_saves_one_step_and_resume_matches(tmp_path):
   assert _saved_steps(texts) == [[step + 1], [step + 1]]
   assert _checkpoint_steps(interrupted) == [step, step + 1]
 
-  # 3. The next rerun resumes there and finishes.
-  _finish(*_start_pair(interrupted, str(tmp_path / "run3")))
+  # 3. The next rerun resumes there and finishes, on the other topology: one process with two
+  #    devices restores the two processes' checkpoint (arrays and data iterator state).
+  run3_log = str(tmp_path / "run3.log")
+  [text] = _finish([_start_single(interrupted, run3_log)], [run3_log])
+  assert f"/{step + 1} was saved by another number of processes" in text, text[-3000:]
   _finish([single], [reference_log])
 
   # Every logged loss of every step (process 0's metrics.jsonl) and the final parameters are the
