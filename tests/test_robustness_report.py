@@ -207,38 +207,41 @@ def test_methods_sweep_config_plans_4x3x2_runs_and_validates(tmp_path):
 
 @pytest.mark.slow
 def test_real_parallel_smoke_sweep_feeds_both_reports(tmp_path):
-  """2 real `configs/finetune.py:smoke` runs (4 steps, validation every 2) with a perturbation,
-  run by the sweep as two `python -m remedis_jax.main` processes at once (its parallel mode; the
-  in-process mode is test_label_fraction_sweep's real sweep), then read by both reports."""
+  """A real `configs/finetune.py:smoke` run (4 steps, validation every 2) with a perturbation,
+  started by the sweep's parallel mode as a `python -m remedis_jax.main` process, then read by
+  both reports. One run: running several at once, their logs and failures are
+  test_gcs_sweep's (fake runs); the in-process mode is test_label_fraction_sweep's real sweep;
+  that a run's command line parses back to its config is test_sweep_init_overrides'."""
   config = sweep.default_sweep_config()
   config.base = "configs/finetune.py:smoke"
   config.inits = ml_collections.ConfigDict({"scratch": ""})
   config.label_fractions = (0.5,)
-  config.seeds = (0, 1)
+  config.seeds = (0,)
   config.baseline_fraction = 0.5
   config.overrides = ml_collections.ConfigDict({
       "robustness": {"perturbations": ("gamma(1.5)",)},
       "test_sets": ("in_distribution=test@A",)})
   workdir = str(tmp_path / "sweep")
   summary = sweep.run_sweep(config, workdir, parallel=2, verbose=False)
-  assert summary["counts"] == {"finished": 2}, summary["failed"]
-  for seed in (0, 1):
-    run = os.path.join(workdir, "init=scratch", "frac=0.5", f"seed={seed}")
-    assert os.path.exists(os.path.join(run, sweep.LOG_FILE))
-    assert os.path.exists(os.path.join(run, "results.json"))
-  assert summary["cells"][0]["n"] == 2
+  assert summary["counts"] == {"finished": 1}, summary["failed"]
+  run = os.path.join(workdir, "init=scratch", "frac=0.5", "seed=0")
+  assert os.path.exists(os.path.join(run, sweep.LOG_FILE))
+  assert os.path.exists(os.path.join(run, "results.json"))
+  assert summary["cells"][0]["n"] == 1
 
   report = convergence.convergence_report(workdir, verbose=False)
+  assert len(report["runs"]) == 1
   for run in report["runs"]:
     assert run["num_validations"] == 2 and run["last_step"] == 4  # steps 2 and 4
     with open(os.path.join(run["run_dir"], "results.json")) as f:
       results = json.load(f)
     assert run["best_val"] == pytest.approx(results["best"]["value"], abs=1e-6)
   cell = report["cells"][0]
-  assert cell["n_finished"] == 2 and cell["reduction"] == 0.0  # the baseline itself
+  assert cell["n_finished"] == 1 and cell["reduction"] == 0.0  # the baseline itself
 
   report = robustness.robustness_report(workdir, verbose=False)
   assert [c["perturbation"] for c in report["cells"]] == ["gamma(1.5)"]
+  assert len(report["rows"]) == 1
   for row in report["rows"]:
     with open(os.path.join(row["run_dir"], "results.json")) as f:
       results = json.load(f)
