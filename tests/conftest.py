@@ -139,3 +139,19 @@ def gcs(tmp_path_factory):
         os.environ.pop(name, None)
       else:
         os.environ[name] = value
+
+
+# The modules with the longest tests run first. `make test` uses pytest-xdist's worksteal
+# schedule: each worker starts with a contiguous share of the collected order, and an idle worker
+# takes the END of another's queue. A long test collected late (the 2-process preemption run
+# takes 1.5-2.5 minutes) can then start while the other worker has only seconds left, which idles
+# it for the rest of the run; at the front, the short tests fill in around it. Whole modules
+# move, so module-scoped fixtures stay with their tests.
+LONGEST_FIRST = ("test_preemption_processes.py", "test_accelerator_benchmark.py", "test_gcs.py",
+                 "test_train_cluster.py", "test_train_simclr.py", "test_train_segment.py",
+                 "test_label_fraction_sweep.py", "test_robustness_report.py")
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a module
