@@ -1,9 +1,10 @@
 """The experiments with gs:// workdirs and inits, against the Cloud Storage emulator (`gcs` fixture
 in tests/conftest.py): up-front init checks on URLs, a sweep's failures, retries, job list and
 reports kept in the bucket (a stand-in trainer), the OOD study's outputs, subprocess logs
-uploaded from a local temporary file (a stand-in interpreter: no training), and one real sweep of
-two `:smoke` fine-tuning runs whose workdir and REMEDIS init are in the bucket, read back by the
-convergence and robustness reports (slow).
+uploaded from a local temporary file (a stand-in interpreter: no training), and the suite's
+in-process real sweep: two `:smoke` fine-tuning runs whose workdir and REMEDIS init are in the
+bucket, its results table and aggregate checked against what each run wrote, read back by the
+convergence and robustness reports, then rerun without rewriting anything (slow).
 
 Every test works from an empty current folder and checks that no local "gs:" folder appeared
 there or in the repository (where sweep subprocesses start): a URL turned into a local path
@@ -339,19 +340,32 @@ def test_real_sweep_in_a_bucket_then_both_reports(bucket, tmp_path):
                       {"model_name": "R_micro", "encoder_overrides": {}, "step": 0})
   tensorboard = tmp_path / "tb"
   config = smoke_sweep({"scratch": "", "remedis": remedis}, overrides={
-      "robustness": {"perturbations": ("gamma(1.5)",)}, "test_sets": ("in_distribution=test@A",),
+      "robustness": {"perturbations": ("gamma(1.5)",)},
+      "test_sets": ("in_distribution=test@A", "site_C=test@C"),
       "checkpoint_every_steps": 4, "tensorboard_dir": str(tensorboard)})
   workdir = f"{bucket}/sweep"
   summary = sweep.run_sweep(config, workdir, verbose=False)
-  assert summary["counts"] == {"finished": 2}, summary["failed"]
-  rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{workdir}/results.csv"))))
-  assert sorted((r["init"], r["test_set"]) for r in rows) == [("remedis", "in_distribution"),
-                                                              ("scratch", "in_distribution")]
-  for row in rows:  # every row is what its run wrote into the bucket
+  assert summary["counts"] == {"finished": 2} and not summary["failed"], summary["failed"]
+  reader = csv.DictReader(io.StringIO(storage.read_text(f"{workdir}/results.csv")))
+  rows = list(reader)
+  assert tuple(reader.fieldnames) == sweep_results.COLUMNS
+  assert sorted((r["init"], r["test_set"]) for r in rows) == [  # runs x test sets
+      ("remedis", "in_distribution"), ("remedis", "site_C"),
+      ("scratch", "in_distribution"), ("scratch", "site_C")]
+  for row in rows:  # every row is exactly what its run wrote into the bucket
     results = storage.read_json(f"{row['run_dir']}/results.json")
     assert row["run_dir"].startswith(f"{workdir}/init=")
-    assert float(row["auc"]) == results["test_sets"]["in_distribution"]["metrics"]["macro_auc"]
+    assert results["config"]["label_fraction"] == float(row["label_fraction"]) == 0.5
+    assert results["config"]["seed"] == results["config"]["label_fraction_seed"] == 0
     assert (results["initialisation"] == "scratch") == (row["init"] == "scratch")
+    metrics = results["test_sets"][row["test_set"]]["metrics"]
+    assert float(row["auc"]) == metrics["macro_auc"]
+    assert float(row["accuracy"]) == metrics["accuracy"]
+    assert int(row["num_train_labels"]) == results["num_train_labels"] == 51
+  aggregated = storage.read_json(f"{workdir}/results.json")
+  assert aggregated["format"] == sweep_results.FORMAT and len(aggregated["rows"]) == 4
+  # cells: inits x fractions x test sets; matches: inits x test sets
+  assert len(aggregated["cells"]) == 2 * 1 * 2 and len(aggregated["matches"]) == 2 * 2
   assert storage.read_bytes(f"{workdir}/data_efficiency.png").startswith(PNG_MAGIC)
   assert storage.read_text(f"{workdir}/summary.md").startswith("## Smallest label fraction")
   # TensorBoard's event files went to the local folder (both runs share it: one override).
@@ -376,5 +390,13 @@ def test_real_sweep_in_a_bucket_then_both_reports(bucket, tmp_path):
   assert storage.read_text(f"{bucket}/reports/robustness.md") == report["table"] + "\n"
   assert storage.read_json(f"{bucket}/reports/robustness.json")["workdir"] == workdir
 
-  again = sweep.run_sweep(config, workdir, verbose=False)  # everything finished: nothing runs
+  # Everything finished: the rerun runs and rewrites nothing.
+  def run_files():
+    return {f"{run_dir}/{name}": storage.read_bytes(f"{run_dir}/{name}")
+            for run_dir in sorted({r["run_dir"] for r in rows})
+            for name in storage.listdir(run_dir) if storage.isfile(f"{run_dir}/{name}")}
+  before = run_files()
+  assert sum(path.endswith("/results.json") for path in before) == 2
+  again = sweep.run_sweep(config, workdir, verbose=False)
   assert again["counts"] == {"skipped": 2} and again["matches"] == summary["matches"]
+  assert run_files() == before

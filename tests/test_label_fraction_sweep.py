@@ -1,8 +1,8 @@
 """Label-fraction sweep: grid planning, validation before anything is written, skipping finished
 runs, failure accounting, aggregation vs NumPy, the "smallest matching fraction" rule, CSV/JSON/
-PNG outputs, job lists that reproduce the in-process config, and one real end-to-end sweep of
-`:smoke` fine-tuning runs in this process (slow). The real sweep in parallel subprocesses is
-test_robustness_report.py's, whose two runs also feed the reports."""
+PNG outputs, job lists that reproduce the in-process config. Real runs: the in-process real sweep
+is test_gcs_sweep.py's (workdir and REMEDIS init in a bucket), a real run started by the parallel
+mode test_robustness_report.py's."""
 
 import csv
 import json
@@ -10,8 +10,6 @@ import math
 import os
 import shlex
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -21,9 +19,7 @@ from ml_collections import config_flags
 from configs import common, finetune as finetune_config
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
-from remedis_jax import export, models, train_finetune
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from remedis_jax import train_finetune
 
 
 def write_fake_export(path, model_name="R_micro"):
@@ -31,16 +27,6 @@ def write_fake_export(path, model_name="R_micro"):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "model.json"), "w") as f:
     json.dump({"model_name": model_name}, f)
-  return str(path)
-
-
-def write_real_export(path):
-  """A random R_micro encoder + head in the export format (a SimCLR stand-in)."""
-  model = models.create_contrastive_model("R_micro", head_hidden_dims=(32,), projection_dim=16)
-  params = jax.device_get(jax.jit(model.init)(jax.random.key(7),
-                                              jnp.zeros((1, 32, 32, 3)))["params"])
-  export.write_export(str(path), {"encoder": params["encoder"], "head": params["head"]},
-                      {"model_name": "R_micro", "encoder_overrides": {}, "step": 0})
   return str(path)
 
 
@@ -307,52 +293,6 @@ def test_job_list_reproduces_the_in_process_configs(tmp_path):
     assert run_workdir == str(workdir / run.run_id)
     assert parsed.to_dict() == sweep.build_run_config(config, run, base).to_dict()
   assert json.loads((workdir / sweep.PLAN_FILE).read_text())["runs"][1]["run_id"] == runs[1].run_id
-
-
-# ---------------------------------------------------------------------- real runs (smoke)
-@pytest.mark.slow
-def test_real_smoke_sweep_end_to_end_then_skips_everything(tmp_path):
-  """2 fractions x 2 inits x 1 seed of `configs/finetune.py:smoke`, in this process."""
-  remedis = write_real_export(tmp_path / "export")
-  config = smoke_sweep({"scratch": "", "remedis": remedis})
-  # Each run validates and checkpoints once, at its last step (the same code paths, fewer
-  # checkpoint writes): what is checked here is the sweep's bookkeeping and outputs; validation
-  # every 2 steps and the best-checkpoint choice are test_finetune's and the parallel sweep's.
-  config.overrides.eval_every_steps = config.overrides.checkpoint_every_steps = 4
-  workdir = tmp_path / "sweep"
-  summary = sweep.run_sweep(config, str(workdir), verbose=False)
-  assert summary["counts"] == {"finished": 4} and not summary["failed"]
-
-  with open(summary["results_csv"]) as f:
-    reader = csv.DictReader(f)
-    rows = list(reader)
-  assert tuple(reader.fieldnames) == sweep_results.COLUMNS
-  assert {"init", "label_fraction", "seed", "test_set", "auc", "accuracy"} <= set(reader.fieldnames)
-  assert len(rows) == 4 * 2  # runs x test sets
-  for row in rows:  # every row is exactly what its run wrote
-    with open(os.path.join(row["run_dir"], "results.json")) as f:
-      results = json.load(f)
-    assert results["config"]["label_fraction"] == float(row["label_fraction"])
-    assert results["config"]["seed"] == results["config"]["label_fraction_seed"] == 0
-    assert (results["initialisation"] == "scratch") == (row["init"] == "scratch")
-    metrics = results["test_sets"][row["test_set"]]["metrics"]
-    assert float(row["auc"]) == metrics["macro_auc"]
-    assert float(row["accuracy"]) == metrics["accuracy"]
-    assert int(row["num_train_labels"]) == results["num_train_labels"]
-  assert {int(r["num_train_labels"]) for r in rows if r["label_fraction"] == "0.5"} == {51}
-
-  aggregated = json.loads((workdir / "results.json").read_text())
-  assert aggregated["format"] == sweep_results.FORMAT and len(aggregated["rows"]) == 8
-  assert len(aggregated["cells"]) == 2 * 2 * 2 and len(aggregated["matches"]) == 2 * 2
-  with open(summary["plot"], "rb") as f:
-    assert f.read(8) == PNG_MAGIC
-  assert (workdir / "summary.md").read_text().startswith("## Smallest label fraction")
-
-  mtimes = {p: os.path.getmtime(p) for p in workdir.glob("init=*/frac=*/seed=*/*")}
-  again = sweep.run_sweep(config, str(workdir), verbose=False)
-  assert again["counts"] == {"skipped": 4}
-  assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
-  assert again["matches"] == summary["matches"]
 
 
 def test_dotted_overrides_are_strict_and_in_place():

@@ -210,7 +210,7 @@ def test_real_parallel_smoke_sweep_feeds_both_reports(tmp_path):
   """A real `configs/finetune.py:smoke` run (4 steps, validation every 2) with a perturbation,
   started by the sweep's parallel mode as a `python -m remedis_jax.main` process, then read by
   both reports. One run: running several at once, their logs and failures are
-  test_gcs_sweep's (fake runs); the in-process mode is test_label_fraction_sweep's real sweep;
+  test_gcs_sweep's (fake runs); the in-process mode is test_gcs_sweep's real sweep;
   that a run's command line parses back to its config is test_sweep_init_overrides'."""
   config = sweep.default_sweep_config()
   config.base = "configs/finetune.py:smoke"
