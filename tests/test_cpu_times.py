@@ -26,7 +26,9 @@ def test_burns_in_a_child():
 def test_plugin_records_own_and_child_cpu_per_test(tmp_path):
   (tmp_path / "test_generated.py").write_text(TESTS)
   out = tmp_path / "cpu.jsonl"
-  env = dict(os.environ, PYTHONPATH=REPO, **{test_cpu_times.OUT_ENV: str(out)})
+  # Not this session's pytest-xdist settings (PYTEST_XDIST_WORKER would name a worker).
+  env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+  env.update({"PYTHONPATH": REPO, test_cpu_times.OUT_ENV: str(out)})
   result = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
        "experiments.benchmarks.test_cpu_times", str(tmp_path / "test_generated.py")],
