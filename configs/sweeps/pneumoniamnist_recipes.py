@@ -17,6 +17,9 @@ recipes differ only in how the encoder is allowed to move (train_finetune.scale_
   encoder_lr_x03  the encoder at 0.3 x.
   head_first      linear probe, then fine-tune: head only for the first half of the steps.
   linear          the encoder frozen throughout (linear evaluation).
+  head_layer      SimCLR v2: the classifier sits on the pretrained first projection-head layer
+                  (256 units), which fine-tunes with the encoder (model.from_head_layer).
+  head_layer_first  head_layer, with the encoder and that layer frozen for the first half.
 
 The winner, by mean validation macro AUC over the two fractions, is the `simclr` recipe of
 configs/sweeps/pneumoniamnist.py. Every init points at the same pretraining run.
@@ -33,6 +36,8 @@ RECIPES = {
     "encoder_lr_x03": {"encoder_lr_multiplier": 0.3},
     "head_first": {"encoder_frozen_fraction": 0.5},
     "linear": {"finetune_mode": "linear"},
+    "head_layer": {"model": {"from_head_layer": True}},
+    "head_layer_first": {"model": {"from_head_layer": True}, "encoder_frozen_fraction": 0.5},
 }
 
 
