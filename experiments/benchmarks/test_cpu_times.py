@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", help="run the suite with the plugin, appending to this file")
   parser.add_argument("--read", help="only summarize this file")
   parser.add_argument("--workers", default="2", help="pytest-xdist workers (as make test)")
+  parser.add_argument("--dist", default="worksteal",
+                      help="pytest-xdist schedule (make test: worksteal); loadfile and loadscope "
+                           "keep tests/conftest.py's module order")
   parser.add_argument("--top", type=int, default=20)
   args = parser.parse_args(argv)
   if bool(args.out) == bool(args.read):
@@ -129,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
       os.remove(path)
     env = dict(os.environ, **{OUT_ENV: path})
     command = [sys.executable, "-m", "pytest", "-q", "-p", "experiments.benchmarks.test_cpu_times",
-               "-n", args.workers, "--dist", "worksteal", "tests"]
+               "-n", args.workers, "--dist", args.dist, "tests"]
+    if args.dist in ("loadfile", "loadscope"):
+      command.insert(-1, "--no-loadscope-reorder")  # keep tests/conftest.py's order
     print("$", " ".join(command), flush=True)
     start = time.time()
     result = subprocess.run(command, env=env, check=False)
