@@ -144,12 +144,13 @@ def gcs(tmp_path_factory):
 # The modules with the longest tests run first. `make test` uses pytest-xdist's worksteal
 # schedule: each worker starts with a contiguous share of the collected order, and an idle worker
 # takes the END of another's queue. A long test collected late (the 2-process preemption run
-# takes 1.5-2.5 minutes) can then start while the other worker has only seconds left, which idles
-# it for the rest of the run; at the front, the short tests fill in around it. Whole modules
-# move, so module-scoped fixtures stay with their tests.
+# takes 1.5-2.5 minutes) could start while the other worker has only seconds left and idle it
+# for the rest of the run; collected first, the long tests start early and the short ones fill
+# in around them (a stolen one can still end up late: one run ended with a 27 s test alone).
+# Whole modules move, so module-scoped fixtures stay with their tests.
 LONGEST_FIRST = ("test_preemption_processes.py", "test_accelerator_benchmark.py", "test_gcs.py",
                  "test_train_cluster.py", "test_train_simclr.py", "test_train_segment.py",
-                 "test_label_fraction_sweep.py", "test_robustness_report.py")
+                 "test_robustness_report.py")
 
 
 def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
