@@ -488,6 +488,11 @@ def _run_in_process(sweep_config, runs: Sequence[Run], workdir: str, log) -> lis
       _clear_failure(path)
     outcomes.append(RunOutcome(run, status, time.time() - start))
     log(f"[{i + 1}/{len(runs)}] {run.run_id}: {status} in {time.time() - start:.1f} s")
+    if status == "interrupted":
+      # The run saved and returned on a preemption notice (SIGTERM): this process is asked to
+      # stop, so no further run starts; the rerun resumes this one and then the rest.
+      log(f"Preempted: {len(runs) - i - 1} run(s) not started; rerun the sweep to resume.")
+      break
   return outcomes
 
 

@@ -9,7 +9,9 @@ r"""`make quickstart`: the whole REMEDIS pipeline on the built-in synthetic ches
    from the export (REMEDIS) on fractions of the site-A labels, tests at site A (in
    distribution) and site B, and writes the table, `data_efficiency.png` and `results.csv`.
 
-Rerunning resumes: finished pretraining steps and finished sweep runs are skipped. The numbers
+Rerunning resumes: finished pretraining steps and finished sweep runs are skipped. A SIGTERM
+(a preemption, or `kill`) stops it once the current step is saved, in pretraining or in a sweep
+run; nothing after that starts. The numbers
 are what this CPU-sized run measures, whatever they show; the README reports one run of it.
 The workdir may be a URL (gs://bucket/quickstart): every file goes through
 remedis_jax/storage.py, TensorBoard's event files through TensorFlow's file system.
@@ -42,13 +44,19 @@ def run(workdir: str, total_steps: int | None = None, sweep: bool = True) -> dic
         f"batch {config.batch_size}, {config.data.image_size} px, unlabeled images from all "
         f"sites) -> {pretrain_dir}", flush=True)
   summary = train_simclr.train_and_evaluate(config, pretrain_dir)
+  if summary.get("preempted"):
+    # SIGTERM (a preemption, or `kill`): the run saved its step and this process should stop,
+    # not export a half-trained encoder and fine-tune from it.
+    print(f"\nPretraining was preempted at step {summary['steps']} and saved; rerun the same "
+          "command to resume.", flush=True)
+    return {"pretrain": summary, "export": None, "sweep": None, "preempted": True}
   export_dir = storage.join(workdir, "export", f"step_{summary['steps']}")
   if export.is_export(export_dir):
     print(f"[2/{num_stages}] Export already present: {export_dir}")
   else:
     print(f"[2/{num_stages}] Exporting the encoder -> {export_dir}", flush=True)
     export.export_workdir(pretrain_dir, export_dir, include_head=True)
-  result = {"pretrain": summary, "export": export_dir, "sweep": None}
+  result = {"pretrain": summary, "export": export_dir, "sweep": None, "preempted": False}
 
   if sweep:
     sweep_config = tiny_sweep.get_config()
@@ -61,6 +69,10 @@ def run(workdir: str, total_steps: int | None = None, sweep: bool = True) -> dic
     result["sweep"] = label_fraction_sweep.run_sweep(
         sweep_config, sweep_dir, title="quickstart: scratch vs REMEDIS (built-in data, CPU)",
         sweep_spec="configs/sweeps/tiny.py")
+    if result["sweep"]["counts"].get("interrupted"):
+      result["preempted"] = True
+      print("\nThe sweep was preempted; rerun the same command to resume.", flush=True)
+      return result
 
   print(f"\nDone in {time.time() - start:.0f} s.\n"
         f"  TensorBoard:     tensorboard --logdir {workdir}\n"

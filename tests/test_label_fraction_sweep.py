@@ -306,3 +306,25 @@ def test_dotted_overrides_are_strict_and_in_place():
     common.override(config, [("modell.name", "R_tiny")], where="mine")
   with pytest.raises(TypeError, match="seed='three' does not fit"):
     common.override(config, {"seed": "three"})
+
+
+def test_a_preempted_run_stops_the_in_process_sweep_and_the_rerun_resumes(tmp_path, monkeypatch):
+  """A run that returns unfinished saved on a preemption notice: no further run may start."""
+  fake = FakeTrainer()
+  preempted = []
+
+  def preempted_first(config, workdir):
+    if not preempted:  # the first run is preempted: it returns unfinished, writing nothing
+      preempted.append(workdir)
+      return {"finished": False}
+    return fake(config, workdir)
+
+  monkeypatch.setattr(train_finetune, "train_and_evaluate", preempted_first)
+  config = smoke_sweep({"scratch": ""}, seeds=(0, 1))
+  workdir = tmp_path / "sweep"
+  summary = sweep.run_sweep(config, str(workdir), verbose=False)
+  assert len(preempted) == 1 and not fake.calls
+  assert summary["counts"] == {"interrupted": 1, "pending": 3}
+  again = sweep.run_sweep(config, str(workdir), verbose=False)
+  assert sorted(fake.calls) == sorted(str(workdir / r.run_id) for r in sweep.plan_runs(config))
+  assert again["counts"] == {"finished": 4}
