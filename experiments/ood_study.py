@@ -205,7 +205,8 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
   Returns:
     {"step1", "step2" (the run_sweep summaries), "failed" (run id -> error over both steps),
     "headline" (text), "matches" (step-2 matches), and with mode run/aggregate "results_csv",
-    "results_json", "plot", "table_file", "table"}.
+    "results_json", "plot", "table_file", "table"}. A preemption in step 1 returns step1,
+    step2 None and "preempted" True, before step 2 starts.
 
   Raises:
     ValueError / KeyError / TypeError / FileNotFoundError: a bad config, before any run.
@@ -224,6 +225,11 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
       f"{', '.join([ood_config.site_a, *ood_config.zero_shot_sites])} -> {dir1}")
   summary1 = sweep.run_sweep(step1, dir1, title=f"step 1: trained on site {ood_config.site_a}",
                              **kwargs)
+  if summary1["counts"].get("interrupted"):
+    # SIGTERM stopped a run of step 1 (the sweep stopped after it): step 2 must not start.
+    log("OOD study preempted in step 1; rerun the same command to resume.")
+    return {"step1": summary1, "step2": None, "failed": summary1.get("failed", {}),
+            "preempted": True, "wall_time_s": time.time() - start}
   log(f"OOD step 2: fine-tune on fractions of site-{ood_config.site_b} labels -> {dir2}")
   summary2 = sweep.run_sweep(step2, dir2, title=f"step 2: site-{ood_config.site_b} labels",
                              **kwargs)

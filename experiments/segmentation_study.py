@@ -139,7 +139,8 @@ def run_study(workdir: str, *, gmml_init: str, fractions: Sequence[float], seeds
   """Runs (or resumes) every (init, fraction, seed) and writes the outputs.
 
   Returns:
-    {"rows", "table" (markdown), "failed" (run id -> error)}.
+    {"rows", "table" (markdown), "failed" (run id -> error), "preempted" (a run was preempted
+    and the study stopped after it)}.
   """
   from remedis_jax import train_segment  # pylint: disable=g-import-not-at-top
   from experiments import label_fraction_sweep  # pylint: disable=g-import-not-at-top
@@ -176,6 +177,12 @@ def run_study(workdir: str, *, gmml_init: str, fractions: Sequence[float], seeds
                  status="failed", error=failed[run], run_dir=path)
       rows.append(row)
       continue
+    if results.get("preempted"):
+      # SIGTERM: the run saved its step; stop here (the rerun resumes it, then the rest).
+      print(f"{run}: preempted at step {results['steps']} and saved; rerun the study to "
+            "resume.", flush=True)
+      return {"rows": rows, "table": write_outputs(rows, workdir, study) if rows else table,
+              "failed": failed, "preempted": True}
     print(f"{run}: in-distribution Dice "
           f"{results['test_sets'][IN_DISTRIBUTION]['metrics']['dice']:.4f} "
           f"({time.time() - start:.0f} s)", flush=True)
@@ -185,7 +192,7 @@ def run_study(workdir: str, *, gmml_init: str, fractions: Sequence[float], seeds
     table = write_outputs(rows, workdir, study)
   if failed or not rows:
     table = write_outputs(rows, workdir, study)
-  return {"rows": rows, "table": table, "failed": failed}
+  return {"rows": rows, "table": table, "failed": failed, "preempted": False}
 
 
 def main(argv):

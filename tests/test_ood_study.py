@@ -158,3 +158,19 @@ def test_ood_job_lists(tmp_path):
   assert len(step1) == 4 and len(step2) == 8
   assert all("--config.data.sites.train=A" in line for line in step1)
   assert all("--config.data.sites.train=B" in line for line in step2)
+
+
+def test_a_preemption_in_step_1_stops_the_study_before_step_2(tmp_path, monkeypatch):
+  trainer = SiteCheckingTrainer()
+  calls = []
+
+  def preempted_first(config, workdir):  # the first run saves on SIGTERM and returns unfinished
+    calls.append(workdir)
+    return {"finished": False, "preempted": True} if len(calls) == 1 else trainer(config, workdir)
+
+  monkeypatch.setattr(train_finetune, "train_and_evaluate", preempted_first)
+  config = smoke_ood(write_fake_export(tmp_path / "export"))
+  summary = ood_study.run_ood_study(config, str(tmp_path / "ood"), verbose=False)
+  assert summary["preempted"] and summary["step2"] is None and len(calls) == 1
+  assert summary["step1"]["counts"] == {"interrupted": 1, "pending": 3}
+  assert not (tmp_path / "ood" / "ood_results.csv").exists()

@@ -194,3 +194,18 @@ def test_folder_source_with_mask_column_trains_and_evaluates(tmp_path):
   metrics = results["test_sets"]["test"]["metrics"]
   assert metrics["num_examples"] == 4 and 0.0 <= metrics["dice"] <= 1.0
   assert os.path.isfile(os.path.join(workdir, "predictions", "test.png"))
+
+
+def test_study_stops_at_a_preempted_run(tmp_path, monkeypatch, capsys):
+  from experiments import segmentation_study as study  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def preempted(config, workdir):  # what train_segment returns when SIGTERM stopped the loop
+    calls.append(workdir)
+    return {"finished": False, "steps": 3, "total_steps": 8, "preempted": True}
+
+  monkeypatch.setattr(train_segment, "train_and_evaluate", preempted)
+  result = study.run_study(str(tmp_path), gmml_init="", fractions=(0.05, 1.0), seeds=(0,),
+                           steps=8)
+  assert result["preempted"] and len(calls) == 1 and not result["rows"] and not result["failed"]
+  assert "preempted at step 3 and saved; rerun the study to resume" in capsys.readouterr().out
