@@ -26,10 +26,14 @@ from configs.sweeps import tiny as tiny_sweep
 from experiments import label_fraction_sweep
 from remedis_jax import export, storage, train_simclr
 
-flags.DEFINE_string("workdir", "workdirs/quickstart", "Where everything is written.")
-flags.DEFINE_integer("total_steps", None, "Override the pretraining length (steps).")
-flags.DEFINE_bool("sweep", True, "Run the label-fraction sweep after pretraining.")
-FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags; defined when run as a script only, so that importing this module
+  (the tests do) does not clash with other entry points' flags of the same name."""
+  flags.DEFINE_string("workdir", "workdirs/quickstart", "Where everything is written.")
+  flags.DEFINE_integer("total_steps", None, "Override the pretraining length (steps).")
+  flags.DEFINE_bool("sweep", True, "Run the label-fraction sweep after pretraining.")
 
 
 def run(workdir: str, total_steps: int | None = None, sweep: bool = True) -> dict:
@@ -90,10 +94,12 @@ def run(workdir: str, total_steps: int | None = None, sweep: bool = True) -> dic
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  result = run(FLAGS.workdir, FLAGS.total_steps, FLAGS.sweep)
+  flag_values = flags.FLAGS
+  result = run(flag_values.workdir, flag_values.total_steps, flag_values.sweep)
   if result["sweep"] is not None and result["sweep"].get("failed"):
     raise SystemExit(1)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
