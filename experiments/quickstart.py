@@ -27,7 +27,6 @@ from experiments import label_fraction_sweep
 from remedis_jax import export, storage, train_simclr
 
 
-
 def define_flags() -> None:
   """The command-line flags; defined when run as a script only, so that importing this module
   (the tests do) does not clash with other entry points' flags of the same name."""
