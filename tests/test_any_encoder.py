@@ -24,6 +24,7 @@ def test_vit_encoder_for_simclr_and_clustering(trainer):
   module, config = {"simclr": (train_simclr, pretrain_simclr.get_config("smoke")),
                     "cluster": (train_cluster, pretrain_cluster.get_config("smoke"))}[trainer]
   config.model.name = VIT
+  config.mesh.devices = 1  # the ViT's sharded steps: tests/test_train_gmml.py
   mesh = sharding.make_mesh(config.mesh)
   setup = module.create_train_setup(config, mesh, num_classes=0, multi_label=False,
                                     total_steps=10, warmup_steps=1)

@@ -94,6 +94,7 @@ class WithBadRecords:
 
 def _config(**overrides):
   config = pretrain_simclr.get_config("smoke")
+  config.mesh.devices = 1
   config.knn.every_steps = 0
   config.total_steps = 50
   config.checkpoint_every_steps = 1000

@@ -19,6 +19,8 @@ from remedis_jax import checkpointing, export, models, supervised, train_finetun
 def smoke_config(**overrides):
   """The `:smoke` config with dotted-key overrides, e.g. smoke_config(**{"model.init": p})."""
   config = finetune_config.get_config("smoke")
+  # One device: fine-tuning on 8 devices runs in tests/test_gcs.py.
+  config.mesh.devices = 1
   return common.override(config, overrides)
 
 

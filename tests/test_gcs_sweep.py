@@ -342,7 +342,8 @@ def test_real_sweep_in_a_bucket_then_both_reports(bucket, tmp_path):
   config = smoke_sweep({"scratch": "", "remedis": remedis}, overrides={
       "robustness": {"perturbations": ("gamma(1.5)",)},
       "test_sets": ("in_distribution=test@A", "site_C=test@C"),
-      "checkpoint_every_steps": 4, "tensorboard_dir": str(tensorboard)})
+      "checkpoint_every_steps": 4, "tensorboard_dir": str(tensorboard),
+      "mesh": {"devices": 1}})  # one device: fine-tuning on 8 runs in test_gcs.py
   workdir = f"{bucket}/sweep"
   summary = sweep.run_sweep(config, workdir, verbose=False)
   assert summary["counts"] == {"finished": 2} and not summary["failed"], summary["failed"]

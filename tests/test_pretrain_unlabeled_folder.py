@@ -40,6 +40,7 @@ def test_pretraining_on_an_unlabeled_folder_needs_no_overrides(tmp_path, caplog)
   # used to fail first on the label column, then on the kNN monitor's 'val' split.
   _unlabeled_folder(tmp_path)
   config = pretrain_simclr.get_config("smoke")
+  config.mesh.devices = 1
   config.data.source = "folder"
   config.data.root = str(tmp_path)
   config.data.manifest = "images.csv"

@@ -220,7 +220,7 @@ def test_real_parallel_smoke_sweep_feeds_both_reports(tmp_path):
   config.baseline_fraction = 0.5
   config.overrides = ml_collections.ConfigDict({
       "robustness": {"perturbations": ("gamma(1.5)",)},
-      "test_sets": ("in_distribution=test@A",)})
+      "test_sets": ("in_distribution=test@A",), "mesh": {"devices": 1}})
   workdir = str(tmp_path / "sweep")
   summary = sweep.run_sweep(config, workdir, parallel=2, verbose=False)
   assert summary["counts"] == {"finished": 1}, summary["failed"]

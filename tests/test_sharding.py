@@ -41,6 +41,37 @@ def test_make_mesh_errors(mesh_config, message):
     sharding.make_mesh(mesh_config)
 
 
+@pytest.mark.parametrize("mesh_config, want", [
+    ({"devices": 1}, {"data": 1, "fsdp": 1}),
+    ({"devices": 4, "fsdp": 2}, {"data": 2, "fsdp": 2}),
+    ({"devices": 3}, {"data": 3, "fsdp": 1}),
+    ({"devices": -1, "fsdp": 2}, {"data": 4, "fsdp": 2}),
+])
+def test_make_mesh_on_the_first_devices(mesh_config, want):
+  mesh = sharding.make_mesh(mesh_config)
+  assert dict(mesh.shape) == want
+  count = want["data"] * want["fsdp"]
+  assert sorted(d.id for d in mesh.devices.flat) == [d.id for d in jax.devices()[:count]]
+  # A jitted computation on the mesh's shardings runs on those devices only.
+  batch = np.arange(count * 6.0).reshape(count * 2, 3)
+  x = jax.device_put(batch, sharding.batch_sharding(mesh))
+  y = jax.jit(lambda a: a * 2, out_shardings=sharding.replicated(mesh))(x)
+  assert y.sharding.device_set == set(mesh.devices.flat)
+  np.testing.assert_array_equal(y, batch * 2)
+
+
+@pytest.mark.parametrize("devices", [0, 9, -2, 1.5, True])
+def test_make_mesh_rejects_a_bad_device_count(devices):
+  with pytest.raises(ValueError, match=rf"mesh config devices={devices!r} is invalid: use -1 "
+                                       r"\(all 8 devices\) or a positive int up to 8"):
+    sharding.make_mesh({"devices": devices})
+
+
+def test_make_mesh_axes_must_fit_the_devices_used():
+  with pytest.raises(ValueError, match=r"data x fsdp = 4 but there are 2 devices"):
+    sharding.make_mesh({"devices": 2, "data": 4})
+
+
 def test_batch_and_replicated_shardings():
   mesh = sharding.make_mesh({"fsdp": 2})
   assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))

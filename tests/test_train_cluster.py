@@ -14,6 +14,7 @@ from remedis_jax.pretraining import normalize_images
 
 def smoke_config(variant="smoke", **overrides) -> ml_collections.ConfigDict:
   config = pretrain_cluster.get_config(variant)
+  config.mesh.devices = 1  # runs on one device; sharding: the 8-device hybrid step test
   return common.override(config, overrides)
 
 
@@ -34,8 +35,7 @@ def _setup(config, mesh, num_classes=4):
 
 
 def _mesh(num_devices):
-  return jax.sharding.Mesh(np.array(jax.devices()[:num_devices]).reshape(-1, 1),
-                           ("data", "fsdp"))
+  return sharding.make_mesh({"devices": num_devices})
 
 
 def _step(setup, state, batch, mesh):

@@ -79,6 +79,9 @@ def test_require_masks_names_the_fix():
 
 def test_smoke_run_writes_results_then_init_from_it_with_frozen_encoder(tmp_path):
   config = segment_config.get_config("smoke")
+  # One device (as the folder-source run below, which reuses these compiled programs); the
+  # segmentation evaluator on 8 devices: tests/test_monitor_sampling.py.
+  config.mesh.devices = 1
   workdir = str(tmp_path / "scratch")
   results = train_segment.train_and_evaluate(config, workdir)
 
@@ -108,6 +111,7 @@ def test_smoke_run_writes_results_then_init_from_it_with_frozen_encoder(tmp_path
   # out bit-identical to the first run's final encoder, the decoder must change.
   first_params, _ = checkpointing.load_params(workdir)
   config = segment_config.get_config("smoke")
+  config.mesh.devices = 1
   config.model.init = workdir
   config.freeze_encoder = True
   config.test_sets = ("in_distribution=test@A",)
@@ -181,6 +185,7 @@ def test_folder_source_with_mask_column_trains_and_evaluates(tmp_path):
   # The folder variant's 16 Grain worker processes (PAPER_SCALE_WORKERS) would spend ~10 s of
   # CPU starting up; two still decode the masks in worker processes.
   config.data.worker_count = 2
+  config.mesh.devices = 1
   for key in ("name", "decoder"):
     config.model[key] = smoke.model[key]
   for key in ("batch_size", "eval_batch_size", "total_steps", "eval_every_steps",

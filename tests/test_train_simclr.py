@@ -23,13 +23,15 @@ from remedis_jax import (checkpointing, export, initialization, pretraining, sha
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
   """The `:smoke` config with dotted-key overrides, e.g. tiny_config(**{"knn.k": 5})."""
   config = pretrain_simclr.get_config("smoke")
+  config.mesh.devices = 1  # runs on one device; sharding: the 8-device step test below
   return common.override(config, overrides)
 
 
 def _run_setup(config, mesh):
   """The setup `train_and_evaluate(config)` builds: the synthetic training source's online
-  probe (4 findings, multi-hot) and site metrics, the config's step counts. On the default mesh
-  its update step is the end-to-end run's below, so that run finds it compiled (cache hit)."""
+  probe (4 findings, multi-hot) and site metrics, the config's step counts. On one device
+  its update step is the end-to-end run's below (`tiny_config` runs on one device), so that run
+  finds it compiled (cache hit)."""
   source = data_sources.build_source(config.data, config.data.pretrain_split,
                                      labels_optional=True)
   total, warmup, _ = pretraining.steps_from_config(config, len(source))
@@ -45,8 +47,7 @@ def step_setups():
   host batch of the synthetic pipeline (two views, findings, site). The step donates its state:
   each test initialises its own."""
   config = tiny_config()
-  meshes = {1: jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp")),
-            8: sharding.make_mesh(None)}
+  meshes = {1: sharding.make_mesh({"devices": 1}), 8: sharding.make_mesh(None)}
   setups = {}
   for devices, mesh in meshes.items():
     setup, source = _run_setup(config, mesh)

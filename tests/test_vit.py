@@ -294,6 +294,7 @@ def test_dispatcher():
 def _smoke_config(**overrides):
   from configs import common, finetune as finetune_config  # pylint: disable=g-import-not-at-top
   config = finetune_config.get_config("smoke")
+  config.mesh.devices = 1  # the ViT's sharded steps: tests/test_train_gmml.py
   config.model.name = "ViT-micro/4"
   config.test_sets = ("test@A",)
   config.robustness.perturbations = ()
