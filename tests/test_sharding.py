@@ -67,6 +67,23 @@ def test_make_mesh_rejects_a_bad_device_count(devices):
     sharding.make_mesh({"devices": devices})
 
 
+def test_mesh_devices_take_the_first_of_every_process(monkeypatch):
+  """With several processes, `devices` counts all of them: the first devices/P of each."""
+
+  class FakeDevice:
+    def __init__(self, process_index, id_):
+      self.process_index, self.id = process_index, id_
+
+  fake = [FakeDevice(p, 10 * p + i) for p in (0, 1) for i in range(4)]
+  monkeypatch.setattr(jax, "devices", lambda: fake)
+  monkeypatch.setattr(jax, "device_count", lambda: len(fake))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert [d.id for d in sharding._mesh_devices({"devices": 4})] == [0, 1, 10, 11]  # pylint: disable=protected-access
+  assert sharding._mesh_devices({"devices": -1}) is None  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r"multiple of the number of processes \(2\)"):
+    sharding._mesh_devices({"devices": 3})  # pylint: disable=protected-access
+
+
 def test_make_mesh_axes_must_fit_the_devices_used():
   with pytest.raises(ValueError, match=r"data x fsdp = 4 but there are 2 devices"):
     sharding.make_mesh({"devices": 2, "data": 4})
