@@ -212,6 +212,7 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     assert built.encoder_lr_multiplier == recipe.get("encoder_lr_multiplier", 1.0)
     assert built.encoder_frozen_fraction == recipe.get("encoder_frozen_fraction", 0.0)
     assert built.finetune_mode == recipe.get("finetune_mode", "full")
+    assert built.total_epochs == recipe.get("total_epochs", 100.0)  # the MedMNIST v2 protocol
   # The headline sweep: the chosen recipe for the SimCLR init only; scratch keeps the protocol.
   headline = sweep.load_config_file("configs/sweeps/pneumoniamnist.py")
   chosen = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
@@ -223,7 +224,15 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     expected = chosen if run.init == "simclr" else {}
     assert built.encoder_lr_multiplier == expected.get("encoder_lr_multiplier", 1.0)
     assert built.finetune_mode == expected.get("finetune_mode", "full")
+    assert built.encoder_frozen_fraction == expected.get("encoder_frozen_fraction", 0.0)
+    assert built.total_epochs == expected.get("total_epochs", 100.0)
   assert set(sweep.load_config_file("configs/sweeps/pneumoniamnist.py:scratch").inits) == {
       "scratch"}
+  # ':RECIPE' fine-tunes the SimCLR init with that recipe (the README's table: head_first).
+  table = sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first")
+  for run in sweep.validate(table, check_runs=False):
+    built = sweep.build_run_config(table, run)
+    assert built.encoder_frozen_fraction == (0.5 if run.init == "simclr" else 0.0)
+    assert built.total_epochs == 100.0
   with pytest.raises(ValueError, match="unknown argument 'simclr'"):
     sweep.load_config_file("configs/sweeps/pneumoniamnist.py:simclr")

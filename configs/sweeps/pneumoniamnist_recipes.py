@@ -20,6 +20,9 @@ recipes differ only in how the encoder is allowed to move (train_finetune.scale_
   head_layer      SimCLR v2: the classifier sits on the pretrained first projection-head layer
                   (256 units), which fine-tunes with the encoder (model.from_head_layer).
   head_layer_first  head_layer, with the encoder and that layer frozen for the first half.
+  head_first_200ep  head_first over 200 epochs of the labeled subset instead of 100 (the
+                  10% runs of the headline sweep kept their last evaluation as the best one,
+                  so a longer schedule might still gain).
 
 The winner, by mean validation macro AUC over the two fractions, is the `simclr` recipe of
 configs/sweeps/pneumoniamnist.py. Every init points at the same pretraining run.
@@ -38,6 +41,7 @@ RECIPES = {
     "linear": {"finetune_mode": "linear"},
     "head_layer": {"model": {"from_head_layer": True}},
     "head_layer_first": {"model": {"from_head_layer": True}, "encoder_frozen_fraction": 0.5},
+    "head_first_200ep": {"encoder_frozen_fraction": 0.5, "total_epochs": 200.0},
 }
 
 
