@@ -213,6 +213,7 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     assert built.encoder_frozen_fraction == recipe.get("encoder_frozen_fraction", 0.0)
     assert built.finetune_mode == recipe.get("finetune_mode", "full")
     assert built.total_epochs == recipe.get("total_epochs", 100.0)  # the MedMNIST v2 protocol
+    assert built.loss.class_weights == recipe.get("loss", {}).get("class_weights", "")
   # The headline sweep: the chosen recipe for the SimCLR init only; scratch keeps the protocol.
   headline = sweep.load_config_file("configs/sweeps/pneumoniamnist.py")
   chosen = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
@@ -226,6 +227,7 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     assert built.finetune_mode == expected.get("finetune_mode", "full")
     assert built.encoder_frozen_fraction == expected.get("encoder_frozen_fraction", 0.0)
     assert built.total_epochs == expected.get("total_epochs", 100.0)
+    assert built.loss.class_weights == expected.get("loss", {}).get("class_weights", "")
   assert set(sweep.load_config_file("configs/sweeps/pneumoniamnist.py:scratch").inits) == {
       "scratch"}
   # ':RECIPE' fine-tunes the SimCLR init with that recipe (the README's table: head_first).
