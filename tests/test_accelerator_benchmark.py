@@ -1,9 +1,11 @@
 """The accelerator benchmark (experiments/benchmarks/accelerator.py) in its CPU smoke mode.
 
-One subprocess runs the smoke plan the way the device command runs the real one (every item in
-its own worker process, a single CPU device): fp32 without remat, bf16 with remat, the PyTorch
-peer (recorded as skipped where torch is not installed, as in the project's venv) and Grain.
-The checks recompute every derived number from the raw ones in the record.
+One subprocess (a single CPU device) runs the smoke plan: fp32 without remat, bf16 with remat,
+the PyTorch peer (recorded as skipped where torch is not installed, as in the project's venv)
+and Grain, every item in that one process (`--isolate=none`: each worker process would cost its
+own ~9 s of imports). The checks recompute every derived number from the raw ones in the record.
+The device command's mode, each item in its own worker process, is tested below on the items
+that start fastest, with its failure and timeout paths.
 """
 import json
 import math
@@ -39,7 +41,7 @@ def smoke(tmp_path_factory):
   env["JAX_PLATFORMS"] = "cpu"
   result = subprocess.run(
       [sys.executable, "-m", "experiments.benchmarks.accelerator", "--smoke", f"--plan={PLAN}",
-       f"--peak_tflops={PEAK_TFLOPS}", f"--out={out}"],
+       f"--peak_tflops={PEAK_TFLOPS}", f"--out={out}", "--isolate=none"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -138,6 +140,44 @@ def test_table_lists_every_record(smoke):
       assert float(row[5]) == pytest.approx(record["images_per_s"], abs=0.5)
     if record.get("mfu") is not None:
       assert row[7] == f"{record['mfu']:.1%}"
+
+
+def test_items_run_in_their_own_worker_processes(tmp_path, monkeypatch):
+  """--isolate=process, the default: records come back through each worker's stdout."""
+  workers = []
+  run_in_subprocess = accelerator.run_in_subprocess
+
+  def spy(kind, spec, timeout_s, env):
+    workers.append(kind)
+    return run_in_subprocess(kind, spec, timeout_s, env)
+
+  def not_here(kind, spec):
+    raise AssertionError(f"{kind} ran in the parent process")
+
+  monkeypatch.setattr(accelerator, "run_in_subprocess", spy)
+  monkeypatch.setattr(accelerator, "run_in_process", not_here)
+  out = tmp_path / "isolated.jsonl"
+  assert accelerator.main(["--smoke", "--plan=torch:4,grain:0", f"--out={out}"]) == 0
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  assert workers == ["torch", "grain"]
+  assert [r["kind"] for r in records] == ["environment", "torch_step", "input_pipeline",
+                                          "summary"]
+  assert records[0]["isolate"] == "process"
+  grain = records[2]
+  assert grain["status"] == "ok" and grain["views_shape"] == [4, 2, 32, 32, 3]
+  assert grain["batches"] >= 2 and grain["item_wall_s"] > 0
+  assert "demand_images_per_s" not in grain  # no JAX step measured
+
+
+def test_worker_failure_and_timeout_are_reported():
+  env = accelerator._worker_env(smoke=True)  # pylint: disable=protected-access
+  records, failure = accelerator.run_in_subprocess("no_such_kind", {}, 60.0, env)
+  assert records == [] and failure.startswith("worker exit code 2")
+  assert "invalid choice" in failure  # the worker's stderr tail
+  spec = {"config": "configs/pretrain_simclr.py:smoke", "workers": 0, "image_size": 32,
+          "batch": 4, "num_images": 8, "seconds": 60.0, "warmup_batches": 1, "min_batches": 2}
+  records, failure = accelerator.run_in_subprocess("grain", spec, 1.0, env)
+  assert failure.startswith("timeout: killed after 1 s")
 
 
 def test_budget_skips_with_a_reason(tmp_path, capsys):

@@ -180,6 +180,7 @@ def test_real_pneumoniamnist_protocol_short_run(shared_data_dir, tmp_path):
   config = finetune_config.get_config("pneumoniamnist")
   config.data.path = str(shared_data_dir / "pneumoniamnist.npz")
   config.model.name = "R_micro"
+  config.mesh.devices = 1
   config.total_epochs = -1.0
   config.total_steps = 2
   config.eval_every_steps = 2

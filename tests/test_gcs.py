@@ -214,9 +214,11 @@ def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, 
   monkeypatch.chdir(tmp_path)  # a mangled URL would appear here as ./gs:/...
   bucket = gcs.bucket()
   workdir = f"{bucket}/simclr"
+  # Two of the eight devices: sharded end to end, with two replicas to save and restore (the
+  # 8-device update steps: test_train_simclr.py and the others; 8 here cost ~15% more CPU).
   config = _set(pretrain_simclr.get_config("smoke"), tensorboard_dir=str(tmp_path / "tb"),
                 **{"linear_probe.enabled": False, "knn.every_steps": 0, "total_steps": 4,
-                   "checkpoint_every_steps": 100})
+                   "checkpoint_every_steps": 100, "mesh.devices": 2})
 
   def dataset(sigterm_at_read=0):
     source = SyntheticCXR(split="train", num_examples=96, image_size=32)
@@ -259,7 +261,7 @@ def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, 
   loaded = initialization.load_init(out, "R_micro")
   jax.tree.map(np.testing.assert_array_equal, loaded.encoder, params["encoder"])
   ft_config = _set(finetune_configs.get_config("smoke"), tensorboard_dir=str(tmp_path / "tb_ft"),
-                   **{"model.init": out, "total_steps": 2})
+                   **{"model.init": out, "total_steps": 2, "mesh.devices": 2})
   ft_workdir = f"{bucket}/finetune"
   results = train_finetune.train_and_evaluate(ft_config, ft_workdir)
   assert results["finished"] and results["initialisation"].startswith("export")

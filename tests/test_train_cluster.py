@@ -53,14 +53,19 @@ def test_hybrid_update_step_freezing_queue_and_8_devices():
                                             "cluster.freeze_prototypes_steps": 1})
   batch = _batch(labeled=(np.arange(16) % 2).astype(np.float32))
   results = []
-  for devices in (8, 1):
+  for devices in (1, 8):
     mesh = _mesh(devices)
     setup = _setup(config, mesh)
-    state = sharding.create_sharded(setup.init_state, jax.random.key(0),
-                                    shardings=setup.state_shardings)
-    initial = jax.device_get(state.params)
+    if devices == 1:
+      state = sharding.create_sharded(setup.init_state, jax.random.key(0),
+                                      shardings=setup.state_shardings)
+      initial_state = jax.device_get(state)
+      initial = initial_state.params
+    else:  # the same initial state, placed on 8 devices (one initialisation to compile)
+      state = jax.device_put(initial_state, setup.state_shardings)
     state, metrics = _step(setup, state, batch, mesh)
     results.append((jax.device_get(state), metrics.compute()))
+  results.reverse()
   (state_8, metrics_8), (state_1, metrics_1) = results
   for name in ("loss", "contrastive_loss", "cluster_loss", "supervised_loss",
                "cluster_usage_entropy", "grad_norm"):
@@ -91,7 +96,8 @@ def test_hybrid_update_step_freezing_queue_and_8_devices():
   np.testing.assert_allclose(state_1.queue[:32], z, atol=1e-5)
   np.testing.assert_array_equal(state_1.queue[32:], 0.0)
 
-  # Step 1: the prototypes train; FIFO moved the first batch's rows back (16 still fit).
+  # Step 1 (on the 8 devices): the prototypes train; FIFO moved the first batch's rows back
+  # (16 still fit).
   state = jax.device_put(state_1, setup.state_shardings)
   state, _ = _step(setup, state, _batch(seed=1), mesh)
   after_2 = jax.device_get(state)
@@ -100,8 +106,7 @@ def test_hybrid_update_step_freezing_queue_and_8_devices():
 
   # A batch without a labeled record gives no supervised signal: loss 0 and the zero-initialised
   # classifier gets no gradient (momentum starts at 0 and weight decay keeps zeros at zero).
-  state = sharding.create_sharded(setup.init_state, jax.random.key(0),
-                                  shardings=setup.state_shardings)
+  state = jax.device_put(initial_state, setup.state_shardings)
   state, metrics = _step(setup, state, _batch(labeled=np.zeros(16, np.float32)), mesh)
   values = metrics.compute()
   assert float(values["supervised_loss"]) == 0.0 and float(values["labeled_fraction"]) == 0.0

@@ -122,8 +122,12 @@ def test_update_step_on_8_devices_equals_single_device():
     # device this is the step the resumed smoke run below compiles (a cache hit there).
     setup = train_gmml.create_train_setup(config, mesh, total_steps=config.total_steps,
                                           warmup_steps=config.optimizer.warmup_steps)
-    state = sharding.create_sharded(setup.init_state, jax.random.key(0),
-                                    shardings=setup.state_shardings)
+    if not results:
+      state = sharding.create_sharded(setup.init_state, jax.random.key(0),
+                                      shardings=setup.state_shardings)
+      initial = jax.device_get(state)
+    else:  # the same initial state on 8 devices (one initialisation to compile)
+      state = jax.device_put(initial, setup.state_shardings)
     device_batch = sharding.shard_host_batch(batch, sharding.batch_sharding(mesh))
     for _ in range(2):
       state, metrics = setup.update_fn(state, device_batch)
