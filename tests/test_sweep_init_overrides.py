@@ -198,6 +198,25 @@ def test_gmml_tiny_vit_inits_use_the_tiny_vit_recipe():
       assert built.optimizer.to_dict() == variant.optimizer.to_dict()
 
 
+def test_pneumoniamnist_pretraining_length_sweep_fine_tunes_both_encoders_alike(tmp_path,
+                                                                            monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for name in ("simclr_pneumoniamnist", "simclr_pneumoniamnist_3000"):
+    (tmp_path / "workdirs" / name / "checkpoints" / "1500").mkdir(parents=True)
+  config = sweep.load_config_file("configs/sweeps/pneumoniamnist_pretraining_length.py")
+  runs = sweep.validate(config, check_runs=False)
+  assert sorted({run.init for run in runs}) == ["steps_1500", "steps_3000"] and len(runs) == 4
+  chosen = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
+  for run in runs:
+    built = sweep.build_run_config(config, run)
+    assert tuple(built.test_sets) == ("validation=val",)  # never the test split
+    assert built.model.init.endswith(
+        "simclr_pneumoniamnist" if run.init == "steps_1500" else "simclr_pneumoniamnist_3000")
+    assert built.encoder_frozen_fraction == chosen.get("encoder_frozen_fraction", 0.0)
+    assert built.total_epochs == chosen.get("total_epochs", 100.0)
+    assert built.loss.class_weights == chosen.get("loss", {}).get("class_weights", "")
+
+
 def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   (tmp_path / "workdirs" / "simclr_pneumoniamnist" / "checkpoints" / "1500").mkdir(parents=True)

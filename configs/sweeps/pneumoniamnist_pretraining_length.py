@@ -1,0 +1,47 @@
+r"""Does longer SimCLR pretraining help fine-tuning on PneumoniaMNIST? Chosen on VALIDATION only.
+
+  # the longer pretraining run: the headline's command with twice the steps (88 epochs)
+  python -m remedis_jax.main --config=configs/pretrain_simclr.py:pneumoniamnist \
+    --config.data.path=../shared/data/pneumoniamnist.npz --config.total_steps=3000 \
+    --workdir=workdirs/simclr_pneumoniamnist_3000
+  # then both encoders, fine-tuned the same way and scored on validation
+  python -m experiments.label_fraction_sweep \
+    --config=configs/sweeps/pneumoniamnist_pretraining_length.py \
+    --config.overrides.data.path=../shared/data/pneumoniamnist.npz \
+    --workdir=workdirs/pneumoniamnist_pretraining_length
+
+Inits: `steps_1500`, the headline's pretraining run (configs/pretrain_simclr.py:pneumoniamnist,
+workdirs/simclr_pneumoniamnist), and `steps_3000`, the same command with
+`--config.total_steps=3000` (its cosine schedule spans the 3000 steps; not a continuation).
+Both fine-tune with configs/sweeps/pneumoniamnist.py's SIMCLR_RECIPE at 1% and 10% of the
+labels, seed 0, as the recipe rounds did (configs/sweeps/pneumoniamnist_recipes.py); the test
+split is never read here. The winner by mean validation macro AUC over the two fractions is the
+pretraining length worth a test run.
+"""
+
+import ml_collections
+
+from configs.sweeps import pneumoniamnist, pneumoniamnist_recipes
+from experiments import label_fraction_sweep
+
+PRETRAINED = {"steps_1500": pneumoniamnist_recipes.PRETRAINED,
+              "steps_3000": "workdirs/simclr_pneumoniamnist_3000"}
+
+
+def get_config() -> ml_collections.ConfigDict:
+  recipe = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
+  config = label_fraction_sweep.default_sweep_config()
+  config.base = "configs/finetune.py:pneumoniamnist"
+  config.label_fractions = (0.01, 0.1)
+  config.seeds = (0,)
+  config.inits = ml_collections.ConfigDict(PRETRAINED)
+  config.init_overrides = ml_collections.ConfigDict({name: recipe for name in PRETRAINED})
+  config.baseline = "steps_1500"
+  config.baseline_fraction = 0.1
+  config.metric = "macro_auc"
+  config.overrides = ml_collections.ConfigDict({
+      "data": {"path": ""},  # required: --config.overrides.data.path=/path/pneumoniamnist.npz
+      "robustness": {"perturbations": ()},
+      "test_sets": ("validation=val",),
+  })
+  return config
