@@ -52,21 +52,18 @@ def test_hybrid_update_step_freezing_queue_and_8_devices():
   config = smoke_config("hybrid_smoke", **{"cluster.queue_size": 48,
                                             "cluster.freeze_prototypes_steps": 1})
   batch = _batch(labeled=(np.arange(16) % 2).astype(np.float32))
-  results = []
-  for devices in (1, 8):
-    mesh = _mesh(devices)
-    setup = _setup(config, mesh)
-    if devices == 1:
-      state = sharding.create_sharded(setup.init_state, jax.random.key(0),
-                                      shardings=setup.state_shardings)
-      initial_state = jax.device_get(state)
-      initial = initial_state.params
-    else:  # the same initial state, placed on 8 devices (one initialisation to compile)
-      state = jax.device_put(initial_state, setup.state_shardings)
-    state, metrics = _step(setup, state, batch, mesh)
-    results.append((jax.device_get(state), metrics.compute()))
-  results.reverse()
-  (state_8, metrics_8), (state_1, metrics_1) = results
+  mesh_1, mesh = _mesh(1), _mesh(8)
+  setup_1, setup = _setup(config, mesh_1), _setup(config, mesh)
+  # One initialisation (one program to compile), its state placed on 1 and on 8 devices.
+  initial_state = jax.device_get(sharding.create_sharded(
+      setup_1.init_state, jax.random.key(0), shardings=setup_1.state_shardings))
+  initial = initial_state.params
+  state_1, metrics_1 = _step(setup_1, jax.device_put(initial_state, setup_1.state_shardings),
+                             batch, mesh_1)
+  state_8, metrics_8 = _step(setup, jax.device_put(initial_state, setup.state_shardings), batch,
+                             mesh)
+  state_1, metrics_1 = jax.device_get(state_1), metrics_1.compute()
+  state_8, metrics_8 = jax.device_get(state_8), metrics_8.compute()
   for name in ("loss", "contrastive_loss", "cluster_loss", "supervised_loss",
                "cluster_usage_entropy", "grad_norm"):
     np.testing.assert_allclose(metrics_8[name], metrics_1[name], rtol=1e-4, err_msg=name)
