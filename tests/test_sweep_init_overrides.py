@@ -215,6 +215,12 @@ def test_pneumoniamnist_pretraining_length_sweep_fine_tunes_both_encoders_alike(
     assert built.encoder_frozen_fraction == chosen.get("encoder_frozen_fraction", 0.0)
     assert built.total_epochs == chosen.get("total_epochs", 100.0)
     assert built.loss.class_weights == chosen.get("loss", {}).get("class_weights", "")
+  # Round 2 (the input of fine-tuning) is scored on validation too.
+  config = sweep.load_config_file("configs/sweeps/pneumoniamnist_input_recipes.py")
+  runs = sweep.validate(config, check_runs=False)
+  assert len(runs) == 4 * 3
+  assert all(tuple(sweep.build_run_config(config, run).test_sets) == ("validation=val",)
+             for run in runs)
 
 
 def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_path, monkeypatch):

@@ -27,7 +27,6 @@ The winner by mean validation macro AUC becomes configs/sweeps/pneumoniamnist.py
 import ml_collections
 
 from configs.sweeps import pneumoniamnist_recipes
-from experiments import label_fraction_sweep
 
 _HEAD_FIRST = pneumoniamnist_recipes.RECIPES["head_first"]
 _AUG = "random_resized_crop({size}, area=(0.8, 1.0), aspect_ratio=(0.9, 1.1))|flip_lr"
@@ -42,19 +41,6 @@ RECIPES = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg`: the SimCLR pretraining workdir or export (default workdirs/simclr_pneumoniamnist)."""
-  config = label_fraction_sweep.default_sweep_config()
-  config.base = "configs/finetune.py:pneumoniamnist"
-  config.label_fractions = (0.1,)
-  config.seeds = (0, 1, 2)
-  config.inits = ml_collections.ConfigDict(
-      {name: arg or pneumoniamnist_recipes.PRETRAINED for name in RECIPES})
-  config.init_overrides = ml_collections.ConfigDict(RECIPES)
-  config.baseline = "head_first"
-  config.baseline_fraction = 0.1
-  config.metric = "macro_auc"
-  config.overrides = ml_collections.ConfigDict({
-      "data": {"path": ""},  # required: --config.overrides.data.path=/path/pneumoniamnist.npz
-      "robustness": {"perturbations": ()},
-      "test_sets": ("validation=val",),
-  })
-  return config
+  return pneumoniamnist_recipes.validation_sweep(
+      {name: arg or pneumoniamnist_recipes.PRETRAINED for name in RECIPES}, RECIPES,
+      label_fractions=(0.1,), seeds=(0, 1, 2), baseline="head_first")

@@ -28,7 +28,6 @@ run on test.
 import ml_collections
 
 from configs.sweeps import pneumoniamnist, pneumoniamnist_recipes
-from experiments import label_fraction_sweep
 
 PRETRAINED = {"steps_1500": pneumoniamnist_recipes.PRETRAINED,
               "steps_3000": "workdirs/simclr_pneumoniamnist_3000"}
@@ -36,18 +35,6 @@ PRETRAINED = {"steps_1500": pneumoniamnist_recipes.PRETRAINED,
 
 def get_config() -> ml_collections.ConfigDict:
   recipe = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
-  config = label_fraction_sweep.default_sweep_config()
-  config.base = "configs/finetune.py:pneumoniamnist"
-  config.label_fractions = (0.01, 0.1)
-  config.seeds = (0,)
-  config.inits = ml_collections.ConfigDict(PRETRAINED)
-  config.init_overrides = ml_collections.ConfigDict({name: recipe for name in PRETRAINED})
-  config.baseline = "steps_1500"
-  config.baseline_fraction = 0.1
-  config.metric = "macro_auc"
-  config.overrides = ml_collections.ConfigDict({
-      "data": {"path": ""},  # required: --config.overrides.data.path=/path/pneumoniamnist.npz
-      "robustness": {"perturbations": ()},
-      "test_sets": ("validation=val",),
-  })
-  return config
+  return pneumoniamnist_recipes.validation_sweep(
+      PRETRAINED, {name: recipe for name in PRETRAINED}, label_fractions=(0.01, 0.1),
+      seeds=(0,), baseline="steps_1500")

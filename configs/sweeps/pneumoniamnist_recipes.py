@@ -50,16 +50,21 @@ RECIPES = {
 }
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg`: the SimCLR pretraining workdir or export (default workdirs/simclr_pneumoniamnist)."""
+def validation_sweep(inits: dict[str, str], init_overrides: dict[str, dict], *,
+                     label_fractions: tuple[float, ...], seeds: tuple[int, ...],
+                     baseline: str) -> ml_collections.ConfigDict:
+  """A sweep of configs/finetune.py:pneumoniamnist runs scored on the VALIDATION split only.
+
+  The recipe rounds share it (this file, pneumoniamnist_input_recipes.py,
+  pneumoniamnist_pretraining_length.py): the test split is never read by these sweeps.
+  """
   config = label_fraction_sweep.default_sweep_config()
   config.base = "configs/finetune.py:pneumoniamnist"
-  config.label_fractions = (0.01, 0.1)
-  config.seeds = (0,)
-  config.inits = ml_collections.ConfigDict({name: arg or PRETRAINED for name in RECIPES})
-  config.init_overrides = ml_collections.ConfigDict(
-      {name: recipe for name, recipe in RECIPES.items() if recipe})
-  config.baseline = "full"
+  config.label_fractions = label_fractions
+  config.seeds = seeds
+  config.inits = ml_collections.ConfigDict(inits)
+  config.init_overrides = ml_collections.ConfigDict(init_overrides)
+  config.baseline = baseline
   config.baseline_fraction = 0.1
   config.metric = "macro_auc"
   config.overrides = ml_collections.ConfigDict({
@@ -68,3 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "test_sets": ("validation=val",),
   })
   return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """`arg`: the SimCLR pretraining workdir or export (default workdirs/simclr_pneumoniamnist)."""
+  return validation_sweep({name: arg or PRETRAINED for name in RECIPES},
+                          {name: recipe for name, recipe in RECIPES.items() if recipe},
+                          label_fractions=(0.01, 0.1), seeds=(0,), baseline="full")
