@@ -215,7 +215,7 @@ def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, 
   bucket = gcs.bucket()
   workdir = f"{bucket}/simclr"
   # Two of the eight devices: sharded end to end, with two replicas to save and restore (the
-  # 8-device update steps: test_train_simclr.py and the others; 8 here cost ~15% more CPU).
+  # 8-device update steps: test_train_simclr.py and the others; 8 here cost more CPU).
   config = _set(pretrain_simclr.get_config("smoke"), tensorboard_dir=str(tmp_path / "tb"),
                 **{"linear_probe.enabled": False, "knn.every_steps": 0, "total_steps": 4,
                    "checkpoint_every_steps": 100, "mesh.devices": 2})
