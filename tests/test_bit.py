@@ -55,7 +55,8 @@ def test_deeper_wider_param_counts(name, blocks, width):
 
 
 def test_tiny_variants_have_the_specified_widths():
-  for name, root, outs in (("R_tiny", 16, (64, 128, 256, 512)),
+  for name, root, outs in (("R_small", 32, (128, 256, 512, 1024)),
+                           ("R_tiny", 16, (64, 128, 256, 512)),
                            ("R_micro", 8, (32, 64, 128, 256))):
     params = abstract_params(create_model(name), channels=1)
     assert params["root_block"]["conv_root"]["kernel"].shape == (7, 7, 1, root)
@@ -63,6 +64,7 @@ def test_tiny_variants_have_the_specified_widths():
       assert list(params[f"block{i}"]) == ["unit01"]
       assert params[f"block{i}"]["unit01"]["conv3"]["kernel"].shape[-1] == out
     assert count_params(params) == bit_param_count((1, 1, 1, 1), root, 1)
+  assert VARIANTS["R_small"]["num_groups"] == 16
   assert VARIANTS["R_tiny"]["num_groups"] == 8
   assert VARIANTS["R_micro"]["num_groups"] == 4
 

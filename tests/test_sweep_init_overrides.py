@@ -198,23 +198,30 @@ def test_gmml_tiny_vit_inits_use_the_tiny_vit_recipe():
       assert built.optimizer.to_dict() == variant.optimizer.to_dict()
 
 
-def test_pneumoniamnist_pretraining_length_sweep_fine_tunes_both_encoders_alike(tmp_path,
-                                                                            monkeypatch):
+def test_pneumoniamnist_encoder_sweep_fine_tunes_every_encoder_alike(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  for name in ("simclr_pneumoniamnist", "simclr_pneumoniamnist_3000"):
+  for name in ("simclr_pneumoniamnist", "simclr_pneumoniamnist_3000",
+               "simclr_pneumoniamnist_small_s2"):
     (tmp_path / "workdirs" / name / "checkpoints" / "1500").mkdir(parents=True)
-  config = sweep.load_config_file("configs/sweeps/pneumoniamnist_pretraining_length.py")
+  config = sweep.load_config_file("configs/sweeps/pneumoniamnist_encoders.py")
   runs = sweep.validate(config, check_runs=False)
-  assert sorted({run.init for run in runs}) == ["steps_1500", "steps_3000"] and len(runs) == 4
+  assert sorted({run.init for run in runs}) == ["small_s2", "steps_1500", "steps_3000"]
+  assert len(runs) == 3 * 2 * 3  # three encoders, 1% and 10%, seeds 0-2
   chosen = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
+  workdirs = {"steps_1500": "simclr_pneumoniamnist", "steps_3000": "simclr_pneumoniamnist_3000",
+              "small_s2": "simclr_pneumoniamnist_small_s2"}
   for run in runs:
     built = sweep.build_run_config(config, run)
     assert tuple(built.test_sets) == ("validation=val",)  # never the test split
-    assert built.model.init.endswith(
-        "simclr_pneumoniamnist" if run.init == "steps_1500" else "simclr_pneumoniamnist_3000")
+    assert built.model.init.endswith("workdirs/" + workdirs[run.init])
+    # The encoder's own key on top of the recipe, which stays whole.
+    assert built.model.stem == ("small_s2" if run.init == "small_s2" else "bit")
     assert built.encoder_frozen_fraction == chosen.get("encoder_frozen_fraction", 0.0)
     assert built.total_epochs == chosen.get("total_epochs", 100.0)
     assert built.loss.class_weights == chosen.get("loss", {}).get("class_weights", "")
+  nested = pneumoniamnist_recipes.merged({"model": {"from_head_layer": True}, "seed": 1},
+                                         {"model": {"stem": "small_s2"}})
+  assert nested == {"model": {"from_head_layer": True, "stem": "small_s2"}, "seed": 1}
   # Round 2 (the input of fine-tuning) is scored on validation too.
   config = sweep.load_config_file("configs/sweeps/pneumoniamnist_input_recipes.py")
   runs = sweep.validate(config, check_runs=False)
@@ -225,7 +232,8 @@ def test_pneumoniamnist_pretraining_length_sweep_fine_tunes_both_encoders_alike(
 
 def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  (tmp_path / "workdirs" / "simclr_pneumoniamnist" / "checkpoints" / "1500").mkdir(parents=True)
+  for name in ("simclr_pneumoniamnist", "simclr_pneumoniamnist_small_s2"):
+    (tmp_path / "workdirs" / name / "checkpoints" / "1500").mkdir(parents=True)
   # The recipe search: one init per recipe, each with its own keys, scored on validation only.
   search = sweep.load_config_file("configs/sweeps/pneumoniamnist_recipes.py")
   runs = sweep.validate(search, check_runs=False)
@@ -239,15 +247,22 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     assert built.finetune_mode == recipe.get("finetune_mode", "full")
     assert built.total_epochs == recipe.get("total_epochs", 100.0)  # the MedMNIST v2 protocol
     assert built.loss.class_weights == recipe.get("loss", {}).get("class_weights", "")
-  # The headline sweep: the chosen recipe for the SimCLR init only; scratch keeps the protocol.
+  # The headline sweep: the chosen encoder and recipe for the SimCLR init only; scratch keeps
+  # the protocol (and BiT's stem).
   headline = sweep.load_config_file("configs/sweeps/pneumoniamnist.py")
   chosen = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
+  encoder_workdir, needs = pneumoniamnist_recipes.ENCODERS[pneumoniamnist.SIMCLR_ENCODER]
   runs = sweep.validate(headline, check_runs=False)
   assert len(runs) == 7 * 3 * 2
   for run in runs:
     built = sweep.build_run_config(headline, run)
     assert tuple(built.test_sets) == ("test",)
     expected = chosen if run.init == "simclr" else {}
+    if run.init == "simclr":
+      assert built.model.init.endswith(encoder_workdir)
+      assert built.model.stem == needs.get("model", {}).get("stem", "bit")
+    else:
+      assert built.model.init == "" and built.model.stem == "bit"
     assert built.encoder_lr_multiplier == expected.get("encoder_lr_multiplier", 1.0)
     assert built.finetune_mode == expected.get("finetune_mode", "full")
     assert built.encoder_frozen_fraction == expected.get("encoder_frozen_fraction", 0.0)
@@ -255,11 +270,20 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     assert built.loss.class_weights == expected.get("loss", {}).get("class_weights", "")
   assert set(sweep.load_config_file("configs/sweeps/pneumoniamnist.py:scratch").inits) == {
       "scratch"}
-  # ':RECIPE' fine-tunes the SimCLR init with that recipe (the README's table: head_first).
-  table = sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first")
+  # ':RECIPE@ENCODER' fine-tunes that encoder with that recipe (the README's table:
+  # head_first@steps_1500); ':RECIPE' keeps SIMCLR_ENCODER.
+  table = sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first@steps_1500")
   for run in sweep.validate(table, check_runs=False):
     built = sweep.build_run_config(table, run)
     assert built.encoder_frozen_fraction == (0.5 if run.init == "simclr" else 0.0)
     assert built.total_epochs == 100.0
+    assert built.model.stem == "bit"
+    if run.init == "simclr":
+      assert built.model.init.endswith("workdirs/simclr_pneumoniamnist")
+  recipe_only = sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first")
+  assert recipe_only.inits.simclr == encoder_workdir
+  assert pneumoniamnist.parse_arg("head_first@small_s2") == ("head_first", "small_s2")
+  with pytest.raises(ValueError, match="unknown argument 'head_first@steps_999'"):
+    sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first@steps_999")
   with pytest.raises(ValueError, match="unknown argument 'simclr'"):
     sweep.load_config_file("configs/sweeps/pneumoniamnist.py:simclr")

@@ -36,6 +36,13 @@ import ml_collections
 from experiments import label_fraction_sweep
 
 PRETRAINED = "workdirs/simclr_pneumoniamnist"
+# The SimCLR pretraining runs compared in configs/sweeps/pneumoniamnist_encoders.py:
+# name -> (pretraining workdir, the fine-tuning keys that the encoder itself needs).
+ENCODERS = {
+    "steps_1500": (PRETRAINED, {}),  # the README's command 1
+    "steps_3000": ("workdirs/simclr_pneumoniamnist_3000", {}),
+    "small_s2": ("workdirs/simclr_pneumoniamnist_small_s2", {"model": {"stem": "small_s2"}}),
+}
 RECIPES = {
     "full": {},
     "encoder_lr_x01": {"encoder_lr_multiplier": 0.1},
@@ -50,13 +57,21 @@ RECIPES = {
 }
 
 
+def merged(recipe: dict, needs: dict) -> dict:
+  """`recipe` with the encoder's own keys on top, nested blocks merged (not replaced)."""
+  out = dict(recipe)
+  for key, value in needs.items():
+    out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
+  return out
+
+
 def validation_sweep(inits: dict[str, str], init_overrides: dict[str, dict], *,
                      label_fractions: tuple[float, ...], seeds: tuple[int, ...],
                      baseline: str) -> ml_collections.ConfigDict:
   """A sweep of configs/finetune.py:pneumoniamnist runs scored on the VALIDATION split only.
 
   The recipe rounds share it (this file, pneumoniamnist_input_recipes.py,
-  pneumoniamnist_pretraining_length.py): the test split is never read by these sweeps.
+  pneumoniamnist_encoders.py): the test split is never read by these sweeps.
   """
   config = label_fraction_sweep.default_sweep_config()
   config.base = "configs/finetune.py:pneumoniamnist"

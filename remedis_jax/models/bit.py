@@ -75,8 +75,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "R101x3": dict(block_counts=(3, 4, 23, 3), width_factor=3, num_groups=32),
     "R152x2": dict(block_counts=(3, 8, 36, 3), width_factor=2, num_groups=32),
     "R152x4": dict(block_counts=(3, 8, 36, 3), width_factor=4, num_groups=32),
-    # Test / CPU-demo sizes: one unit per stage. R_tiny: root 16, unit outputs
-    # 64/128/256/512. R_micro: root 8, unit outputs 32/64/128/256.
+    # Test / CPU-demo sizes: one unit per stage. R_small: root 32, unit outputs
+    # 128/256/512/1024. R_tiny: root 16, unit outputs 64/128/256/512. R_micro:
+    # root 8, unit outputs 32/64/128/256.
+    "R_small": dict(block_counts=(1, 1, 1, 1), width_factor=0.5, num_groups=16),
     "R_tiny": dict(block_counts=(1, 1, 1, 1), width_factor=0.25, num_groups=8),
     "R_micro": dict(block_counts=(1, 1, 1, 1), width_factor=0.125,
                     num_groups=4),
@@ -357,7 +359,7 @@ def create_model(name: str, num_classes: Optional[int] = None,
   """Builds a ResNetV2 variant by name.
 
   Args:
-    name: one of `VARIANTS` ("R50x1", ..., "R_tiny", "R_micro").
+    name: one of `VARIANTS` ("R50x1", ..., "R_small", "R_tiny", "R_micro").
     num_classes: classification head size; None for an encoder without head
       (output = pre_logits).
     **overrides: any other ResNetV2 field, e.g. dtype=jnp.bfloat16,
