@@ -96,6 +96,7 @@ JOBS_FILE = "jobs.txt"
 ERROR_FILE = "sweep_error.txt"
 LOG_FILE = "log.txt"
 RESULTS_FILE = "results.json"  # supervised.RESULTS_FILE, without importing JAX here
+EXIT_PREEMPTED = 75  # remedis_jax.preemption.EXIT_PREEMPTED (a run saved on SIGTERM), likewise
 CACHE_SUBDIR = ".jax_cache"
 # How often a URL workdir's log.txt is refreshed from a running subprocess's local log file.
 LOG_UPLOAD_INTERVAL_S = 60.0
@@ -579,7 +580,7 @@ def _run_subprocesses(sweep_config, runs: Sequence[Run], workdir: str, parallel:
         if process.returncode == 0 and is_finished(path):
           _clear_failure(path)
           outcomes[i] = RunOutcome(run, "finished", elapsed)
-        elif process.returncode == 0:
+        elif process.returncode in (0, EXIT_PREEMPTED):  # saved on SIGTERM, not finished
           outcomes[i] = RunOutcome(run, "interrupted", elapsed)
         else:
           error = f"exit status {process.returncode}; last lines of {LOG_FILE}:\n{tail}"
@@ -834,6 +835,8 @@ def main(argv):
     print(f"Job list: {summary['jobs_file']}")
   if summary.get("failed"):
     sys.exit(1)
+  if summary.get("counts", {}).get("interrupted"):  # a run was preempted and saved
+    sys.exit(EXIT_PREEMPTED)
 
 
 def define_flags(default_config: str | None = None) -> None:

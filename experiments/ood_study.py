@@ -235,7 +235,9 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
                              **kwargs)
   summary: dict[str, Any] = {"step1": summary1, "step2": summary2,
                              "failed": {**summary1.get("failed", {}),
-                                        **summary2.get("failed", {})}}
+                                        **summary2.get("failed", {})},
+                             "preempted": bool(summary2.get("counts", {}).get(
+                                 "interrupted"))}
   if mode in ("plan", "joblist"):
     if mode == "joblist":
       summary["jobs_files"] = [summary1["jobs_file"], summary2["jobs_file"]]
@@ -294,6 +296,8 @@ def main(argv):
                           parallel=flag_values.parallel, mode=flag_values.mode)
   if summary["failed"]:
     sys.exit(1)
+  if summary["preempted"]:  # a run saved on SIGTERM; rerunning the same command resumes
+    sys.exit(sweep.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

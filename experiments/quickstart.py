@@ -11,7 +11,7 @@ r"""`make quickstart`: the whole REMEDIS pipeline on the built-in synthetic ches
 
 Rerunning resumes: finished pretraining steps and finished sweep runs are skipped. A SIGTERM
 (a preemption, or `kill`) stops it once the current step is saved, in pretraining or in a sweep
-run; nothing after that starts. The numbers
+run; nothing after that starts, and the process exits with status 75 (EXIT_PREEMPTED). The numbers
 are what this CPU-sized run measures, whatever they show; the README reports one run of it.
 The workdir may be a URL (gs://bucket/quickstart): every file goes through
 remedis_jax/storage.py, TensorBoard's event files through TensorFlow's file system.
@@ -97,6 +97,8 @@ def main(argv):
   result = run(flag_values.workdir, flag_values.total_steps, flag_values.sweep)
   if result["sweep"] is not None and result["sweep"].get("failed"):
     raise SystemExit(1)
+  if result["preempted"]:  # saved; rerunning the same command resumes
+    raise SystemExit(label_fraction_sweep.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,9 @@ def main(argv):
   print(summary["table"])
   if summary["failed"]:
     raise SystemExit(f"{len(summary['failed'])} run(s) failed: {summary['failed']}")
+  if summary["preempted"]:  # the run saved on SIGTERM; rerunning the study resumes it
+    from remedis_jax import preemption  # pylint: disable=g-import-not-at-top
+    raise SystemExit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

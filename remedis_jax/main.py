@@ -3,6 +3,8 @@ r"""Entry point for every trainer:
   python -m remedis_jax.main --config=configs/pretrain_simclr.py:tiny --workdir=workdirs/simclr
 
 `config.trainer` picks the trainer module; rerunning the same command on the same workdir resumes.
+Exit status: 0 finished, 75 (`preemption.EXIT_PREEMPTED`) preempted (SIGTERM: the step was
+saved and the rerun resumes it), 1 or other for errors.
 Multi-process runs outside TPU pods / SLURM add --coordinator_address, --num_processes and
 --process_id (the same on every process but the id).
 """
@@ -17,7 +19,7 @@ from typing import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from remedis_jax import distributed
+from remedis_jax import distributed, preemption
 
 TRAINERS = {"simclr": "remedis_jax.train_simclr", "cluster": "remedis_jax.train_cluster",
             "finetune": "remedis_jax.train_finetune",
@@ -113,7 +115,9 @@ def main(argv):
     raise app.UsageError(f"config.trainer={config.trainer!r}; known: {', '.join(TRAINERS)}")
   logging.info("Config:\n%s", config)
   trainer = importlib.import_module(TRAINERS[config.trainer])
-  trainer.train_and_evaluate(config, FLAGS.workdir)
+  result = trainer.train_and_evaluate(config, FLAGS.workdir)
+  if result.get("preempted"):  # saved, not finished: the rerun of this command resumes it
+    sys.exit(preemption.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

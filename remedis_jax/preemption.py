@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM (how TPU and cluster schedulers announce it) -> save now, exit cleanly.
+"""Preemption: SIGTERM (how TPU and cluster schedulers announce it) -> save now, exit (status 75).
 
 One process: a SIGTERM handler sets a flag that the train loop polls every step. While the
 loop waits for its input pipeline (`interruptible()`), the handler also interrupts that wait at
@@ -42,6 +42,15 @@ import threading
 
 import jax
 from jax.experimental import multihost_utils
+
+
+# The exit status of an entry point whose run was preempted (saved, not finished): sysexits.h's
+# EX_TEMPFAIL, "try again later". Not 0, so that nothing takes a preempted run for a finished
+# one: a scheduler that requeues failed jobs reruns (resumes) it, and a chain such as
+# `python -m remedis_jax.main ... && python -m experiments.label_fraction_sweep ...` stops
+# instead of fine-tuning a half-trained encoder. Used by remedis_jax/main.py and the
+# experiment scripts (quickstart, sweeps, OOD and segmentation studies).
+EXIT_PREEMPTED = 75
 
 
 class InterruptedWhileWaiting(Exception):

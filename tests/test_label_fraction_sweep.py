@@ -9,6 +9,8 @@ import json
 import math
 import os
 import shlex
+import stat
+import sys
 
 import ml_collections
 import numpy as np
@@ -306,6 +308,40 @@ def test_dotted_overrides_are_strict_and_in_place():
     common.override(config, [("modell.name", "R_tiny")], where="mine")
   with pytest.raises(TypeError, match="seed='three' does not fit"):
     common.override(config, {"seed": "three"})
+
+
+# Stands in for `python -m remedis_jax.main ...` in a parallel sweep: the run whose seed is
+# FAKE_PREEMPT_SEED is "preempted" (saves nothing, exits with EXIT_PREEMPTED), the others finish.
+FAKE_PYTHON = r"""#!{python}
+import json, os, sys
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+if flags["config.seed"] == os.environ.get("FAKE_PREEMPT_SEED"):
+  sys.exit({code})
+with open(os.path.join(flags["workdir"], "results.json"), "w") as f:
+  json.dump({{"finished": True, "test_sets": {{
+      "in_distribution": {{"metrics": {{"macro_auc": 0.7}}}}}}}}, f)
+"""
+
+
+def test_a_subprocess_preempted_with_its_exit_status_is_interrupted_not_failed(tmp_path,
+                                                                              monkeypatch):
+  from remedis_jax import preemption  # pylint: disable=g-import-not-at-top
+  assert sweep.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED == 75  # the copy without JAX
+  python = tmp_path / "fake_python"
+  python.write_text(FAKE_PYTHON.format(python=sys.executable, code=sweep.EXIT_PREEMPTED))
+  python.chmod(python.stat().st_mode | stat.S_IEXEC)
+  monkeypatch.setenv("FAKE_PREEMPT_SEED", "1")
+  config = smoke_sweep({"scratch": ""}, fractions=(0.5,), seeds=(0, 1))
+  workdir = str(tmp_path / "sweep")
+  summary = sweep.run_sweep(config, workdir, parallel=2, python=str(python), verbose=False)
+  assert summary["counts"] == {"finished": 1, "interrupted": 1} and not summary["failed"]
+  assert not os.path.exists(os.path.join(workdir, "init=scratch/frac=0.5/seed=1",
+                                         sweep.ERROR_FILE))
+  # Any other non-zero status is a failure, with its error file.
+  python.write_text(FAKE_PYTHON.format(python=sys.executable, code=3))
+  again = sweep.run_sweep(config, workdir, parallel=2, python=str(python), verbose=False)
+  assert again["counts"] == {"skipped": 1, "failed": 1}
+  assert again["failed"]["init=scratch/frac=0.5/seed=1"].startswith("exit status 3")
 
 
 def test_a_preempted_run_stops_the_in_process_sweep_and_the_rerun_resumes(tmp_path, monkeypatch):

@@ -115,7 +115,7 @@ def test_ood_outputs_and_headline(tmp_path, monkeypatch):
   config = smoke_ood(write_fake_export(tmp_path / "export"))
   workdir = tmp_path / "ood"
   summary = ood_study.run_ood_study(config, str(workdir), verbose=False)
-  assert len(trainer.calls) == 4 + 8 and not summary["failed"]
+  assert len(trainer.calls) == 4 + 8 and not summary["failed"] and not summary["preempted"]
   # scratch @ 100% of site B: 0.801 mean; remedis: 0.726 at 25%, 0.801 at 100% -> matches at
   # 100% only (>= holds with equality).
   assert summary["headline"].startswith(
@@ -174,3 +174,21 @@ def test_a_preemption_in_step_1_stops_the_study_before_step_2(tmp_path, monkeypa
   assert summary["preempted"] and summary["step2"] is None and len(calls) == 1
   assert summary["step1"]["counts"] == {"interrupted": 1, "pending": 3}
   assert not (tmp_path / "ood" / "ood_results.csv").exists()
+
+
+def test_a_preemption_in_step_2_is_reported_as_preempted(tmp_path, monkeypatch):
+  # What makes `python -m experiments.ood_study` exit with EXIT_PREEMPTED, not 0.
+  trainer = SiteCheckingTrainer()
+  calls = []
+
+  def preempted_in_step_2(config, workdir):  # step 1 has 4 runs; the 5th is step 2's first
+    calls.append(workdir)
+    if len(calls) == 5:
+      return {"finished": False, "preempted": True}
+    return trainer(config, workdir)
+
+  monkeypatch.setattr(train_finetune, "train_and_evaluate", preempted_in_step_2)
+  config = smoke_ood(write_fake_export(tmp_path / "export"))
+  summary = ood_study.run_ood_study(config, str(tmp_path / "ood"), verbose=False)
+  assert summary["preempted"] and len(calls) == 5 and not summary["failed"]
+  assert summary["step2"]["counts"]["interrupted"] == 1

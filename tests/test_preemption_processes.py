@@ -174,12 +174,13 @@ def _read(path):
     return f.read()
 
 
-def _finish(procs, logs, timeout=300):
+def _finish(procs, logs, timeout=300, status=0):
+  """Waits for `procs`; each must exit with `status` (EXIT_PREEMPTED: saved on SIGTERM)."""
   texts = []
   for proc, log in zip(procs, logs):
     proc.wait(timeout=timeout)
     texts.append(_read(log))
-    assert proc.returncode == 0, f"{log}:\n{texts[-1][-3000:]}"
+    assert proc.returncode == status, f"{log}:\n{texts[-1][-3000:]}"
   return texts
 
 
@@ -222,7 +223,8 @@ def test_sigterm_to_two_processes_saves_one_step_and_resume_matches(tmp_path):
   _wait_for(lambda: logged() and max(logged()) >= 3, procs, "step 3")
   for proc in procs:
     proc.send_signal(signal.SIGTERM)
-  texts = _finish(procs, logs)
+  # The entry point exits with EXIT_PREEMPTED (not 0): saved, not finished.
+  texts = _finish(procs, logs, status=preemption.EXIT_PREEMPTED)
   saved = _saved_steps(texts)
   # Both processes saved one and the same step: the one JAX's coordination service agreed on.
   assert saved[0] == saved[1] and len(saved[0]) == 1, saved
@@ -239,7 +241,7 @@ def test_sigterm_to_two_processes_saves_one_step_and_resume_matches(tmp_path):
   _wait_for(lambda: all(re.search(r"process \d of 2", _read(log)) for log in logs), procs,
             "jax.distributed to start on both processes")
   procs[1].send_signal(signal.SIGTERM)
-  texts = _finish(procs, logs)
+  texts = _finish(procs, logs, status=preemption.EXIT_PREEMPTED)
   for text in texts:
     assert "Preemption notice received during start-up (resuming at step %d)" % step in text
   assert _saved_steps(texts) == [[step + 1], [step + 1]]
