@@ -299,6 +299,22 @@ def restore_latest(
       "or move the checkpoints folder away.")
 
 
+class _ReadOnlyNoise(logging.Filter):
+  """Drops Orbax's warnings that a read-only load of the state alone always causes.
+
+  Every `load_params` (each fine-tuning run that starts from a workdir) logged seven of them:
+  the read-only manager's adjusted options, and the "data" and "counters" items it does not
+  read, twice each. Anything else Orbax warns about passes.
+  """
+
+  NOISE = re.compile(r"CheckpointManagerOptions\.read_only=True|Given directory is read only"
+                     r"|Item \"(data|counters)\" was found in the checkpoint, but could not be "
+                     r"restored")
+
+  def filter(self, record):
+    return not self.NOISE.search(record.getMessage())
+
+
 def load_params(path: str) -> tuple[dict[str, Any], int]:
   """Reads the parameters of the newest checkpoint of a workdir (host numpy arrays).
 
@@ -323,6 +339,15 @@ def load_params(path: str) -> tuple[dict[str, Any], int]:
   if not storage.isdir(directory):
     raise FileNotFoundError(
         f"{path} is neither a workdir with a '{CHECKPOINT_SUBDIR}/' folder nor an export folder")
+  absl_logger, noise = logging.getLogger("absl"), _ReadOnlyNoise()  # Orbax logs through absl
+  absl_logger.addFilter(noise)
+  try:
+    return _load_params(directory)
+  finally:
+    absl_logger.removeFilter(noise)
+
+
+def _load_params(directory: str) -> tuple[dict[str, Any], int]:
   with ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={"state": ocp.PyTreeCheckpointHandler()}) as manager:
