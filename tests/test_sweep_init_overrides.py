@@ -237,7 +237,7 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
   # The recipe search: one init per recipe, each with its own keys, scored on validation only.
   search = sweep.load_config_file("configs/sweeps/pneumoniamnist_recipes.py")
   runs = sweep.validate(search, check_runs=False)
-  assert len(runs) == len(pneumoniamnist_recipes.RECIPES) * 2
+  assert len(runs) == len(pneumoniamnist_recipes.RECIPES) * 2 * 3  # 1% and 10%, seeds 0-2
   for run in runs:
     built = sweep.build_run_config(search, run)
     assert tuple(built.test_sets) == ("validation=val",)
