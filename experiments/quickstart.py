@@ -11,8 +11,9 @@ r"""`make quickstart`: the whole REMEDIS pipeline on the built-in synthetic ches
 
 Rerunning resumes: finished pretraining steps and finished sweep runs are skipped. A SIGTERM
 (a preemption, or `kill`) stops it once the current step is saved, in pretraining or in a sweep
-run; nothing after that starts, and the process exits with status 75 (EXIT_PREEMPTED). The numbers
-are what this CPU-sized run measures, whatever they show; the README reports one run of it.
+run; nothing after that starts, and the process exits with status 75 (EXIT_PREEMPTED). The
+numbers are what this CPU-sized run measures, whatever they show; the README reports one run
+of it.
 The workdir may be a URL (gs://bucket/quickstart): every file goes through
 remedis_jax/storage.py, TensorBoard's event files through TensorFlow's file system.
 """
