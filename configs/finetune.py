@@ -60,6 +60,13 @@ Keys a sweep sets (any key can be overridden with --config.<key>=<value>; a typo
                                 both -1: BiT-HyperRule by the size of the labeled subset
                                 (< 20k: 500 steps, < 500k: 10k, else 20k; warm-up 100/500/500).
   config.loss.class_weights     "" (none), "balanced" (n / (K n_k), multi-class), "w1,w2,...".
+  config.distill.teacher        "" (none) or a finished fine-tuning run on the same labeled
+                                subset: its probabilities on every other training image are
+                                the targets (SimCLR v2 distillation); the epochs then count
+                                all training records. Placeholders {label_fraction},
+                                {label_fraction_seed}, {seed} pick a sweep's run, e.g.
+                                "workdirs/sw/init=simclr/frac={label_fraction:g}/seed={seed}".
+  config.distill.temperature    the softmax temperature of teacher and student (1.0).
 
 Outputs: WORKDIR/results.json (schema in remedis_jax/train_finetune.py), roc/<test set>.json,
 subset_manifest.json, metrics.jsonl, TensorBoard events, checkpoints/ and best/.
@@ -154,6 +161,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.stem = "bit"  # BiT ResNets: "bit" (7x7/2 + max-pool), "small", "small_s2"
 
   config.loss = ml_collections.ConfigDict({"class_weights": ""})
+  # Distillation through the unlabeled training images (SimCLR v2; remedis_jax/distillation.py):
+  # a finished fine-tuning run on the same labeled subset labels every other training image.
+  config.distill = ml_collections.ConfigDict({"teacher": "", "temperature": 1.0})
 
   # BiT-HyperRule (Kolesnikov et al. 2020): SGD momentum 0.9, lr 0.003 at batch 512, no weight
   # decay. BiT decays the lr 10x at 30/60/90% of training; the shared optimiser offers cosine,

@@ -241,6 +241,40 @@ def softmax_cross_entropy(
   return _weighted_mean(per_example, example_weight)
 
 
+def soft_cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: Optional[jax.Array] = None,
+) -> jax.Array:
+  """Mean softmax cross-entropy against class distributions (distillation targets).
+
+  Per example `-sum_c targets[i, c] * log_softmax(logits)[i, c]`, the loss of SimCLR v2's
+  distillation (Chen et al. 2020, eq. 3) when `targets` are a teacher's probabilities; with
+  one-hot targets it equals `softmax_cross_entropy`. The mean is weighted by `weights` and
+  normalised by their sum (0 marks padding or an example without a target).
+
+  Args:
+    logits: (B, C) logits, any float dtype (computed in float32).
+    targets: (B, C) probabilities (rows summing to 1 where the weight is non-zero).
+    weights: optional (B,) per-example weights.
+
+  Returns:
+    float32 scalar; 0 when all weights are 0.
+
+  Raises:
+    ValueError: on mismatched shapes.
+  """
+  if logits.ndim != 2 or tuple(targets.shape) != tuple(logits.shape):
+    raise ValueError(
+        "soft_cross_entropy expects logits and targets of the same (B, C) shape; "
+        f"got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}."
+    )
+  _check_example_weights(weights, logits.shape[0], "soft_cross_entropy")
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  per_example = -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
+  return _weighted_mean(per_example, _as_f32_or_none(weights))
+
+
 def sigmoid_cross_entropy(
     logits: jax.Array,
     multi_hot: jax.Array,

@@ -230,17 +230,26 @@ def start(config: ml_collections.ConfigDict, workdir: str):
 
 
 class TrainingStream(NamedTuple):
-  """The labeled training subset, its input iterator and the run's schedule."""
+  """The labeled training subset, its input iterator and the run's schedule.
+
+  `trained_on` is what the iterator reads: `source` itself, or what `training_stream`'s
+  `train_on` made of it (distillation: every training record with a target)."""
   source: Any
   data_iterator: Any
   total_steps: int
   warmup_steps: int
   steps_per_epoch: int
+  trained_on: Any = None
 
 
-def training_stream(config: ml_collections.ConfigDict, full_train, workdir: str) -> TrainingStream:
+def training_stream(config: ml_collections.ConfigDict, full_train, workdir: str,
+                    train_on: Callable[[Any], Any] | None = None) -> TrainingStream:
   """The `config.label_fraction` subset of `full_train` (its ids written to the workdir), the
-  augmented input pipeline over it, and the schedule converted from its size."""
+  augmented input pipeline over it, and the schedule converted from its size.
+
+  `train_on(subset) -> source`, when given, replaces the subset as what the pipeline reads and
+  the schedule counts (distillation reads every training record); the manifest still lists the
+  labeled subset."""
   train_source = subset_lib.subset(full_train, config.label_fraction, config.label_fraction_seed,
                                    stratify=config.label_fraction_stratify)
   if jax.process_index() == 0:
@@ -250,16 +259,18 @@ def training_stream(config: ml_collections.ConfigDict, full_train, workdir: str)
                config.label_fraction_seed, storage.join(workdir, SUBSET_MANIFEST_FILE))
   train_ops = config.data.train_ops or presets.get_preset(config.data.preset, "finetune",
                                                           config.data.image_size)
+  read = train_source if train_on is None else train_on(train_source)
   dataset = pipeline.make_train_dataset(
-      train_source, batch_size=config.batch_size // jax.process_count(), ops=train_ops,
+      read, batch_size=config.batch_size // jax.process_count(), ops=train_ops,
       seed=config.seed, num_channels=config.data.num_channels,
       skip_bad_records=config.data.skip_bad_records,
       max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
       worker_count=config.data.get("worker_count", 0))
-  total_steps, warmup_steps, steps_per_epoch = schedule_from_config(config, len(train_source))
-  logging.info("Schedule: %d total steps (%d warm-up), %d steps/epoch of the labeled subset.",
-               total_steps, warmup_steps, steps_per_epoch)
-  return TrainingStream(train_source, iter(dataset), total_steps, warmup_steps, steps_per_epoch)
+  total_steps, warmup_steps, steps_per_epoch = schedule_from_config(config, len(read))
+  logging.info("Schedule: %d total steps (%d warm-up), %d steps/epoch of the %d training "
+               "records read.", total_steps, warmup_steps, steps_per_epoch, len(read))
+  return TrainingStream(train_source, iter(dataset), total_steps, warmup_steps, steps_per_epoch,
+                        read)
 
 
 def eval_ops(config: ml_collections.ConfigDict):

@@ -7,6 +7,10 @@ robustness under test-time perturbations. Entry point:
 
   python -m remedis_jax.main --config=configs/finetune.py:tiny --workdir=workdirs/ft
 
+Distillation (`config.distill.teacher`, remedis_jax/distillation.py): a finished fine-tuning
+run on the same labeled subset labels every other training image, and the student trains on
+all of them (SimCLR v2's third step).
+
 Initialisation (`config.model.init`): scratch, a BiT `.npz`, a pretraining workdir or an export
 (initialization.load_init). `config.finetune_mode="linear"` freezes the encoder (optimiser
 `frozen` mask: zero updates, no optimiser state; features also get a stop-gradient so no
@@ -35,6 +39,9 @@ WORKDIR/results.json (what sweeps read), schema "remedis-jax-finetune-results/1"
   divergence_warnings  the loss or parameter norm blew up while finite (texts; [] normally)
   num_train_labels  labeled training records used (after the label fraction)
   subset_manifest   "subset_manifest.json" (ids of the records used, class counts)
+  distillation      null, or with config.distill.teacher (remedis_jax/distillation.py):
+                    {teacher, teacher_step, teacher_best, temperature, num_records (trained
+                    on), num_labeled (of them with their own labels)}
   task              {multi_label, num_classes, class_names}
   best              {metric, split, step, value}
   thresholds        {method: "youden_j_on_validation", values: [...] (one per thresholded
@@ -65,7 +72,7 @@ import optax
 
 from data_pipelines import pipeline
 from data_pipelines import sources as data_sources
-from remedis_jax import initialization, losses, models, storage
+from remedis_jax import distillation, initialization, losses, models, sharding, storage
 from remedis_jax import supervised
 from remedis_jax.evaluators import classification, robustness
 from remedis_jax.pretraining import normalize_images, put_host_tree
@@ -140,6 +147,14 @@ def check_config(config: ml_collections.ConfigDict) -> list[TestSet]:
     raise ValueError("config.model.from_head_layer=True needs a pretrained projection head: set "
                      "config.model.init to a SimCLR workdir or an export written with "
                      "--include_head")
+  distill = config.get("distill")
+  if distill is not None and distill.teacher:
+    if float(distill.temperature) <= 0:
+      raise ValueError(f"config.distill.temperature={distill.temperature} must be > 0")
+    if config.loss.class_weights:
+      raise ValueError(f"config.loss.class_weights={config.loss.class_weights!r} does not apply "
+                       "to distillation targets (config.distill.teacher is set): set it to ''")
+    distillation.teacher_path(config)  # placeholders check
   robustness.parse_perturbations(config.robustness.perturbations)
   test_sets = parse_test_sets(config.test_sets, config.data.source)
   names = [t.name for t in test_sets]
@@ -282,19 +297,29 @@ def frozen_regexes(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------ update step
-def make_loss_fn(model: nn.Module, *, multi_label: bool,
-                 class_weights: np.ndarray | None) -> Callable:
+def make_loss_fn(model: nn.Module, *, multi_label: bool, class_weights: np.ndarray | None,
+                 soft_targets: bool = False, temperature: float = 1.0) -> Callable:
   """`loss_fn(params, images, labels) -> (loss, metrics)` for the supervised update step.
 
   `images` are uint8 (B, H, W, C); `labels` int32 (B,) or float32 (B, K), -1 for unlabeled
-  records (weight 0).
+  records (weight 0). `soft_targets` (distillation): `labels` are float32 (B, K) class
+  probabilities, matched by the student's softmax (or sigmoids) at `temperature`.
   """
   weights_per_class = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
   def loss_fn(params, images, labels):
     logits, _ = model.apply({"params": params}, normalize_images(images), train=True)
     metrics = {}
-    if multi_label:
+    if soft_targets:
+      weights = jnp.all(labels >= 0, axis=-1).astype(jnp.float32)
+      scaled, targets = logits / temperature, jnp.maximum(labels, 0)
+      if multi_label:
+        loss = losses.sigmoid_cross_entropy(scaled, targets, weights)
+      else:
+        loss = losses.soft_cross_entropy(scaled, targets, weights)
+        agree = jnp.argmax(logits, -1) == jnp.argmax(targets, -1)
+        metrics["accuracy"] = (agree * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    elif multi_label:
       weights = jnp.all(labels >= 0, axis=-1).astype(jnp.float32)
       loss = losses.sigmoid_cross_entropy(logits, jnp.maximum(labels, 0), weights,
                                           weights_per_class)
@@ -318,6 +343,33 @@ def make_predict_fn(model: nn.Module, multi_label: bool) -> Callable:
     return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits, axis=-1)
 
   return jax.jit(predict)
+
+
+def teacher_predict_fn(teacher: distillation.Teacher, mesh, *, num_classes: int,
+                       multi_label: bool, temperature: float) -> Callable:
+  """`predict(this process's uint8 images) -> (global batch, K)` teacher probabilities at
+  `temperature`: the teacher's own model (its config.json), its parameters replicated."""
+  model = build_model(teacher.config, num_classes)
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros(
+          (1, teacher.config.data.image_size, teacher.config.data.image_size,
+           teacher.config.data.num_channels), jnp.float32))["params"])
+  params = models.merge_params(teacher.params, abstract)  # names any key that does not fit
+  params = put_host_tree(params, jax.tree.map(lambda _: sharding.replicated(mesh), params))
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  @jax.jit
+  def probabilities(params, images):
+    logits, _ = model.apply({"params": params}, normalize_images(images), train=False)
+    logits = logits.astype(jnp.float32) / temperature
+    return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits, axis=-1)
+
+  def predict(local_images):
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    images = sharding.shard_host_batch({"image": local_images}, batch_sharding)["image"]
+    return multihost_utils.process_allgather(probabilities(params, images), tiled=True)
+
+  return predict
 
 
 def scale_encoder_updates(tx: optax.GradientTransformation, *, multiplier: float,
@@ -355,7 +407,8 @@ def scale_encoder_updates(tx: optax.GradientTransformation, *, multiplier: float
 
 def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: int,
                        multi_label: bool, total_steps: int, warmup_steps: int,
-                       class_weights: np.ndarray | None = None) -> supervised.TrainSetup:
+                       class_weights: np.ndarray | None = None,
+                       soft_targets: bool = False) -> supervised.TrainSetup:
   """Model, optimiser (frozen encoder in linear mode), sharded state init and jitted steps.
 
   Args:
@@ -367,6 +420,8 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
     total_steps: schedule length.
     warmup_steps: linear warm-up length.
     class_weights: optional (K,) loss weights.
+    soft_targets: train on distillation targets (float (B, K) labels) at
+      config.distill.temperature.
   """
   model = build_model(config, num_classes)
   frozen_fraction = float(config.get("encoder_frozen_fraction", 0.0))
@@ -378,7 +433,9 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
   return supervised.build_setup(
       config, mesh, model, total_steps=total_steps, warmup_steps=warmup_steps,
       frozen=frozen_regexes(config), wrap_optimizer=wrap,
-      loss_fn=make_loss_fn(model, multi_label=multi_label, class_weights=class_weights),
+      loss_fn=make_loss_fn(model, multi_label=multi_label, class_weights=class_weights,
+                           soft_targets=soft_targets,
+                           temperature=float(config.distill.temperature) if soft_targets else 1.0),
       target_key="label", metric_names=("loss",) if multi_label else ("loss", "accuracy"),
       predict_fn=make_predict_fn(model, multi_label))
 
@@ -450,11 +507,35 @@ def _train_and_evaluate(config, workdir, start_time, test_sets):
   if full_train.num_classes < 1:
     raise ValueError(f"{full_train.name} has no classes: fine-tuning needs labeled data "
                      f"(data.train_split={config.data.train_split!r})")
-  stream = supervised.training_stream(config, full_train, workdir)
-  train_source, total_steps = stream.source, stream.total_steps
-  eval_ops = supervised.eval_ops(config)
   num_classes, multi_label = full_train.num_classes, full_train.multi_label
   class_names = list(full_train.class_names)
+  distilled = {}  # filled by the teacher's pass when config.distill.teacher is set
+
+  def distillation_targets(labeled):
+    teacher = distillation.load_teacher(
+        distillation.teacher_path(config), num_classes=num_classes, multi_label=multi_label,
+        class_names=class_names, label_fraction=config.label_fraction,
+        label_fraction_seed=config.label_fraction_seed, labeled_ids=labeled.ids)
+    source = distillation.build_soft_targets(
+        full_train, labeled, teacher_predict_fn(teacher, mesh, num_classes=num_classes,
+                                                multi_label=multi_label,
+                                                temperature=config.distill.temperature),
+        ops=supervised.eval_ops(teacher.config), batch_size=config.eval_batch_size,
+        num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
+        max_bad_record_share=config.data.get("max_bad_record_share", 0.1))
+    distilled.update(teacher=teacher.workdir, teacher_step=teacher.step,
+                     teacher_best=teacher.best, temperature=float(config.distill.temperature),
+                     num_records=len(source), num_labeled=source.num_labeled)
+    logging.info("Distillation: teacher %s (best step %d), %d training records, %d of them with "
+                 "their own labels, temperature %g", teacher.workdir, teacher.step, len(source),
+                 source.num_labeled, config.distill.temperature)
+    return source
+
+  soft_targets = bool(config.get("distill") and config.distill.teacher)
+  stream = supervised.training_stream(config, full_train, workdir,
+                                      train_on=distillation_targets if soft_targets else None)
+  train_source, total_steps = stream.source, stream.total_steps
+  eval_ops = supervised.eval_ops(config)
   logging.info("Labels per class: %s", train_source.class_counts())
   class_weights = class_weights_from_config(config.loss.class_weights, train_source.labels,
                                             num_classes, multi_label)
@@ -462,7 +543,7 @@ def _train_and_evaluate(config, workdir, start_time, test_sets):
   # ---- model, optimiser, sharded state and the jitted steps
   setup = create_train_setup(config, mesh, num_classes=num_classes, multi_label=multi_label,
                              total_steps=total_steps, warmup_steps=stream.warmup_steps,
-                             class_weights=class_weights)
+                             class_weights=class_weights, soft_targets=soft_targets)
   logging.info("Fine-tuning mode: %s", config.finetune_mode)
 
   evaluator_kwargs = dict(ops=eval_ops, batch_size=config.eval_batch_size, mesh=mesh,
@@ -522,6 +603,7 @@ def _train_and_evaluate(config, workdir, start_time, test_sets):
       "divergence_warnings": outcome.divergence_warnings,
       "num_train_labels": len(train_source),
       "subset_manifest": supervised.SUBSET_MANIFEST_FILE,
+      "distillation": distilled or None,
       "task": {"multi_label": multi_label, "num_classes": num_classes,
                "class_names": class_names},
       "best": {"metric": config.best_metric, "split": config.data.val_split,
@@ -532,6 +614,8 @@ def _train_and_evaluate(config, workdir, start_time, test_sets):
       "robustness": robust_results,
       "baselines": config.baselines.to_dict() if config.get("baselines") else {},
   }, headline=(f"Fine-tuning finished: {step} steps, {len(train_source)} labels, "
-               f"{outcome.initialisation}, mode {config.finetune_mode}; best validation "
+               + (f"distilled from {distilled['teacher']} on {distilled['num_records']} "
+                  "records, " if distilled else "")
+               + f"{outcome.initialisation}, mode {config.finetune_mode}; best validation "
                f"{config.best_metric} {float(best_state.value):.4f} at step "
                f"{int(best_state.step)}"), table=format_results)

@@ -87,7 +87,7 @@ def test_balanced_class_weights_match_sklearn():
 SCHEMA_KEYS = {"format", "finished", "steps", "total_steps", "wall_time_s", "config",
                "initialisation", "num_train_labels", "subset_manifest", "task", "best",
                "thresholds", "val", "test_sets", "robustness", "baselines",
-               "divergence_warnings"}
+               "divergence_warnings", "distillation"}
 METRIC_KEYS = {"macro_auc", "accuracy", "balanced_accuracy", "ece", "sensitivity", "specificity",
                "num_examples"}
 

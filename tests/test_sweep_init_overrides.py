@@ -200,22 +200,22 @@ def test_gmml_tiny_vit_inits_use_the_tiny_vit_recipe():
 
 def test_pneumoniamnist_encoder_sweep_fine_tunes_every_encoder_alike(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  for name in ("simclr_pneumoniamnist", "simclr_pneumoniamnist_3000",
-               "simclr_pneumoniamnist_small_s2"):
+  workdirs = {"steps_1500": "simclr_pneumoniamnist", "steps_3000": "simclr_pneumoniamnist_3000",
+              "small_s2": "simclr_pneumoniamnist_small_s2", "r_small": "simclr_pneumoniamnist_r_small"}
+  for name in workdirs.values():
     (tmp_path / "workdirs" / name / "checkpoints" / "1500").mkdir(parents=True)
   config = sweep.load_config_file("configs/sweeps/pneumoniamnist_encoders.py")
   runs = sweep.validate(config, check_runs=False)
-  assert sorted({run.init for run in runs}) == ["small_s2", "steps_1500", "steps_3000"]
-  assert len(runs) == 3 * 2 * 3  # three encoders, 1% and 10%, seeds 0-2
+  assert sorted({run.init for run in runs}) == sorted(workdirs)
+  assert len(runs) == 4 * 2 * 3  # four encoders, 1% and 10%, seeds 0-2
   chosen = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
-  workdirs = {"steps_1500": "simclr_pneumoniamnist", "steps_3000": "simclr_pneumoniamnist_3000",
-              "small_s2": "simclr_pneumoniamnist_small_s2"}
   for run in runs:
     built = sweep.build_run_config(config, run)
     assert tuple(built.test_sets) == ("validation=val",)  # never the test split
     assert built.model.init.endswith("workdirs/" + workdirs[run.init])
-    # The encoder's own key on top of the recipe, which stays whole.
+    # The encoder's own keys on top of the recipe, which stays whole.
     assert built.model.stem == ("small_s2" if run.init == "small_s2" else "bit")
+    assert built.model.name == ("R_small" if run.init == "r_small" else "R_tiny")
     assert built.encoder_frozen_fraction == chosen.get("encoder_frozen_fraction", 0.0)
     assert built.total_epochs == chosen.get("total_epochs", 100.0)
     assert built.loss.class_weights == chosen.get("loss", {}).get("class_weights", "")
@@ -287,3 +287,30 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first@steps_999")
   with pytest.raises(ValueError, match="unknown argument 'simclr'"):
     sweep.load_config_file("configs/sweeps/pneumoniamnist.py:simclr")
+
+
+def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tmp_path,
+                                                                              monkeypatch):
+  from remedis_jax import distillation  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "workdirs" / "simclr_pneumoniamnist" / "checkpoints" / "1500").mkdir(parents=True)
+  config = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py")
+  runs = sweep.validate(config, check_runs=False)
+  assert len(runs) == 2 * 2 * 3  # teacher and student, 1% and 10%, seeds 0-2
+  for run in runs:
+    built = sweep.build_run_config(config, run)
+    assert tuple(built.test_sets) == ("validation=val",)  # never the test split
+    assert built.encoder_frozen_fraction == 0.5 and built.model.init.endswith(
+        "workdirs/simclr_pneumoniamnist")
+    if run.init == "distilled":
+      # The head_first run of the recipe round with the same labeled subset.
+      assert distillation.teacher_path(built) == str(
+          tmp_path / "workdirs" / "pneumoniamnist_recipes" / f"init=head_first/frac="
+          f"{run.label_fraction:g}/seed={run.seed}")
+      assert built.total_epochs == 20.0 and built.distill.temperature == 1.0
+    else:
+      assert built.distill.teacher == "" and built.total_epochs == 100.0
+  other = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:/elsewhere/recipes")
+  built = sweep.build_run_config(other, next(r for r in sweep.plan_runs(other)
+                                             if r.init == "distilled"))
+  assert distillation.teacher_path(built).startswith("/elsewhere/recipes/init=head_first/")

@@ -44,6 +44,7 @@ ENCODERS = {
     "steps_1500": (PRETRAINED, {}),  # the README's command 1
     "steps_3000": ("workdirs/simclr_pneumoniamnist_3000", {}),
     "small_s2": ("workdirs/simclr_pneumoniamnist_small_s2", {"model": {"stem": "small_s2"}}),
+    "r_small": ("workdirs/simclr_pneumoniamnist_r_small", {"model": {"name": "R_small"}}),
 }
 RECIPES = {
     "full": {},
