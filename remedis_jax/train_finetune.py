@@ -521,7 +521,8 @@ def _train_and_evaluate(config, workdir, start_time, test_sets):
                                                 multi_label=multi_label,
                                                 temperature=config.distill.temperature),
         ops=supervised.eval_ops(teacher.config), batch_size=config.eval_batch_size,
-        num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
+        num_channels=teacher.config.data.num_channels,
+        skip_bad_records=config.data.skip_bad_records,
         max_bad_record_share=config.data.get("max_bad_record_share", 0.1))
     distilled.update(teacher=teacher.workdir, teacher_step=teacher.step,
                      teacher_best=teacher.best, temperature=float(config.distill.temperature),

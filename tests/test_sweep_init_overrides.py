@@ -314,3 +314,15 @@ def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tm
   built = sweep.build_run_config(other, next(r for r in sweep.plan_runs(other)
                                              if r.init == "distilled"))
   assert distillation.teacher_path(built).startswith("/elsewhere/recipes/init=head_first/")
+  # The test round: at 10%, the table's head_first runs (init=simclr) and their students.
+  test = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:test@/table")
+  runs = sweep.validate(test, check_runs=False)
+  assert sorted(r.run_id for r in runs) == [f"init={i}/frac=0.1/seed={s}"
+                                            for i in ("distilled", "simclr") for s in range(3)]
+  for run in runs:
+    built = sweep.build_run_config(test, run)
+    assert tuple(built.test_sets) == ("test",) and built.encoder_frozen_fraction == 0.5
+    if run.init == "distilled":
+      assert distillation.teacher_path(built) == f"/table/init=simclr/frac=0.1/seed={run.seed}"
+    else:
+      assert built.distill.teacher == "" and built.total_epochs == 100.0

@@ -6,7 +6,14 @@ r"""Does SimCLR v2's distillation through the unlabeled images pay? Chosen on VA
     --workdir=workdirs/pneumoniamnist_distill
 
 (`--config=configs/sweeps/pneumoniamnist_distill.py:/other/recipes/sweep` when the recipe round
-ran elsewhere than workdirs/pneumoniamnist_recipes.)
+ran elsewhere than workdirs/pneumoniamnist_recipes.) The choice then runs once on TEST at 10% of
+the labels, its teachers the README table's `simclr` runs (command 3; `:test@/that/sweep` when
+its workdir is not workdirs/sweep_pneumoniamnist):
+
+  python -m experiments.label_fraction_sweep \
+    --config=configs/sweeps/pneumoniamnist_distill.py:test \
+    --config.overrides.data.path=../shared/data/pneumoniamnist.npz \
+    --workdir=workdirs/sweep_pneumoniamnist_distilled_10pct
 
 SimCLR v2 (Chen et al. 2020, section 2.3) ends with a third step: the fine-tuned network labels
 every training image, labeled or not, and a student learns from those targets. Here, at 1% and
@@ -26,23 +33,40 @@ The student's label budget is the teacher's: a gain is what the unlabeled images
 
 import ml_collections
 
-from configs.sweeps import pneumoniamnist_recipes
+from configs.sweeps import pneumoniamnist, pneumoniamnist_recipes
 from remedis_jax import storage
 
 RECIPES_SWEEP = "workdirs/pneumoniamnist_recipes"
+TABLE_SWEEP = "workdirs/sweep_pneumoniamnist"  # README command 3 (`:head_first@steps_1500`)
 TEACHER = "head_first"
 STUDENT = {**pneumoniamnist_recipes.RECIPES[TEACHER], "total_epochs": 20.0,
            "distill": {"temperature": 1.0}}
 
 
-def teacher_template(recipes_sweep: str) -> str:
+def teacher_template(sweep: str, init: str = TEACHER) -> str:
   """The teacher run of each (fraction, seed): a config.distill.teacher placeholder path."""
-  return storage.join(storage.absolute(recipes_sweep),
-                      f"init={TEACHER}/frac={{label_fraction:g}}/seed={{label_fraction_seed}}")
+  return storage.join(storage.absolute(sweep),
+                      f"init={init}/frac={{label_fraction:g}}/seed={{label_fraction_seed}}")
+
+
+def test_config(table_sweep: str) -> ml_collections.ConfigDict:
+  """Test at 10% of the labels: the table's `simclr` runs (head_first) and their students."""
+  config = pneumoniamnist.get_config(f"{TEACHER}@steps_1500")
+  student = pneumoniamnist_recipes.merged(
+      STUDENT, {"distill": {"teacher": teacher_template(table_sweep, "simclr")}})
+  config.inits = ml_collections.ConfigDict({"simclr": config.inits.simclr,
+                                            "distilled": config.inits.simclr})
+  config.init_overrides = ml_collections.ConfigDict(
+      {"simclr": pneumoniamnist_recipes.RECIPES[TEACHER], "distilled": student})
+  config.label_fractions, config.baseline, config.baseline_fraction = (0.1,), "simclr", 0.1
+  return config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`arg`: the recipe round's sweep workdir (default workdirs/pneumoniamnist_recipes)."""
+  """`arg`: the recipe round's sweep workdir (default workdirs/pneumoniamnist_recipes), or
+  'test' / 'test@TABLE_SWEEP' for the test round (default workdirs/sweep_pneumoniamnist)."""
+  if arg and arg.partition("@")[0] == "test":
+    return test_config(arg.partition("@")[2] or TABLE_SWEEP)
   student = pneumoniamnist_recipes.merged(
       STUDENT, {"distill": {"teacher": teacher_template(arg or RECIPES_SWEEP)}})
   pretrained = pneumoniamnist_recipes.PRETRAINED
