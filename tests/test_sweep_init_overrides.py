@@ -296,18 +296,21 @@ def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tm
   (tmp_path / "workdirs" / "simclr_pneumoniamnist" / "checkpoints" / "1500").mkdir(parents=True)
   config = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py")
   runs = sweep.validate(config, check_runs=False)
-  assert len(runs) == 2 * 2 * 3  # teacher and student, 1% and 10%, seeds 0-2
+  assert len(runs) == 4 * 2 * 3  # the teacher and 3 students, 1% and 10%, seeds 0-2
   for run in runs:
     built = sweep.build_run_config(config, run)
     assert tuple(built.test_sets) == ("validation=val",)  # never the test split
     assert built.encoder_frozen_fraction == 0.5 and built.model.init.endswith(
         "workdirs/simclr_pneumoniamnist")
-    if run.init == "distilled":
+    if run.init.startswith("distilled"):
       # The head_first run of the recipe round with the same labeled subset.
       assert distillation.teacher_path(built) == str(
           tmp_path / "workdirs" / "pneumoniamnist_recipes" / f"init=head_first/frac="
           f"{run.label_fraction:g}/seed={run.seed}")
-      assert built.total_epochs == 20.0 and built.distill.temperature == 1.0
+      assert built.total_epochs == 20.0
+      assert built.distill.temperature == (2.0 if run.init == "distilled_t2" else 1.0)
+      assert ("flip_lr" in built.data.train_ops) == (run.init == "distilled_aug")
+      assert built.data.path == ""  # the sweep's own key, kept beside the student's data keys
     else:
       assert built.distill.teacher == "" and built.total_epochs == 100.0
   other = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:/elsewhere/recipes")

@@ -29,13 +29,13 @@ import ml_collections
 from configs.sweeps import pneumoniamnist_recipes
 
 _HEAD_FIRST = pneumoniamnist_recipes.RECIPES["head_first"]
-_AUG = "random_resized_crop({size}, area=(0.8, 1.0), aspect_ratio=(0.9, 1.1))|flip_lr"
+AUG = "random_resized_crop({size}, area=(0.8, 1.0), aspect_ratio=(0.9, 1.1))|flip_lr"
 
 RECIPES = {
     "head_first": dict(_HEAD_FIRST),
     "px32": {**_HEAD_FIRST, "data": {"image_size": 32, "train_ops": "resize(32)"}},
-    "px32_aug": {**_HEAD_FIRST, "data": {"image_size": 32, "train_ops": _AUG.format(size=32)}},
-    "aug": {**_HEAD_FIRST, "data": {"train_ops": _AUG.format(size=28)}},
+    "px32_aug": {**_HEAD_FIRST, "data": {"image_size": 32, "train_ops": AUG.format(size=32)}},
+    "aug": {**_HEAD_FIRST, "data": {"train_ops": AUG.format(size=28)}},
 }
 
 
