@@ -359,7 +359,7 @@ def teacher_predict_fn(teacher: distillation.Teacher, mesh, *, num_classes: int,
   batch_sharding = sharding.batch_sharding(mesh)
 
   @jax.jit
-  def probabilities(params, images):
+  def probabilities(params, images, temperature):  # one program for every temperature
     logits, _ = model.apply({"params": params}, normalize_images(images), train=False)
     logits = logits.astype(jnp.float32) / temperature
     return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits, axis=-1)
@@ -367,7 +367,8 @@ def teacher_predict_fn(teacher: distillation.Teacher, mesh, *, num_classes: int,
   def predict(local_images):
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     images = sharding.shard_host_batch({"image": local_images}, batch_sharding)["image"]
-    return multihost_utils.process_allgather(probabilities(params, images), tiled=True)
+    return multihost_utils.process_allgather(
+        probabilities(params, images, jnp.float32(temperature)), tiled=True)
 
   return predict
 

@@ -164,8 +164,9 @@ def test_teacher_to_student_end_to_end_and_the_teacher_checks(tmp_path):
       class_names=["nodule", "opacity", "effusion", "cardiomegaly"], label_fraction=0.5,
       label_fraction_seed=0, labeled_ids=student_ids)
   mesh = sharding.make_mesh(config.mesh)
+  # 16 images: the eval batch of the student's own teacher pass, so one compiled program.
   images = np.stack([train_finetune.data_sources.build_source(config.data, "train")[i]["image"]
-                     for i in range(4)])
+                     for i in range(16)])
   images = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
   p1, p3 = (np.asarray(train_finetune.teacher_predict_fn(
       loaded, mesh, num_classes=4, multi_label=True, temperature=t)(images)) for t in (1.0, 3.0))
