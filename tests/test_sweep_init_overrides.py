@@ -291,6 +291,7 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
 
 def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tmp_path,
                                                                               monkeypatch):
+  from configs.sweeps import pneumoniamnist_distill  # pylint: disable=g-import-not-at-top
   from remedis_jax import distillation  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
   (tmp_path / "workdirs" / "simclr_pneumoniamnist" / "checkpoints" / "1500").mkdir(parents=True)
@@ -318,14 +319,21 @@ def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tm
                                              if r.init == "distilled"))
   assert distillation.teacher_path(built).startswith("/elsewhere/recipes/init=head_first/")
   # The test round: at 10%, the table's head_first runs (init=simclr) and their students.
-  test = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:test@/table")
-  runs = sweep.validate(test, check_runs=False)
-  assert sorted(r.run_id for r in runs) == [f"init={i}/frac=0.1/seed={s}"
-                                            for i in ("distilled", "simclr") for s in range(3)]
-  for run in runs:
-    built = sweep.build_run_config(test, run)
-    assert tuple(built.test_sets) == ("test",) and built.encoder_frozen_fraction == 0.5
-    if run.init == "distilled":
-      assert distillation.teacher_path(built) == f"/table/init=simclr/frac=0.1/seed={run.seed}"
-    else:
-      assert built.distill.teacher == "" and built.total_epochs == 100.0
+  # The test round: at 10%, the table's head_first runs (init=simclr) and the chosen student
+  # (or the one named).
+  chosen = pneumoniamnist_distill.CHOSEN
+  for arg, student in (("test@/table", chosen), ("test,distilled@/table", "distilled")):
+    test = sweep.load_config_file(f"configs/sweeps/pneumoniamnist_distill.py:{arg}")
+    runs = sweep.validate(test, check_runs=False)
+    assert sorted(r.run_id for r in runs) == sorted(
+        f"init={i}/frac=0.1/seed={s}" for i in (student, "simclr") for s in range(3))
+    for run in runs:
+      built = sweep.build_run_config(test, run)
+      assert tuple(built.test_sets) == ("test",) and built.encoder_frozen_fraction == 0.5
+      if run.init == student:
+        assert distillation.teacher_path(built) == f"/table/init=simclr/frac=0.1/seed={run.seed}"
+        assert ("flip_lr" in built.data.train_ops) == (student == "distilled_aug")
+      else:
+        assert built.distill.teacher == "" and built.total_epochs == 100.0
+  with pytest.raises(ValueError, match="unknown student 'nope'"):
+    sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:test,nope")

@@ -50,8 +50,8 @@ from experiments import label_fraction_sweep
 SIMCLR_RECIPE = "head_first_200ep_balanced"
 # Chosen in configs/sweeps/pneumoniamnist_encoders.py on validation, with SIMCLR_RECIPE: mean
 # validation macro AUC over 1% and 10% of the labels and seeds 0-2: small_s2 0.966 (0.947 /
-# 0.985), steps_1500 0.962 (0.944 / 0.981), steps_3000 0.956 (0.934 / 0.978)
-# (experiments/results/pneumoniamnist_encoders/). On test at 10% it scored lower than
+# 0.985), steps_1500 0.962 (0.944 / 0.981), steps_3000 0.956 (0.934 / 0.978), r_small (twice
+# the width) 0.954 (0.942 / 0.966) (experiments/results/pneumoniamnist_encoders/). On test at 10% it scored lower than
 # steps_1500 (0.885 against 0.908, README): validation does not rank these setups as test does.
 # The README's table was measured with steps_1500 (`:head_first@steps_1500`).
 SIMCLR_ENCODER = "small_s2"
