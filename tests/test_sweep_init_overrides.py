@@ -337,3 +337,13 @@ def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tm
         assert built.distill.teacher == "" and built.total_epochs == 100.0
   with pytest.raises(ValueError, match="unknown student 'nope'"):
     sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:test,nope")
+  # ':table': every fraction of the README's table below 100%, each student with its teacher.
+  table = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:table@/table")
+  runs = sweep.validate(table, check_runs=False)
+  assert len(runs) == 2 * 6 * 3
+  assert sorted({r.label_fraction for r in runs}) == [0.01, 0.02, 0.05, 0.1, 0.25, 0.5]
+  for run in runs:
+    if run.init == chosen:
+      built = sweep.build_run_config(table, run)
+      assert distillation.teacher_path(built) == (
+          f"/table/init=simclr/frac={run.label_fraction:g}/seed={run.seed}")

@@ -15,6 +15,8 @@ its workdir is not workdirs/sweep_pneumoniamnist):
     --config.overrides.data.path=../shared/data/pneumoniamnist.npz \
     --workdir=workdirs/sweep_pneumoniamnist_distilled_10pct
 
+and `:table` runs the chosen student at every fraction of the README's table below 100%.
+
 SimCLR v2 (Chen et al. 2020, section 2.3) ends with a third step: the fine-tuned network labels
 every training image, labeled or not, and a student learns from those targets. Here, at 1% and
 10% of the labels, seeds 0-2, scored on the validation split only:
@@ -63,6 +65,7 @@ STUDENTS = {
         size=28)}},
 }
 CHOSEN = "distilled_aug"
+TABLE_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 
 
 def teacher_template(sweep: str, init: str = TEACHER) -> str:
@@ -71,8 +74,10 @@ def teacher_template(sweep: str, init: str = TEACHER) -> str:
                       f"init={init}/frac={{label_fraction:g}}/seed={{label_fraction_seed}}")
 
 
-def test_config(table_sweep: str, name: str = CHOSEN) -> ml_collections.ConfigDict:
-  """Test at 10% of the labels: the table's `simclr` runs (head_first) and student `name`."""
+def test_config(table_sweep: str, name: str = CHOSEN,
+                label_fractions: tuple[float, ...] = (0.1,)) -> ml_collections.ConfigDict:
+  """On test: the table's `simclr` runs (head_first) and student `name`, at 10% of the labels
+  (or `label_fractions`)."""
   if name not in STUDENTS:
     raise ValueError(f"configs/sweeps/pneumoniamnist_distill.py: unknown student {name!r}; "
                      f"students: {', '.join(STUDENTS)}")
@@ -83,17 +88,21 @@ def test_config(table_sweep: str, name: str = CHOSEN) -> ml_collections.ConfigDi
                                             name: config.inits.simclr})
   config.init_overrides = ml_collections.ConfigDict(
       {"simclr": pneumoniamnist_recipes.RECIPES[TEACHER], name: student})
-  config.label_fractions, config.baseline, config.baseline_fraction = (0.1,), "simclr", 0.1
+  config.label_fractions, config.baseline, config.baseline_fraction = (
+      tuple(label_fractions), "simclr", 0.1)
   return config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg`: the recipe round's sweep workdir (default workdirs/pneumoniamnist_recipes), or
-  'test[,STUDENT][@TABLE_SWEEP]' for the test round (default: CHOSEN, with its teachers in
-  workdirs/sweep_pneumoniamnist)."""
-  if arg and arg.partition("@")[0].partition(",")[0] == "test":
+  'test[,STUDENT][@TABLE_SWEEP]' for the test round at 10% of the labels, or
+  'table[,STUDENT][@TABLE_SWEEP]' for every fraction of the README's table below 100% (where no
+  image is unlabeled); default student CHOSEN, teachers in workdirs/sweep_pneumoniamnist."""
+  mode = (arg or "").partition("@")[0].partition(",")[0]
+  if mode in ("test", "table"):
     head, _, table_sweep = arg.partition("@")
-    return test_config(table_sweep or TABLE_SWEEP, head.partition(",")[2] or CHOSEN)
+    fractions = (0.1,) if mode == "test" else TABLE_FRACTIONS
+    return test_config(table_sweep or TABLE_SWEEP, head.partition(",")[2] or CHOSEN, fractions)
   teacher = {"distill": {"teacher": teacher_template(arg or RECIPES_SWEEP)}}
   recipes = {TEACHER: pneumoniamnist_recipes.RECIPES[TEACHER],
              **{name: pneumoniamnist_recipes.merged(student, teacher)
