@@ -174,6 +174,14 @@ def _weighted_mean(
   return jnp.where(total_weight > 0, weighted_sum / jnp.maximum(total_weight, 1e-30), 0.0)
 
 
+def _check_same_shape(logits, targets, fn_name: str, what: str) -> None:
+  if logits.ndim != 2 or tuple(targets.shape) != tuple(logits.shape):
+    raise ValueError(
+        f"{fn_name} expects logits and {what} of the same (B, C) shape; got logits "
+        f"{tuple(logits.shape)} and targets {tuple(targets.shape)}."
+    )
+
+
 def _as_f32_or_none(x: Optional[jax.Array]) -> Optional[jax.Array]:
   return None if x is None else jnp.asarray(x, jnp.float32)
 
@@ -264,11 +272,7 @@ def soft_cross_entropy(
   Raises:
     ValueError: on mismatched shapes.
   """
-  if logits.ndim != 2 or tuple(targets.shape) != tuple(logits.shape):
-    raise ValueError(
-        "soft_cross_entropy expects logits and targets of the same (B, C) shape; "
-        f"got logits {tuple(logits.shape)} and targets {tuple(targets.shape)}."
-    )
+  _check_same_shape(logits, targets, "soft_cross_entropy", "targets")
   _check_example_weights(weights, logits.shape[0], "soft_cross_entropy")
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   per_example = -jnp.sum(targets.astype(jnp.float32) * log_probs, axis=-1)
@@ -300,11 +304,7 @@ def sigmoid_cross_entropy(
   Raises:
     ValueError: on mismatched shapes.
   """
-  if logits.ndim != 2 or tuple(multi_hot.shape) != tuple(logits.shape):
-    raise ValueError(
-        "sigmoid_cross_entropy expects logits and multi_hot targets of the same (B, C) "
-        f"shape; got logits {tuple(logits.shape)} and targets {tuple(multi_hot.shape)}."
-    )
+  _check_same_shape(logits, multi_hot, "sigmoid_cross_entropy", "multi_hot targets")
   batch_size, num_classes = logits.shape
   _check_example_weights(weights, batch_size, "sigmoid_cross_entropy")
   _check_class_weights(class_weights, num_classes, "sigmoid_cross_entropy")
