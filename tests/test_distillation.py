@@ -130,11 +130,12 @@ def test_teacher_path_placeholders():
 
 
 def _config(**overrides):
+  """The smoke config as tests/test_finetune.py runs it (so the teacher's programs are the
+  compilation cache's), with one test set and no perturbations."""
   config = finetune_config.get_config("smoke")
   config.mesh.devices = 1
   config.robustness.perturbations = ()
   config.test_sets = ("in_distribution=test@A",)
-  config.total_steps = 2
   return common.override(config, overrides)
 
 
