@@ -24,8 +24,8 @@ every training image, labeled or not, and a student learns from those targets. H
   head_first   the teacher itself: configs/sweeps/pneumoniamnist_recipes.py's `head_first` run
                of the same fraction and seed (its finished runs are read, or rerun here).
   distilled    the student: the same SimCLR encoder and recipe, trained on all 3882 training
-               images for 20 epochs (607 steps at batch 128: about twice the 10% teacher's and
-               ten times the 1% teacher's), the teacher's subset with its own labels and
+               images for 20 epochs (600 steps at batch 128: twice the 10% teacher's and
+               six times the 1% teacher's), the teacher's subset with its own labels and
                every other image with the teacher's class probabilities (temperature 1;
                `config.distill`, remedis_jax/distillation.py). No label outside the teacher's
                subset is read.
