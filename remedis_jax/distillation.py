@@ -35,12 +35,12 @@ import numpy as np
 
 from data_pipelines import pipeline
 from data_pipelines.sources import base as sources_base
-from remedis_jax import checkpointing, export, storage
+from remedis_jax import checkpointing, export, storage, supervised
 
-PLACEHOLDERS = ("label_fraction", "label_fraction_seed", "seed")
-RESULTS_FILE = "results.json"
-MANIFEST_FILE = "subset_manifest.json"
-BEST_DIR = "best"
+# What a finished fine-tuning run holds (remedis_jax/supervised.py writes them).
+RESULTS_FILE = supervised.RESULTS_FILE
+MANIFEST_FILE = supervised.SUBSET_MANIFEST_FILE
+BEST_DIR = supervised.BEST_DIR
 
 
 def teacher_path(config: ml_collections.ConfigDict) -> str:
