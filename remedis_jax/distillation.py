@@ -188,9 +188,15 @@ def build_soft_targets(full_train: Any, labeled: Any, predict: Callable, *, ops:
                        batch_size: int, num_channels: int, skip_bad_records: bool,
                        max_bad_record_share: float) -> SoftTargetSource:
   """The teacher's pass over `full_train` (bad records skipped and counted under the training
-  policy), then the SoftTargetSource with `labeled` (a label-fraction subset of it) on top."""
-  readable = pipeline.check_records(full_train, skip_bad_records=skip_bad_records,
-                                    max_bad_record_share=max_bad_record_share)
+  policy), then the SoftTargetSource with `labeled` (a label-fraction subset of it) on top.
+
+  Without skip_bad_records the pass itself stops at the first bad record (BadRecordError
+  naming it); with it, every record is read once up front (pipeline.check_records) so that all
+  processes leave out the same ones: a second full read, paid only when skipping is on."""
+  readable = full_train
+  if skip_bad_records:
+    readable = pipeline.check_records(full_train, skip_bad_records=True,
+                                      max_bad_record_share=max_bad_record_share)
   outputs = teacher_targets(predict, readable, ops=ops, batch_size=batch_size,
                             num_channels=num_channels, num_outputs=full_train.num_classes)
   targets = np.full((len(full_train), full_train.num_classes), -1.0, np.float32)
