@@ -9,6 +9,8 @@
   stuck or slow input pipeline cannot delay the exit), with the iterator position taken just
   before, which is what a checkpoint at the current step must hold.
 - `save_at_interrupt`: saves the current step with that position.
+- `epochs_to_steps` and `evaluation_steps`: a schedule stated in epochs, and when validation
+  runs, for loops whose length depends on the size of a (labeled) subset.
 - `DivergenceMonitor`: a warning when the loss or the parameter norm blows up while staying
   finite (a runaway learning rate drives weights to 1e11 at chance-level loss; no NaN guard
   fires).
@@ -28,6 +30,40 @@ import optax
 from clu import periodic_actions
 
 from remedis_jax import checkpointing, preemption, profiling
+
+
+def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
+  """The steps that show the model `epochs` x `num_examples` examples at `batch_size`.
+
+  ceil, at least 1: the epochs a config states are the epochs that run, also when the subset
+  is smaller than one batch (then one step holds several passes over it).
+  """
+  if epochs <= 0 or num_examples <= 0 or batch_size <= 0:
+    raise ValueError(f"epochs={epochs}, num_examples={num_examples} and batch_size={batch_size} "
+                     "must be positive")
+  # The small tolerance keeps 3 epochs of 160 at batch 16 at 30 steps despite rounding.
+  return max(math.ceil(epochs * num_examples / batch_size - 1e-9), 1)
+
+
+def evaluation_steps(total_steps: int, num_evaluations: int = 0,
+                     eval_every_steps: int = 0) -> frozenset[int]:
+  """The steps after which validation runs: always the last one, and
+
+  - `num_evaluations` > 0: that many evenly spaced steps, ceil(k x total / N) for k = 1..N
+    (every step when the run is shorter than N), so that best-checkpoint selection has the same
+    number of candidates at any label fraction;
+  - else every `eval_every_steps`-th step.
+  """
+  if total_steps <= 0:
+    return frozenset()
+  if num_evaluations and num_evaluations > 0:
+    count = min(int(num_evaluations), total_steps)
+    steps = {math.ceil(k * total_steps / count) for k in range(1, count + 1)}
+  elif eval_every_steps and eval_every_steps > 0:
+    steps = set(range(eval_every_steps, total_steps + 1, eval_every_steps))
+  else:
+    raise ValueError("set num_evaluations or eval_every_steps to a positive number")
+  return frozenset(steps | {total_steps})
 
 
 class RunAhead:

@@ -13,7 +13,7 @@ from sklearn.utils import class_weight
 
 from configs import common, finetune as finetune_config
 from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, export, models, supervised, train_finetune
+from remedis_jax import checkpointing, export, loop, models, supervised, train_finetune
 
 
 def smoke_config(**overrides):
@@ -68,6 +68,40 @@ def test_schedule_follows_bit_hyperrule_by_dataset_size():
   assert supervised.schedule_from_config(config, 160) == (30, 1, 10)
 
 
+@pytest.mark.parametrize("fraction, labels, steps", [
+    (0.01, 39, 31), (0.1, 388, 304), (1.0, 3882, 3033)])
+def test_pneumoniamnist_epochs_and_evaluations_at_every_fraction(fraction, labels, steps):
+  """100 epochs are 100 passes over the labeled subset at 1%, 10% and 100% of PneumoniaMNIST's
+  3882 training labels (388 normal, 3494 pneumonia, stratified), and validation picks the best
+  checkpoint among the same number of evaluations at each."""
+  config = finetune_config.get_config("pneumoniamnist")
+  n = sum(subset_lib.keep_count(fraction, count) for count in (388, 3494))
+  assert n == labels
+  total_steps, warmup, steps_per_epoch = supervised.schedule_from_config(config, n)
+  assert (total_steps, warmup) == (steps, 0)
+  # Examples seen: at least 100 epochs, and less than one batch more.
+  assert 100 * n <= total_steps * config.batch_size < 100 * n + config.batch_size
+  assert steps_per_epoch == pytest.approx(n / 128)
+  evaluations = loop.evaluation_steps(total_steps, config.num_evaluations,
+                                      config.eval_every_steps)
+  assert len(evaluations) == config.num_evaluations == 20
+  assert max(evaluations) == total_steps and min(evaluations) >= 1
+  gaps = np.diff(sorted(evaluations))
+  assert gaps.max() - gaps.min() <= 1  # evenly spaced
+
+
+def test_evaluation_steps():
+  assert loop.evaluation_steps(10, 0, 4) == {4, 8, 10}
+  assert loop.evaluation_steps(10, 3, 4) == {4, 7, 10}  # num_evaluations wins
+  assert loop.evaluation_steps(3, 20, 4) == {1, 2, 3}  # shorter than N: every step
+  assert loop.evaluation_steps(4, 3) == {2, 3, 4}
+  with pytest.raises(ValueError, match="num_evaluations or eval_every_steps"):
+    loop.evaluation_steps(10, 0, 0)
+  assert loop.epochs_to_steps(100, 39, 128) == 31
+  assert loop.epochs_to_steps(3, 160, 16) == 30
+  assert loop.epochs_to_steps(0.01, 10, 128) == 1
+
+
 def test_balanced_class_weights_match_sklearn():
   labels = np.array([0, 0, 0, 1, 2, 2, -1], np.int32)  # -1 (unlabeled) is ignored
   weights = train_finetune.class_weights_from_config("balanced", labels, 3, multi_label=False)
@@ -94,7 +128,8 @@ METRIC_KEYS = {"macro_auc", "accuracy", "balanced_accuracy", "ece", "sensitivity
 
 def test_finetune_from_scratch_end_to_end_and_finished_rerun(tmp_path):
   workdir = str(tmp_path / "scratch")
-  config = smoke_config()
+  # 1.2 epochs of the 51 labels at batch 16: ceil(61.2 / 16) = 4 steps; 3 validations.
+  config = smoke_config(total_steps=-1, total_epochs=1.2, num_evaluations=3)
   results = train_finetune.train_and_evaluate(config, workdir)
 
   assert set(results) == SCHEMA_KEYS
@@ -103,7 +138,7 @@ def test_finetune_from_scratch_end_to_end_and_finished_rerun(tmp_path):
   assert results["initialisation"] == "scratch" and results["divergence_warnings"] == []
   assert results["task"] == {"multi_label": True, "num_classes": 4,
                              "class_names": ["nodule", "opacity", "effusion", "cardiomegaly"]}
-  assert results["best"]["step"] in (2, 4) and results["best"]["split"] == "val"
+  assert results["best"]["step"] in (2, 3, 4) and results["best"]["split"] == "val"
   assert len(results["thresholds"]["values"]) == 4
   assert set(results["test_sets"]) == {"in_distribution", "site_C"}
   for name, entry in results["test_sets"].items():
@@ -127,6 +162,7 @@ def test_finetune_from_scratch_end_to_end_and_finished_rerun(tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f if '"val/macro_auc"' in line]
   logged = {r["step"]: r["val/macro_auc"] for r in records}
+  assert set(logged) == {2, 3, 4}  # ceil(k x 4 / 3) for k = 1, 2, 3
   assert results["best"]["value"] == pytest.approx(max(logged.values()), abs=1e-6)
   assert logged[results["best"]["step"]] == pytest.approx(max(logged.values()), abs=1e-6)
 
