@@ -47,10 +47,12 @@ Modes:
   aggregate  read the finished runs and write the outputs below.
 
 Outputs (sweep_results.py): WORKDIR/results.csv and results.json (one row per run and test set;
-mean/std over seeds per cell, std with ddof=1, 0 for one seed), data_efficiency.png (metric vs %
-labels on a log axis, one line per init with +-1 std error bars, one panel per test set, the
-baseline as a dashed line) and summary.md (the smallest label fraction at which each init
-matches the baseline).
+mean/std over seeds per cell, std with ddof=1, 0 for one seed, and the 95% Student-t interval
+of the mean; per init, fraction and test set the paired difference to the baseline at the same
+fraction, seed by seed, with its 95% interval), data_efficiency.png (metric vs % labels on a
+log axis, one line per init with +-1 std error bars, one panel per test set, the baseline as a
+dashed line) and summary.md (the smallest label fraction at which each init matches the
+baseline, the grid of cells, and the paired differences).
 
 Object stores: WORKDIR and the inits may be URLs (gs://bucket/sweep); every file of the sweep
 goes through remedis_jax/storage.py, so a URL is never turned into a local path. An object

@@ -24,9 +24,11 @@ that is an init pointing at a step-1 run folder (a workdir with checkpoints/), e
 
 Both steps are planned and validated before either starts; each step is resumable and skips
 finished runs (experiments/label_fraction_sweep.py). Outputs in WORKDIR: ood_results.csv and
-ood_results.json (the rows of both steps with a `step` column, cells, zero-shot table,
-matches), ood.png (left: zero-shot metric per site and init; right: site-B data efficiency)
-and ood_summary.md (the tables and the headline sentence). WORKDIR and the inits may be URLs
+ood_results.json (the rows of both steps with a `step` column, cells with mean, std and 95%
+interval, paired differences against the baseline per seed for both steps, matches), ood.png
+(left: zero-shot metric per site and init; right: site-B data efficiency) and ood_summary.md
+(the headline sentence, the zero-shot table, the step-1 paired differences and step 2's
+summary; sweep_results.py defines the statistics). WORKDIR and the inits may be URLs
 (gs://...), as in the label-fraction sweep.
 """
 
@@ -118,18 +120,18 @@ def step_configs(ood_config: ml_collections.ConfigDict
 
 
 def zero_shot_table(cells, *, metric: str, inits, sites, site_a: str) -> str:
-  """Markdown: mean +- std of the step-1 models at each site."""
+  """Markdown: mean +- std [95% interval] (n) of the step-1 models at each site."""
   label = sweep_results.METRIC_LABELS.get(metric, metric)
   header = [f"site {s}" + (" (in distribution)" if s == site_a else " (zero-shot)")
             for s in sites]
-  lines = [f"## Step 1: trained on site {site_a}, {label} at each site (mean +- std over seeds)",
+  lines = [f"## Step 1: trained on site {site_a}, {label} at each site (mean +- std "
+           "[95% Student-t interval of the mean] over seeds (n))",
            "", "| init | " + " | ".join(header) + " |", "|---|" + "---|" * len(sites)]
   for init in inits:
     entries = []
     for s in sites:
       cell = next((c for c in cells if c["init"] == init and c["test_set"] == f"site_{s}"), None)
-      entries.append("" if cell is None else
-                     f"{cell[metric + '_mean']:.3f} +- {cell[metric + '_std']:.3f} ({cell['n']})")
+      entries.append("" if cell is None else sweep_results.format_cell(cell, metric))
     lines.append(f"| {init} | " + " | ".join(entries) + " |")
   return "\n".join(lines)
 
@@ -260,6 +262,9 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
       "# Out-of-distribution study", text,
       zero_shot_table(summary1["cells"], metric=metric, inits=inits, sites=sites,
                       site_a=ood_config.site_a),
+      sweep_results.format_paired_table(summary1["paired"], metric=metric,
+                                        baseline=ood_config.baseline,
+                                        title=f"step 1, trained on site {ood_config.site_a}"),
       summary2["table"]])
   paths = {"results_csv": storage.join(workdir, "ood_results.csv"),
            "results_json": storage.join(workdir, "ood_results.json"),
@@ -274,6 +279,7 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
       "match_tolerance": float(ood_config.match_tolerance), "headline": text,
       "ood_config": ood_config.to_dict(), "rows": rows,
       "step1_cells": summary1["cells"], "step2_cells": summary2["cells"], "matches": matches,
+      "step1_paired": summary1["paired"], "step2_paired": summary2["paired"],
       "num_failed_runs": len(summary["failed"])}, paths["results_json"])
   plot_ood(summary1["cells"], summary2["cells"], paths["plot"], metric=metric, inits=inits,
            sites=sites, site_b=ood_config.site_b, baseline=ood_config.baseline,

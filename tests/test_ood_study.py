@@ -135,7 +135,17 @@ def test_ood_outputs_and_headline(tmp_path, monkeypatch):
   with open(workdir / "ood.png", "rb") as f:
     assert f.read(8) == PNG_MAGIC
   table = (workdir / "ood_summary.md").read_text()
-  assert "site B (zero-shot)" in table and "| remedis | 0.901 +- 0.001 (2) | 0.801 +- 0.001 (2) | 0.551 +- 0.001 (2) |" in table
+  # mean +- std [95% t-interval: 12.706 * 0.001414 / sqrt(2) = 0.0127 either side] (n)
+  assert "site B (zero-shot)" in table and ("| remedis | 0.901 +- 0.001 [0.888, 0.914] (2) | "
+                                            "0.801 +- 0.001 [0.788, 0.814] (2) | "
+                                            "0.551 +- 0.001 [0.538, 0.564] (2) |") in table
+  # Paired per seed against scratch at the same fraction: zero-shot at site B (step 1) and
+  # site-B fine-tuning at 25% (step 2); the fake trainer shifts both inits by seed alike.
+  assert "Paired difference vs `scratch` at the same fraction" in table
+  paired1 = {p["test_set"]: p for p in stored["step1_paired"]}
+  assert (paired1["site_B"]["n"], paired1["site_B"]["mean"]) == (2, pytest.approx(0.2))
+  paired2 = {p["label_fraction"]: p for p in stored["step2_paired"]}
+  assert paired2[0.25]["seeds"] == [0, 1] and paired2[0.25]["mean"] == pytest.approx(0.075)
 
   # A better representation matches earlier; a worse one never does (reported, not "100%").
   for remedis_at_100, expected in ((0.9, "with 25% of the site-B labels"),

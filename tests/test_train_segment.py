@@ -145,8 +145,10 @@ def test_study_outputs_from_hand_made_results(tmp_path):
                                     fraction=0.05, seed=seed, run_dir="")
   table = study.write_outputs(rows, str(tmp_path), {"model": "ViT-tiny/4", "steps": 4,
                                                     "seeds": [0, 1], "notes": ["note"]})
-  # scratch: mean 0.85, std (ddof=1) of (0.8, 0.9) = 0.0707; drift (0.55 - 0.85) = -0.300.
-  assert "| scratch | 0.850 +- 0.071 (2) |" in table
+  # scratch: mean 0.85, std (ddof=1) of (0.8, 0.9) = 0.0707, 95% t-interval 0.85 +- 12.706 *
+  # 0.05 (two seeds: wide); gmml has one seed, so no interval; drift (0.55 - 0.85) = -0.300.
+  assert "| scratch | 0.850 +- 0.071 [0.215, 1.485] (2) |" in table
+  assert "| gmml | 0.950 +- 0.000 (1) |" in table
   assert "| scratch | 5% | 0.850 +- 0.071 | 0.550 (-0.300) |" in table
   assert "| gmml | 5% | 0.950 +- 0.000 | 0.700 (-0.250) |" in table
   with open(tmp_path / study.CSV_FILE, encoding="utf-8") as f:
