@@ -13,7 +13,6 @@ identically whichever objective is trained:
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from typing import Any, Callable, NamedTuple
@@ -28,8 +27,8 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 
 from data_pipelines import sources as data_sources
-from remedis_jax import checkpointing, export, initialization, loop, models, optimizers
-from remedis_jax import sharding, storage, workdir_lock, writers
+from remedis_jax import checkpointing, initialization, loop, models, optimizers
+from remedis_jax import run_config, sharding, storage, workdir_lock, writers
 from remedis_jax.evaluators import knn as knn_evaluator
 from remedis_jax.evaluators import linear_probe
 
@@ -116,11 +115,10 @@ def make_optimizer(config, *, total_steps: int, warmup_steps: int):
 
 
 def write_run_config(config, workdir: str) -> None:
-  if jax.process_index() != 0:
-    return
-  storage.makedirs(workdir)
-  storage.write_text(storage.join(workdir, export.RUN_CONFIG_FILE),
-                     json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+  """WORKDIR/config.json, after checking that a run already there may be resumed with `config`
+  (remedis_jax/run_config.py: an architecture, resolution or objective change is refused before
+  anything is written; other changes keep the earlier file as config.<UTC time>.json)."""
+  run_config.write(config, workdir, run_config.PRETRAINING_INCOMPATIBLE)
 
 
 def put_host_tree(tree, shardings):

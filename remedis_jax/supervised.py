@@ -35,7 +35,7 @@ from data_pipelines import pipeline, presets
 from data_pipelines import subset as subset_lib
 from remedis_jax import checkpointing, initialization, loop, models, optimizers, pretraining
 from remedis_jax import sharding
-from remedis_jax import storage, workdir_lock, writers
+from remedis_jax import run_config, storage, workdir_lock, writers
 
 BEST_DIR = "best"
 RESULTS_FILE = "results.json"  # written by the trainer when its final evaluation is done
@@ -205,13 +205,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, check_config: Callable[
   Raises:
     What `check_config` raises (ValueError / FileNotFoundError naming the key); what
     `train_and_evaluate` raises; workdir_lock.WorkdirInUseError: another live run holds the
-    workdir.
+    workdir; run_config.IncompatibleRunConfigError: the workdir's run (finished or not) was
+    another model, data or labeled subset (its config.json names them).
   """
   checked = check_config(config)
   start_time = time.time()
   workdir = storage.absolute(workdir)
   finished = read_results(workdir)
   if finished is not None:
+    # Not another run's results under this config's name; nothing is written here.
+    run_config.check(config, workdir, run_config.SUPERVISED_INCOMPATIBLE)
     logging.info("%s/%s exists: the run is finished; returning its results.", workdir,
                  RESULTS_FILE)
     return finished
@@ -220,8 +223,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, check_config: Callable[
 
 
 def start(config: ml_collections.ConfigDict, workdir: str):
-  """(writer, mesh): the run's config and hyper-parameters written, batch sizes checked."""
-  pretraining.write_run_config(config, workdir)
+  """(writer, mesh): the run's config and hyper-parameters written, batch sizes checked.
+
+  The config is checked against a run already in the workdir before anything is written
+  (remedis_jax/run_config.py: a change of model, data, labels or labeled subset is refused)."""
+  run_config.write(config, workdir, run_config.SUPERVISED_INCOMPATIBLE)
   writer = writers.create_writer(workdir, config.get("tensorboard_dir", ""))
   writer.write_hparams(writers.flatten_config(config.to_dict()))
   mesh = sharding.make_mesh(config.get("mesh"))

@@ -20,6 +20,11 @@ patient's images together in `split_by_patient`), `split_column` (rows whose val
 split), `site_column` (int, or names mapped to their sorted index), `mask_column` (a mask image;
 nonzero = lung).
 
+An image path listed in several rows (a duplicate: the same file after joining `root`) is kept,
+but counted in a warning with a few examples (and the paths whose rows name different splits or
+patients); `split_by_patient` puts every row of one file in one split, so a duplicate cannot
+put an image into both training and test.
+
 Checked at construction (fail fast, naming the row): missing columns, a manifest (or split)
 without rows, labels that are not class ids or declared classes, non-0/1 multi-label values.
 With `skip_bad_records=True` bad rows are dropped, logged and listed in `source.skipped` as
@@ -170,6 +175,8 @@ class FolderSource(Source):
                            f"{', '.join(header)}")
     # Row numbers as a spreadsheet shows them: the header is row 1.
     numbered = list(enumerate(rows, start=2))
+    _warn_duplicate_paths(manifest_name, rows, self.root, image_column,
+                          patient_column=patient_column, split_column=split_column)
 
     # Classes come from the whole manifest so that every split agrees.
     self.multi_label = len(label_columns) > 1
@@ -205,6 +212,7 @@ class FolderSource(Source):
     self.skipped = []
     self._paths, self._labels, self._patients, self._sites, self._masks, self._ids = \
         [], [], [], [], [], []
+    self._files = []  # Each record's image file, root joined and normalised.
     site_values = sorted({r[site_column] for r in rows}) if site_column else []
     self.site_names = site_values
     ids_seen = set()
@@ -223,6 +231,7 @@ class FolderSource(Source):
       ids_seen.add(image_id)
       self._ids.append(image_id)
       self._paths.append(path)
+      self._files.append(_file_key(self.root, path))
       self._labels.append(label)
       self._patients.append(row[patient_column] if patient_column else "")
       self._masks.append(row[mask_column] if mask_column else "")
@@ -286,6 +295,11 @@ class FolderSource(Source):
   def ids(self) -> list[str]:
     return list(self._ids)
 
+  @property
+  def files(self) -> list[str]:
+    """Each record's image file (root joined, normalised): equal for duplicate rows."""
+    return list(self._files)
+
   def __len__(self) -> int:
     return len(self._paths)
 
@@ -317,6 +331,41 @@ class FolderSource(Source):
     return example
 
 
+def _file_key(root: str, path: str) -> str:
+  """The file a manifest path names: joined to `root` and normalised ("a/./b.png" = "a/b.png")."""
+  path = storage.join(root, path) if root else path
+  return path if storage.is_url(path) else os.path.normpath(path)
+
+
+def _warn_duplicate_paths(manifest_name: str, rows: Sequence[Mapping[str, str]], root: str,
+                          image_column: str, *, patient_column: str | None,
+                          split_column: str | None) -> None:
+  """One warning counting the image files listed in more than one row, with examples."""
+  rows_of: dict[str, list[Mapping[str, str]]] = {}
+  for row in rows:
+    if row.get(image_column):
+      rows_of.setdefault(_file_key(root, row[image_column]), []).append(row)
+  duplicates = {path: rows for path, rows in rows_of.items() if len(rows) > 1}
+  if not duplicates:
+    return
+  def examples(paths):
+    return ", ".join(paths[:5]) + (", ..." if len(paths) > 5 else "")
+  extra_rows = sum(len(rows) - 1 for rows in duplicates.values())
+  notes = []
+  for column, what in ((split_column, "splits"), (patient_column, "patients")):
+    if column:
+      mixed = [path for path, rows in duplicates.items() if len({r[column] for r in rows}) > 1]
+      if mixed:
+        notes.append(f"; {len(mixed)} of them under different {what} ({column}): "
+                     f"{examples(mixed)}")
+  logging.warning(
+      "%s lists %d image files more than once (%d extra rows), e.g. %s%s. Each duplicate row "
+      "is read as a record of its own; split_by_patient (data.split_fractions) keeps all rows of "
+      "a file (and of their patients) in one split. Deduplicate the manifest unless repeating "
+      "an image is intended.", manifest_name, len(duplicates), extra_rows,
+      examples(list(duplicates)), "".join(notes))
+
+
 def _reduce_mask(mask: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
   """A binary (H, W) mask reduced to `size_hw` by a majority vote (box mean >= 1/2)."""
   box = Image.fromarray(mask * np.uint8(255), "L").resize((size_hw[1], size_hw[0]),
@@ -343,17 +392,49 @@ def parse_fractions(fractions: str | Mapping[str, float]) -> dict[str, float]:
   return fractions
 
 
+def _record_groups(patients: Sequence[str],
+                   files: Sequence[str] | None) -> dict[str, list[int]]:
+  """{group key: record indices (ascending)}: records linked by a shared patient or file.
+
+  Connected components (union-find): a file listed under two patients joins both patients'
+  records. The key is the group's smallest patient id, so without duplicate files the groups
+  and their keys are exactly the patients.
+  """
+  parent = list(range(len(patients)))
+
+  def find(i):
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  first_of: dict[tuple[str, str], int] = {}
+  for i, patient in enumerate(patients):
+    links = [("patient", patient)] + ([("file", files[i])] if files is not None else [])
+    for link in links:
+      j = first_of.setdefault(link, i)
+      parent[find(i)] = find(j)
+  members: dict[int, list[int]] = {}
+  for i in range(len(patients)):
+    members.setdefault(find(i), []).append(i)
+  return {min(patients[i] for i in group): group for group in members.values()}
+
+
 def split_by_patient(source: Source, fractions: str | Mapping[str, float],
                      seed: int = 0) -> dict[str, IndexView]:
-  """Splits a source so that all images of a patient land in the same split.
+  """Splits a source so that all images of a patient, and all rows of an image, share a split.
 
-  Patients (from `source.patients`; every record is its own patient when there is none) are
-  shuffled with `seed` and dealt out in that order: a patient goes to the first split whose
-  share of images is not yet filled. Split sizes therefore match the fractions up to one
-  patient's images. Deterministic for a given manifest and seed.
+  Records are grouped: the records of one patient (from `source.patients`; every record is its
+  own patient when there is none), joined with every record of the same image file (from
+  `source.files`, when present: a manifest may list a file twice, even under two patients).
+  Groups are shuffled with `seed` and dealt out in that order: a group goes to the first split
+  whose share of images is not yet filled. Split sizes therefore match the fractions up to one
+  group's images. Deterministic for a given manifest and seed; without duplicate files the
+  groups are the patients, as before files were considered.
 
   Args:
-    source: any source; `patients` (a list, one entry per record) is used when present.
+    source: any source; `patients` and `files` (lists, one entry per record) are used when
+      present.
     fractions: {"train": 0.8, "val": 0.1, "test": 0.1} or "train=0.8,val=0.1,test=0.1";
       must sum to <= 1 (the remainder is left out).
     seed: shuffling seed.
@@ -369,9 +450,7 @@ def split_by_patient(source: Source, fractions: str | Mapping[str, float],
   n = len(source)
   if not patients:
     patients = [str(i) for i in range(n)]
-  groups: dict[str, list[int]] = {}
-  for i, p in enumerate(patients):
-    groups.setdefault(p, []).append(i)
+  groups = _record_groups(patients, getattr(source, "files", None))
   order = sorted(groups)
   permutation = np.random.default_rng(seed).permutation(len(order))
   names = list(fractions)
