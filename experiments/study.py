@@ -1,0 +1,395 @@
+r"""A study under a declared protocol: pretraining, tuning on validation, one test round, report.
+
+  python -m experiments.study --config=configs/studies/pneumoniamnist.py \
+    --config.data_path=../shared/data/pneumoniamnist.npz --workdir=workdirs/pneumoniamnist_study \
+    [--stages=pretrain,tune,select,final,distill,report] [--arms=scratch,...] [--parallel=N]
+
+Stages, in order (each resumes and skips what is finished; `--stages` runs a subset):
+
+  pretrain  SimCLR (`config.pretrain`) -> WORKDIR/pretrain/. Skipped when no arm needs it.
+  tune      every arm with `setup_from="tune"` x every setup of `config.tune.grid`, at
+            `tune.label_fractions` x `tune.seeds`, scored on the VALIDATION split only (the
+            test split is not read) -> WORKDIR/tune/ (a label-fraction sweep).
+  select    the selection rule: per tuned arm, the setup with the highest mean validation
+            `metric` over the tuning fractions and seeds (every run must have finished; ties go
+            to the earlier setup in the grid) -> WORKDIR/selection.json.
+  final     every arm with its chosen setup (an untuned arm takes the setup of the arm named by
+            its `setup_from`) at `final.label_fractions` x `final.seeds`, scored on the test
+            split once -> WORKDIR/final/.
+  distill   each student of `config.distill.students` (teacher arm -> its init, its chosen
+            setup without class weights, `distill.epochs` over every training image, the final
+            teacher run of the same fraction and seed as teacher), scored on test once ->
+            WORKDIR/distill/.
+  report    the final and distill rows together: per cell mean, std and 95% interval; the
+            paired difference of every arm against `config.baseline` per seed (the same
+            labeled subset) with its 95% interval; the selection table; how many times the test
+            split was scored, and a check that no tuning run scored it -> WORKDIR/report/
+            (summary.md, results.csv, results.json, data_efficiency.png, study.json).
+
+Runs are `remedis_jax.main` fine-tuning runs built by experiments/label_fraction_sweep.py, so a
+run folder is `<stage>/init=<arm>/frac=<f>/seed=<s>` and a run id is its path.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import ml_collections
+
+from experiments import label_fraction_sweep as sweep
+from experiments import sweep_results
+from remedis_jax import storage
+
+STAGES = ("pretrain", "tune", "select", "final", "distill", "report")
+PRETRAIN_DIR, TUNE_DIR, FINAL_DIR, DISTILL_DIR, REPORT_DIR = (
+    "pretrain", "tune", "final", "distill", "report")
+PRETRAIN_DONE = "pretrain_finished.json"
+SELECTION_FILE = "selection.json"
+STUDY_FILE = "study.json"
+SEPARATOR = "__"  # tuning init names: <arm>__<setup>
+VALIDATION = "validation"  # the test-set name under which tuning runs score validation
+TEST = "test"
+
+
+def merged(*blocks) -> dict[str, Any]:
+  """Nested dicts (or ConfigDicts) merged left to right; nested blocks merge, values replace."""
+  out: dict[str, Any] = {}
+  for block in blocks:
+    block = block.to_dict() if isinstance(block, ml_collections.ConfigDict) else dict(block)
+    for key, value in block.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+      if isinstance(value, dict) and isinstance(out.get(key), dict):
+        out[key] = merged(out[key], value)
+      else:
+        out[key] = value
+  return out
+
+
+def check_config(study: ml_collections.ConfigDict) -> None:
+  """Checks the study's own keys before anything runs.
+
+  Raises:
+    ValueError: naming the key and what was expected.
+  """
+  if not study.data_path:
+    raise ValueError("study config data_path is empty; give the dataset, e.g. "
+                     "--config.data_path=../shared/data/pneumoniamnist.npz")
+  if not storage.exists(study.data_path):
+    raise FileNotFoundError(f"study config data_path={study.data_path!r} does not exist")
+  arms = dict(study.arms)
+  tuned = [name for name, arm in arms.items() if arm.setup_from == "tune"]
+  for name, arm in arms.items():
+    if SEPARATOR in name:
+      raise ValueError(f"study config arms.{name}: an arm name may not contain {SEPARATOR!r}")
+    if arm.init not in ("", "pretrain"):
+      raise ValueError(f"study config arms.{name}.init={arm.init!r}; expected '' (scratch) or "
+                       "'pretrain' (the study's pretraining run)")
+    if arm.setup_from != "tune" and arm.setup_from not in tuned:
+      raise ValueError(f"study config arms.{name}.setup_from={arm.setup_from!r}; expected "
+                       f"'tune' or a tuned arm ({', '.join(tuned) or 'none'})")
+  for student, teacher in study.distill.students.items():
+    if teacher not in arms:
+      raise ValueError(f"study config distill.students.{student}={teacher!r} is not an arm "
+                       f"({', '.join(arms)})")
+    if student in arms:
+      raise ValueError(f"study config distill.students.{student} is also an arm; rename it")
+  if study.baseline not in arms:
+    raise ValueError(f"study config baseline={study.baseline!r} is not an arm ({', '.join(arms)})")
+  if not study.tune.grid and tuned:
+    raise ValueError("study config tune.grid is empty but arms are tuned on it")
+
+
+def _init_path(arm, workdir: str) -> str:
+  return storage.join(workdir, PRETRAIN_DIR) if arm.init == "pretrain" else ""
+
+
+def _sweep_config(study, *, inits: dict[str, str], init_overrides: dict[str, dict],
+                  fractions, seeds, test_sets: tuple[str, ...], baseline: str
+                  ) -> ml_collections.ConfigDict:
+  config = sweep.default_sweep_config()
+  config.base = study.base
+  config.label_fractions = tuple(float(f) for f in fractions)
+  config.seeds = tuple(int(s) for s in seeds)
+  config.inits = ml_collections.ConfigDict(inits)
+  config.init_overrides = ml_collections.ConfigDict(
+      {name: block for name, block in init_overrides.items() if block})
+  config.baseline = baseline
+  config.baseline_fraction = max(config.label_fractions)
+  config.metric = study.metric
+  config.overrides = ml_collections.ConfigDict(merged(
+      study.overrides, {"data": {"path": storage.absolute(study.data_path)},
+                        "test_sets": test_sets}))
+  return config
+
+
+def tune_sweep(study, workdir: str, arms: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Every tuned arm (of `arms`, default all) x every setup of the grid, on validation only."""
+  inits, overrides = {}, {}
+  for arm_name, arm in study.arms.items():
+    if arm.setup_from != "tune" or (arms and arm_name not in arms):
+      continue
+    for setup_name, setup in study.tune.grid.items():
+      name = f"{arm_name}{SEPARATOR}{setup_name}"
+      inits[name] = _init_path(arm, workdir)
+      overrides[name] = merged(arm.overrides, setup)
+  return _sweep_config(study, inits=inits, init_overrides=overrides,
+                       fractions=study.tune.label_fractions, seeds=study.tune.seeds,
+                       test_sets=(f"{VALIDATION}=val",), baseline=next(iter(inits)))
+
+
+def select(study, tune_rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """The selection rule (module docstring) on the tuning rows.
+
+  Returns:
+    {arm: {"setup", "score", "scores": {setup: {"score", "per_fraction": {f: mean}, "n"}}}}.
+
+  Raises:
+    RuntimeError: a tuning run did not finish (the rule needs every run).
+  """
+  column = sweep_results.METRICS.get(study.metric, study.metric)
+  unfinished = [r["run_id"] for r in tune_rows if r["status"] != "finished"]
+  if unfinished:
+    raise RuntimeError(f"the selection rule needs every tuning run; {len(unfinished)} did not "
+                       f"finish ({', '.join(unfinished[:5])}...): rerun --stages=tune")
+  expected = len(study.tune.label_fractions) * len(study.tune.seeds)
+  selection = {}
+  for arm_name, arm in study.arms.items():
+    if arm.setup_from != "tune":
+      continue
+    scores = {}
+    for setup_name in study.tune.grid.keys():
+      name = f"{arm_name}{SEPARATOR}{setup_name}"
+      rows = [r for r in tune_rows if r["init"] == name and r["test_set"] == VALIDATION]
+      if len(rows) != expected:
+        raise RuntimeError(f"tuning init {name}: {len(rows)} validation rows, expected "
+                           f"{expected}: rerun --stages=tune")
+      per_fraction = {}
+      for fraction in study.tune.label_fractions:
+        values = [r[column] for r in rows if math.isclose(r["label_fraction"], fraction)]
+        per_fraction[f"{fraction:g}"] = float(sum(values) / len(values))
+      score = float(sum(r[column] for r in rows) / len(rows))
+      scores[setup_name] = {"score": score, "per_fraction": per_fraction, "n": len(rows)}
+    best = max(scores, key=lambda s: (scores[s]["score"], -list(scores).index(s)))
+    selection[arm_name] = {"setup": best, "score": scores[best]["score"], "scores": scores}
+  return selection
+
+
+def chosen_overrides(study, selection: dict[str, Any], arm_name: str) -> dict[str, Any]:
+  """An arm's own keys with the setup chosen for it (or for the arm it takes its setup from)."""
+  arm = study.arms[arm_name]
+  source = arm_name if arm.setup_from == "tune" else arm.setup_from
+  if source not in selection:
+    raise RuntimeError(f"no setup chosen for arm {source!r}: run --stages=select first")
+  return merged(study.tune.grid[selection[source]["setup"]], arm.overrides)
+
+
+def final_sweep(study, workdir: str, selection: dict[str, Any],
+                arms: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  names = [name for name in study.arms if not arms or name in arms]
+  inits = {name: _init_path(study.arms[name], workdir) for name in names}
+  overrides = {name: chosen_overrides(study, selection, name) for name in names}
+  return _sweep_config(study, inits=inits, init_overrides=overrides,
+                       fractions=study.final.label_fractions, seeds=study.final.seeds,
+                       test_sets=(TEST,), baseline=study.baseline)
+
+
+def distill_sweep(study, workdir: str, selection: dict[str, Any]) -> ml_collections.ConfigDict:
+  inits, overrides = {}, {}
+  for student, teacher in study.distill.students.items():
+    inits[student] = _init_path(study.arms[teacher], workdir)
+    template = storage.join(storage.absolute(workdir), FINAL_DIR,
+                            f"init={teacher}/frac={{label_fraction:g}}/seed={{label_fraction_seed}}")
+    # Soft targets carry the teacher's own calibration: the student's loss has no class weights.
+    overrides[student] = merged(chosen_overrides(study, selection, teacher), {
+        "total_epochs": float(study.distill.epochs), "distill": {"teacher": template},
+        "loss": {"class_weights": ""}})
+  first = next(iter(inits))
+  return _sweep_config(study, inits=inits, init_overrides=overrides,
+                       fractions=study.final.label_fractions, seeds=study.final.seeds,
+                       test_sets=(TEST,), baseline=first)
+
+
+# ------------------------------------------------------------------------------ the stages
+def run_pretraining(study, workdir: str, log) -> str:
+  """SimCLR into WORKDIR/pretrain, in this process (the trainer resumes a partial run)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  path = storage.join(workdir, PRETRAIN_DIR)
+  done = storage.join(workdir, PRETRAIN_DONE)
+  if storage.exists(done):
+    log(f"[pretrain] finished earlier: {path}")
+    return path
+  overrides = sweep.flatten(merged(study.pretrain.overrides,
+                                   {"data": {"path": storage.absolute(study.data_path)}}))
+  config = sweep.apply_overrides(sweep.load_config_file(study.pretrain.config),
+                                 overrides.items(), where="pretrain.overrides")
+  log(f"[pretrain] {study.pretrain.config} with {overrides} -> {path}")
+  start = time.time()
+  # remedis_jax.main.TRAINERS: config.trainer NAME is the module remedis_jax.train_NAME.
+  trainer = importlib.import_module(f"remedis_jax.train_{config.trainer}")
+  result = trainer.train_and_evaluate(config, path)
+  if result.get("preempted"):
+    raise InterruptedError("pretraining was preempted and saved; rerun to resume")
+  storage.write_json(done, {"config": study.pretrain.config, "overrides": overrides,
+                            "wall_time_s": time.time() - start})
+  return path
+
+
+def _run(sweep_config, path: str, parallel: int, title: str, log) -> dict[str, Any]:
+  summary = sweep.run_sweep(sweep_config, path, parallel=parallel, title=title,
+                            verbose=True)
+  if summary.get("failed"):
+    raise RuntimeError(f"{len(summary['failed'])} run(s) failed in {path}: "
+                       f"{', '.join(summary['failed'])}; rerun the same command to retry them")
+  if summary.get("counts", {}).get("interrupted"):
+    raise InterruptedError(f"a run in {path} was preempted and saved; rerun to resume")
+  return summary
+
+
+def _rows(sweep_config, path: str) -> list[dict[str, Any]]:
+  return sweep_results.collect_rows(path, sweep.plan_runs(sweep_config))
+
+
+def read_selection(workdir: str) -> dict[str, Any]:
+  path = storage.join(workdir, SELECTION_FILE)
+  if not storage.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: run --stages=tune,select first")
+  return storage.read_json(path)
+
+
+def test_reads(rows: list[dict[str, Any]]) -> int:
+  """How many runs scored the test split (one finished row per run with test_set 'test')."""
+  return sum(1 for r in rows if r["status"] == "finished" and r["test_set"] == TEST)
+
+
+def selection_table(selection: dict[str, Any], metric: str) -> str:
+  lines = []
+  for arm, chosen in selection.items():
+    fractions = list(next(iter(chosen["scores"].values()))["per_fraction"])
+    lines += [f"**{arm}** (chosen: `{chosen['setup']}`)", "",
+              "| setup | mean validation " + metric + " | "
+              + " | ".join(f"{float(f):.0%}" for f in fractions) + " |",
+              "|---|---|" + "---|" * len(fractions)]
+    for setup, score in sorted(chosen["scores"].items(), key=lambda kv: -kv[1]["score"]):
+      mark = " (chosen)" if setup == chosen["setup"] else ""
+      lines.append(f"| {setup}{mark} | {score['score']:.4f} | "
+                   + " | ".join(f"{score['per_fraction'][f]:.4f}" for f in fractions) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any]:
+  """WORKDIR/report: the final and distill rows together, the selection, the test reads."""
+  tune_rows = _rows(tune_sweep(study, workdir), storage.join(workdir, TUNE_DIR))
+  read_test = [r["run_id"] for r in tune_rows if r["test_set"] == TEST]
+  if read_test:
+    raise RuntimeError(f"tuning runs scored the test split ({', '.join(read_test[:3])}); the "
+                       "protocol is broken: start a new study")
+  final = final_sweep(study, workdir, selection)
+  rows = _rows(final, storage.join(workdir, FINAL_DIR))
+  arms = list(study.arms.keys())
+  if study.distill.students:
+    distill = distill_sweep(study, workdir, selection)
+    rows += _rows(distill, storage.join(workdir, DISTILL_DIR))
+    arms += list(study.distill.students.keys())
+  path = storage.join(workdir, REPORT_DIR)
+  storage.makedirs(path)
+  reads = test_reads(rows)
+  outputs = sweep_results.write_outputs(
+      rows, path, metric=study.metric, baseline=study.baseline,
+      baseline_fraction=max(float(f) for f in study.final.label_fractions), tolerance=0.0,
+      inits=arms, title=study.name, sweep_config=study.to_dict())
+  header = (f"# {study.name}\n\n"
+            f"Test split scored {reads} times in this study: once per finished final and "
+            f"student run ({len(arms)} arms x {len(study.final.label_fractions)} fractions x "
+            f"{len(study.final.seeds)} seeds planned); the {len(tune_rows)} tuning rows scored "
+            "validation only.\n\n## Selection on validation\n\n"
+            + selection_table(selection, study.metric) + "\n## Test\n\n")
+  storage.write_text(outputs["table_file"], header + outputs["table"] + "\n")
+  storage.write_json(storage.join(path, STUDY_FILE), {
+      "name": study.name, "test_reads": reads, "tuning_rows": len(tune_rows),
+      "selection": selection, "arms": arms})
+  log(header + outputs["table"])
+  return dict(outputs, test_reads=reads)
+
+
+def run_study(study: ml_collections.ConfigDict, workdir: str, *,
+              stages: tuple[str, ...] = STAGES, parallel: int = 1, arms: tuple[str, ...] = (),
+              verbose: bool = True) -> dict[str, Any]:
+  """Runs `stages` of the study in order (see the module docstring); returns what each made.
+
+  `arms` (default: all) limits the tune and final stages to those arms, e.g. to tune scratch
+  while the pretraining runs elsewhere; select and report always take every arm.
+  """
+  log = print if verbose else (lambda *a, **k: None)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
+  check_config(study)
+  unknown = [a for a in arms if a not in study.arms]
+  if unknown:
+    raise ValueError(f"unknown arm(s) {unknown}; arms: {', '.join(study.arms)}")
+  workdir = storage.absolute(workdir)
+  storage.makedirs(workdir)
+  out: dict[str, Any] = {}
+  needs_pretraining = any(arm.init == "pretrain" for name, arm in study.arms.items()
+                          if not arms or name in arms)
+  if "pretrain" in stages and needs_pretraining:
+    out["pretrain"] = run_pretraining(study, workdir, log)
+  if "tune" in stages:
+    log("[tune] on the validation split only")
+    out["tune"] = _run(tune_sweep(study, workdir, arms), storage.join(workdir, TUNE_DIR), parallel,
+                       f"{study.name}: tuning (validation)", log)
+  if "select" in stages:
+    tune = tune_sweep(study, workdir)
+    selection = select(study, _rows(tune, storage.join(workdir, TUNE_DIR)))
+    storage.write_json(storage.join(workdir, SELECTION_FILE), selection)
+    log("[select]\n" + selection_table(selection, study.metric))
+    out["selection"] = selection
+  if "final" in stages:
+    out["final"] = _run(final_sweep(study, workdir, read_selection(workdir), arms),
+                        storage.join(workdir, FINAL_DIR), parallel, f"{study.name}: test", log)
+  if "distill" in stages and study.distill.students:
+    out["distill"] = _run(distill_sweep(study, workdir, read_selection(workdir)),
+                          storage.join(workdir, DISTILL_DIR), parallel,
+                          f"{study.name}: students", log)
+  if "report" in stages:
+    out["report"] = report(study, workdir, read_selection(workdir), log)
+  return out
+
+
+def main(argv):
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  flag_values = flags.FLAGS
+  stages = tuple(s.strip() for s in flag_values.stages.split(",") if s.strip())
+  try:
+    run_study(flag_values.config, flag_values.workdir, stages=stages,
+              parallel=flag_values.parallel,
+              arms=tuple(a.strip() for a in flag_values.arms.split(",") if a.strip()))
+  except InterruptedError as e:
+    print(f"Interrupted: {e}", file=sys.stderr)
+    sys.exit(sweep.EXIT_PREEMPTED)
+  except (RuntimeError, ValueError, FileNotFoundError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "Study config (configs/studies/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "The study's folder (one subfolder per stage).")
+  flags.DEFINE_string("stages", ",".join(STAGES), "Comma-separated stages to run, in order: "
+                      + ", ".join(STAGES) + ".")
+  flags.DEFINE_integer("parallel", 1, "Fine-tuning runs at once (1: in this process).")
+  flags.DEFINE_string("arms", "", "Comma-separated arms for the tune and final stages "
+                      "(default: all).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
