@@ -6,7 +6,8 @@ that resume, preemption, the NaN stop, validation and the best checkpoint behave
 both:
 
   restore (own checkpoint + best so far, else the trainer's init) -> loop (log window,
-  validation every `eval_every_steps` keeping the best parameters in WORKDIR/best/,
+  validation at `num_evaluations` evenly spaced steps, or every `eval_every_steps`, keeping the
+  best parameters in WORKDIR/best/,
   checkpoints, preemption) -> the best state, for the trainer's final evaluation.
 
 It also builds what both trainers build alike: the state and jitted update step around the
@@ -78,8 +79,9 @@ def check_common_config(config: ml_collections.ConfigDict, init_hint: str) -> st
   if config.batch_size <= 0 or config.eval_batch_size <= 0:
     raise ValueError(f"config.batch_size={config.batch_size} and config.eval_batch_size="
                      f"{config.eval_batch_size} must be positive")
-  if config.eval_every_steps <= 0:
-    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} must be positive")
+  if config.get("num_evaluations", 0) <= 0 and config.eval_every_steps <= 0:
+    raise ValueError(f"config.eval_every_steps={config.eval_every_steps} must be positive "
+                     "(or set config.num_evaluations > 0)")
   return init
 
 
@@ -244,7 +246,7 @@ class TrainingStream(NamedTuple):
   data_iterator: Any
   total_steps: int
   warmup_steps: int
-  steps_per_epoch: int
+  steps_per_epoch: float
   trained_on: Any = None
 
 
@@ -273,8 +275,11 @@ def training_stream(config: ml_collections.ConfigDict, full_train, workdir: str,
       max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
       worker_count=config.data.get("worker_count", 0))
   total_steps, warmup_steps, steps_per_epoch = schedule_from_config(config, len(read))
-  logging.info("Schedule: %d total steps (%d warm-up), %d steps/epoch of the %d training "
-               "records read.", total_steps, warmup_steps, steps_per_epoch, len(read))
+  logging.info("Schedule: %d total steps (%d warm-up), %.2f steps/epoch of the %d training "
+               "records read (%.1f epochs); validation at %d steps.", total_steps, warmup_steps,
+               steps_per_epoch, len(read), total_steps / max(steps_per_epoch, 1e-9),
+               len(loop.evaluation_steps(total_steps, config.get("num_evaluations", 0),
+                                         config.eval_every_steps)))
   return TrainingStream(train_source, iter(dataset), total_steps, warmup_steps, steps_per_epoch,
                         read)
 
@@ -373,6 +378,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup: TrainSetup,
   report_progress, watcher, run_ahead, profiler, divergence, skipped_records = loop.loop_tools(
       config, workdir, manager, writer, total_steps=total_steps, start_step=start_step,
       params=state.params)
+  eval_at = loop.evaluation_steps(total_steps, config.get("num_evaluations", 0),
+                                 config.eval_every_steps)
   train_metrics = None
   window_start, window_steps = time.monotonic(), 0
   step = start_step
@@ -415,7 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup: TrainSetup,
               "learning_rate or set config.optimizer.grad_clip_norm.")
         train_metrics, window_steps, window_start = None, 0, time.monotonic()
 
-      if step % config.eval_every_steps == 0 or is_last:
+      if step in eval_at or is_last:
         with report_progress.timed("validation"):
           validate_and_keep_best(step)
 
@@ -463,18 +470,21 @@ def finish(workdir: str, results_format: str, outcome: Outcome, start_time: floa
 
 
 # ------------------------------------------------------------------ workdir and schedule
-def schedule_from_config(config, num_examples: int) -> tuple[int, int, int]:
+def schedule_from_config(config, num_examples: int) -> tuple[int, int, float]:
   """(total_steps, warmup_steps, steps_per_epoch), converted once from the labeled subset size.
 
-  total_steps > 0 wins, then total_epochs > 0, else BiT-HyperRule by dataset size. Warm-up:
-  optimizer.warmup_steps >= 0 as given; -1 takes BiT-HyperRule's warm-up share of the schedule.
+  total_steps > 0 wins, then total_epochs > 0, else BiT-HyperRule by dataset size. An epoch is
+  `num_examples` examples seen, so `total_epochs` E runs ceil(E x num_examples / batch_size)
+  steps at any subset size: with 39 labels and batch 128, 100 epochs are 31 steps, not 100
+  (a step holds more than one pass over such a subset). Warm-up: optimizer.warmup_steps >= 0 as
+  given; -1 takes BiT-HyperRule's warm-up share of the schedule.
   """
-  steps_per_epoch = max(num_examples // config.batch_size, 1)
+  steps_per_epoch = num_examples / config.batch_size
   _, rule_warmup, rule_total = next(r for r in HYPERRULE if num_examples < r[0])
   if config.total_steps and config.total_steps > 0:
     total_steps = int(config.total_steps)
   elif config.total_epochs and config.total_epochs > 0:
-    total_steps = max(int(round(config.total_epochs * steps_per_epoch)), 1)
+    total_steps = loop.epochs_to_steps(config.total_epochs, num_examples, config.batch_size)
   else:
     total_steps = rule_total
   warmup = int(config.optimizer.warmup_steps)
