@@ -54,8 +54,18 @@ Keys a sweep sets (any key can be overridden with --config.<key>=<value>; a typo
   config.test_sets              named test sets, "name=split" or "name=split@sites" (the
                                 synthetic source draws the split from those sites only, e.g.
                                 "site_B=test@B"; the same split at two sites shows the SAME
-                                patients acquired differently). The first one is "in
+                                patients acquired differently), or a split of another dataset,
+                                "name=split@SOURCE:LOCATION[;key=value...]", read with the run's
+                                image size, channels and eval ops and checked against its
+                                classes before training, e.g. "adult=test@medmnist:/d/adult.npz",
+                                "site_X=all@folder:/d/x/labels.csv;split_column=" (a folder's
+                                root defaults to the manifest's folder; other keys, e.g.
+                                split_column or label_columns, default to the run's),
+                                "b=test@array_record:/d/shards_b". The first one is "in
                                 distribution" for the robustness evaluation by default.
+                                Afterwards: python -m experiments.evaluate_run --run=WORKDIR
+                                --data.source=medmnist --data.path=FILE.npz --data.split=test
+                                --out=DIR.
   config.total_steps            > 0: exact length; -1 with config.total_epochs > 0: epochs
                                 (ceil(epochs x subset size / batch) steps at any fraction);
                                 both -1: BiT-HyperRule by the size of the labeled subset
