@@ -19,7 +19,8 @@ layer of the pretrained SimCLR projection head between the encoder and the class
 v2 fine-tunes from there). The classifier is a zero-initialised Dense layer (BiT), trained with
 softmax cross-entropy (multi-class) or sigmoid cross-entropy (multi-label).
 
-Best checkpoint. Validation runs every `eval_every_steps` and at the last step; when
+Best checkpoint. Validation runs at `num_evaluations` evenly spaced steps (or, with 0, every
+`eval_every_steps`), always at the last step; when
 `config.best_metric` on the validation split improves (strictly; NaN never counts as an
 improvement unless nothing was kept yet), the parameters are saved to WORKDIR/best/ together
 with the step and the value. WORKDIR/checkpoints/ keeps the latest training state for resume.
