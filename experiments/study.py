@@ -15,7 +15,8 @@ Stages, in order (each resumes and skips what is finished; `--stages` runs a sub
             to the earlier setup in the grid) -> WORKDIR/selection.json.
   final     every arm with its chosen setup (an untuned arm takes the setup of the arm named by
             its `setup_from`) at `final.label_fractions` x `final.seeds`, scored on the test
-            split once -> WORKDIR/final/.
+            split once (and, when `config.zero_shot.path` names another site's data, on its
+            test split too, without any of its labels in training) -> WORKDIR/final/.
   distill   each student of `config.distill.students` (teacher arm -> its init, its chosen
             setup without class weights, `distill.epochs` over every training image, the final
             teacher run of the same fraction and seed as teacher), scored on test once ->
@@ -187,6 +188,15 @@ def chosen_overrides(study, selection: dict[str, Any], arm_name: str) -> dict[st
   return merged(study.tune.grid[selection[source]["setup"]], arm.overrides)
 
 
+def final_test_sets(study) -> tuple[str, ...]:
+  """The test split, and another site's test split scored zero-shot when the study names one."""
+  zero_shot = study.get("zero_shot")
+  if not zero_shot or not zero_shot.path:
+    return (TEST,)
+  return (TEST, f"{zero_shot.name}={zero_shot.split}@{zero_shot.source}:"
+                f"{storage.absolute(zero_shot.path)}")
+
+
 def final_sweep(study, workdir: str, selection: dict[str, Any],
                 arms: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   names = [name for name in study.arms if not arms or name in arms]
@@ -194,7 +204,7 @@ def final_sweep(study, workdir: str, selection: dict[str, Any],
   overrides = {name: chosen_overrides(study, selection, name) for name in names}
   return _sweep_config(study, inits=inits, init_overrides=overrides,
                        fractions=study.final.label_fractions, seeds=study.final.seeds,
-                       test_sets=(TEST,), baseline=study.baseline)
+                       test_sets=final_test_sets(study), baseline=study.baseline)
 
 
 def distill_sweep(study, workdir: str, selection: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -210,7 +220,7 @@ def distill_sweep(study, workdir: str, selection: dict[str, Any]) -> ml_collecti
   first = next(iter(inits))
   return _sweep_config(study, inits=inits, init_overrides=overrides,
                        fractions=study.final.label_fractions, seeds=study.final.seeds,
-                       test_sets=(TEST,), baseline=first)
+                       test_sets=final_test_sets(study), baseline=first)
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -260,9 +270,9 @@ def read_selection(workdir: str) -> dict[str, Any]:
   return storage.read_json(path)
 
 
-def test_reads(rows: list[dict[str, Any]]) -> int:
-  """How many runs scored the test split (one finished row per run with test_set 'test')."""
-  return sum(1 for r in rows if r["status"] == "finished" and r["test_set"] == TEST)
+def test_reads(rows: list[dict[str, Any]], test_set: str = TEST) -> int:
+  """How many runs scored `test_set` (one finished row per run and test set)."""
+  return sum(1 for r in rows if r["status"] == "finished" and r["test_set"] == test_set)
 
 
 def selection_table(selection: dict[str, Any], metric: str) -> str:
@@ -281,10 +291,26 @@ def selection_table(selection: dict[str, Any], metric: str) -> str:
   return "\n".join(lines)
 
 
+def headline_arm(study, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+  """Of `config.headline_candidates`, the arm with the highest mean best-validation value over
+  its finished final runs (the value each run chose its checkpoint by); None without any."""
+  means = {}
+  for arm in study.get("headline_candidates", ()):
+    values = [r["best_val"] for r in rows
+              if r["init"] == arm and r["status"] == "finished" and r["test_set"] == TEST]
+    if values:
+      means[arm] = float(sum(values) / len(values))
+  if not means:
+    return None
+  best = max(means, key=lambda a: (means[a], -list(means).index(a)))
+  return {"arm": best, "mean_best_validation": means}
+
+
 def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any]:
   """WORKDIR/report: the final and distill rows together, the selection, the test reads."""
   tune_rows = _rows(tune_sweep(study, workdir), storage.join(workdir, TUNE_DIR))
-  read_test = [r["run_id"] for r in tune_rows if r["test_set"] == TEST]
+  read_test = [r["run_id"] for r in tune_rows if r["status"] == "finished"
+               and r["test_set"] != VALIDATION]
   if read_test:
     raise RuntimeError(f"tuning runs scored the test split ({', '.join(read_test[:3])}); the "
                        "protocol is broken: start a new study")
@@ -298,20 +324,32 @@ def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any
   path = storage.join(workdir, REPORT_DIR)
   storage.makedirs(path)
   reads = test_reads(rows)
+  zero_shot = study.get("zero_shot")
+  zero_shot_note = ""
+  if zero_shot and zero_shot.path:
+    zero_shot_note = (f" The same runs scored {zero_shot.name} ({zero_shot.split} split of "
+                      f"{zero_shot.path}) zero-shot {test_reads(rows, zero_shot.name)} times.")
   outputs = sweep_results.write_outputs(
       rows, path, metric=study.metric, baseline=study.baseline,
       baseline_fraction=max(float(f) for f in study.final.label_fractions), tolerance=0.0,
       inits=arms, title=study.name, sweep_config=study.to_dict())
+  headline = headline_arm(study, rows)
+  headline_note = ""
+  if headline:
+    headline_note = ("\n\nHeadline arm, chosen on validation: **" + headline["arm"] + "** (mean "
+                     "best validation " + ", ".join(f"{a} {v:.4f}" for a, v in
+                                                   headline["mean_best_validation"].items())
+                     + ").")
   header = (f"# {study.name}\n\n"
             f"Test split scored {reads} times in this study: once per finished final and "
             f"student run ({len(arms)} arms x {len(study.final.label_fractions)} fractions x "
             f"{len(study.final.seeds)} seeds planned); the {len(tune_rows)} tuning rows scored "
-            "validation only.\n\n## Selection on validation\n\n"
+            f"validation only.{zero_shot_note}{headline_note}\n\n## Selection on validation\n\n"
             + selection_table(selection, study.metric) + "\n## Test\n\n")
   storage.write_text(outputs["table_file"], header + outputs["table"] + "\n")
   storage.write_json(storage.join(path, STUDY_FILE), {
       "name": study.name, "test_reads": reads, "tuning_rows": len(tune_rows),
-      "selection": selection, "arms": arms})
+      "selection": selection, "arms": arms, "headline": headline})
   log(header + outputs["table"])
   return dict(outputs, test_reads=reads)
 
@@ -334,6 +372,9 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f"unknown arm(s) {unknown}; arms: {', '.join(study.arms)}")
   workdir = storage.absolute(workdir)
   storage.makedirs(workdir)
+  # One persistent compilation cache for every stage: the tuning, final and student runs share
+  # their programs (the sweeps would otherwise each start a cache of their own).
+  sweep.enable_compilation_cache(sweep.compilation_cache_dir(workdir))
   out: dict[str, Any] = {}
   needs_pretraining = any(arm.init == "pretrain" for name, arm in study.arms.items()
                           if not arms or name in arms)

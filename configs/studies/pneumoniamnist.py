@@ -80,6 +80,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "epochs": 20.0,  # over all training images (SimCLR v2's student: labeled + unlabeled)
   })
   config.baseline = "scratch"  # paired differences are against this arm, per seed
+  # The headline SimCLR arm: the one with the higher mean best-validation value of its final runs.
+  config.headline_candidates = ("simclr", "simclr_distilled")
+  # Another site's test split that every final and student run also scores, zero-shot (none of
+  # its labels or images in training or selection): "" = none; e.g.
+  # --config.zero_shot.path=../shared/data/adult_cxr.npz (adult chest X-rays, other hospitals).
+  config.zero_shot = ml_collections.ConfigDict({
+      "name": "adult_cxr", "path": "", "source": "medmnist", "split": "test"})
 
   config.tune = ml_collections.ConfigDict()
   config.tune.label_fractions = (0.01, 0.1)
@@ -112,6 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.final.label_fractions = (0.5,)
     config.final.seeds = (0,)
     config.distill.epochs = 1.0
+    config.headline_candidates = ("simclr",)
   elif arg:
     raise ValueError(f"configs/studies/pneumoniamnist.py: unknown argument {arg!r}; use none "
                      "or 'smoke'")
