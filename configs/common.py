@@ -11,7 +11,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   """The `config.data` block: the source keys plus the pipeline settings.
 
   Source keys (`source`, `path`, `root`, `manifest`, `image_column`, `label_columns`, ...) come
-  from `data_pipelines.sources.default_data_config()`; see the README's "Bring your own data".
+  from `data_pipelines.sources.default_data_config()`; see docs/data.md.
   """
   from data_pipelines import sources  # pylint: disable=g-import-not-at-top
   data = sources.default_data_config()
@@ -47,7 +47,7 @@ def mesh_config(data: int = -1, fsdp: int = 1, devices: int = -1) -> ml_collecti
 
 
 # Grain worker processes for the 224 px (paper-scale) configs. Decoding and augmenting is Python,
-# per record: in reader threads it holds the GIL and stalls the step (README "Benchmarks": at
+# per record: in reader threads it holds the GIL and stalls the step (docs/benchmarks.md: at
 # 32 px two workers cut the input wait from 93 to 1 ms/step). At 224 px a host feeding 4-8
 # accelerators needs many: 16 is a starting point; use the CPU cores a host can spare.
 PAPER_SCALE_WORKERS = 16

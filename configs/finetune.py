@@ -5,16 +5,15 @@ Variants (`--config=configs/finetune.py:<variant>[,lars]`):
   smoke          the smallest run that exercises everything (R_micro, 32 px, 4 steps): tests.
   tiny           built-in synthetic chest X-rays, trained on site A with 10% of the labels,
                  tested on site A (in distribution) and on sites B, C, D (out of distribution),
-                 R_tiny at 32 px, 800 steps, CPU (30-40 s of run time on 2 shared cores;
-                 from scratch expect test macro AUC ~0.79 at site A, ~0.76 at site B, ~0.50
-                 at site C, whose images are inverted; ~0.88 at site A with all labels):
+                 R_tiny at 32 px, 800 steps, CPU (under a minute). From scratch expect test
+                 macro AUC ~0.79 at site A, ~0.76 at B, ~0.5 at C (inverted images).
                    python -m remedis_jax.main --config=configs/finetune.py:tiny \
                      --workdir=workdirs/finetune_tiny
                  From a SimCLR pretraining run (REMEDIS) instead of scratch:
                    python -m remedis_jax.main --config=configs/finetune.py:tiny \
                      --config.model.init=workdirs/simclr_tiny --workdir=workdirs/finetune_remedis
-  tiny_vit       `tiny` with ViT-tiny/4 and AdamW (lr 1e-3, weight decay 0.05; see
-                 vit_tiny_recipe for the runs behind it), e.g. from GMML pretraining:
+  tiny_vit       `tiny` with ViT-tiny/4 and AdamW (lr 1e-3, weight decay 0.05; the runs
+                 behind it: experiments/results/gmml_tiny/README.md), e.g. from GMML:
                    python -m remedis_jax.main --config=configs/finetune.py:tiny_vit \
                      --config.model.init=workdirs/gmml/pretrain --workdir=workdirs/finetune_gmml
   pneumoniamnist real PneumoniaMNIST, MedMNIST v2 protocol (28 px, official train/val/test
@@ -103,13 +102,9 @@ PNEUMONIAMNIST_BASELINES = {
 def vit_tiny_recipe() -> dict:
   """What `tiny_vit` changes in `tiny`: ViT-tiny/4 with AdamW instead of the ResNet's SGD.
 
-  Measured (all 2048 site-A labels, ViT-tiny/4 from scratch, test macro AUC at site A): the SGD
-  recipe of `tiny` (peak lr 0.125) 0.589 at 400 steps; AdamW peak 3e-4 / 1e-3 / 3e-3 (50 warm-up
-  steps, weight decay 0.05) 0.617 / 0.658 / 0.541 at 400 steps; 1e-3 at 800 steps 0.661 (R_tiny
-  with SGD: 0.88). Each run: python -m remedis_jax.main --config=configs/finetune.py:tiny_vit
-  --config.label_fraction=1.0 --config.total_steps=400 --config.optimizer.learning_rate=LR
-  --config.robustness.perturbations='()' --workdir=DIR (the SGD run: :tiny with
-  --config.model.name=ViT-tiny/4). A nested dict, so sweeps can pass it as one init's
+  With `tiny`'s SGD recipe the ViT barely learns (0.59 test macro AUC at site A with all labels,
+  against 0.66 with AdamW 1e-3); the learning rates tried are in
+  experiments/results/gmml_tiny/README.md. A nested dict, so sweeps can pass it as one init's
   `init_overrides`.
   """
   return {"model": {"name": "ViT-tiny/4"},
@@ -228,24 +223,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.label_fraction = 0.1
     config.batch_size = 32
     config.eval_batch_size = 128
-    # From scratch R_tiny underfits for hundreds of steps (val macro AUC with all 2048 site-A
-    # labels, seed 0: 0.66 at 150 steps, 0.82 at 300, 0.88 at 800; the pixel-space logistic
-    # regression reaches 0.89), so 800 steps (12.5 epochs of the full split) and a validation
-    # every 100 steps for the best checkpoint (small fractions peak after 200-600 steps).
+    # From scratch R_tiny underfits for hundreds of steps (with all labels it needs ~800 to
+    # reach what a pixel-space logistic regression reaches), so 800 steps (12.5 epochs of the
+    # full split) and a validation every 100 steps for the best checkpoint (small fractions
+    # peak after 200-600 steps).
     config.total_steps = 800
     config.optimizer.warmup_steps = 30
-    # SGD momentum 0.9 at 1.0 x 32/256 = 0.125 peak: 0.25-1.0 gave the same test AUC
-    # (0.77-0.82 at 300 steps, all labels), 2.0 and 4.0 were worse (0.71, 0.65); AdamW 1e-3 /
-    # 3e-3 lagged SGD at equal steps (0.79 vs 0.82-0.86 at 600 steps).
+    # SGD momentum 0.9 at 1.0 x 32/256 = 0.125 peak: lower peaks tied, higher ones and AdamW
+    # did worse at equal steps (experiments/results/quickstart/README.md).
     config.optimizer.learning_rate = 1.0
-    # The cxr preset's "finetune" ops (crop area 0.6-1 upsampled, +-10 deg rotation,
-    # brightness/contrast 0.2) cost too much at 32 px: a 0.6 crop cuts off the costophrenic
-    # angles (effusion AUC 0.69 vs 0.86 without augmentation at 150 steps) and the intensity
-    # jitter hides consolidation density (all labels, 600 steps: 0.79 with the preset, 0.86
-    # with none). A near-identity crop (a shift / zoom of 1-2 px) keeps the findings and still
-    # regularises small label fractions (2% of labels: 0.65 vs 0.56 with no augmentation;
-    # 100%: 0.88 vs 0.88, site B 0.82 vs 0.75). The size is written in at config time: with
-    # --config.data.image_size, override data.train_ops too.
+    # The cxr preset's "finetune" ops cost too much at 32 px: a 0.6 crop cuts off the
+    # costophrenic angles (effusion) and the intensity jitter hides consolidation density. A
+    # near-identity crop (a shift / zoom of 1-2 px) keeps the findings and still regularises
+    # small label fractions (the runs: experiments/results/quickstart/README.md). The size is
+    # written in at config time: with --config.data.image_size, override data.train_ops too.
     config.data.train_ops = (f"random_resized_crop({config.data.image_size}, area=(0.92, 1.0), "
                              "aspect_ratio=(0.95, 1.05))")
     config.model.name = "R_tiny"

@@ -3,39 +3,23 @@ r"""SimCLR pretraining of a BiT encoder on unlabeled medical images (REMEDIS sta
 Variants (`--config=configs/pretrain_simclr.py:<variant>`):
 
   smoke     the smallest run that exercises everything (R_micro, 32 px, 4 steps): the tests.
-  tiny      built-in synthetic chest X-rays, R_tiny at 32 px, CPU: a few minutes.
+  tiny      built-in synthetic chest X-rays, R_tiny at 32 px, 300 steps, CPU: a few minutes.
               python -m remedis_jax.main --config=configs/pretrain_simclr.py:tiny \
                 --workdir=workdirs/simclr_tiny
-            Measured (one run, 2-core box shared with three other jobs, 484 s): the loss falls
-            from 4.68 (steps 1-50) to 4.06 at step 300, contrastive top-1 stays at 3-4% of 127
-            candidates, the kNN macro AUC on the validation split barely moves (0.521 at step
-            0, 0.530 at 300), 74% of the hardest negatives come from the anchor's own site
-            (25% by chance: it learns the site first), and the end-of-run linear probe reaches
-            0.606 validation macro AUC against 0.534 for a random encoder. At this scale the
-            encoder learns little that fine-tuning can use (experiments/benchmarks/
-            remedis_vs_scratch.py has the recipes tried); the real-data effect is the
-            `pneumoniamnist` variant's.
+            Expect an end-of-run linear probe of ~0.6 validation macro AUC against ~0.53 for a
+            random encoder (experiments/results/quickstart/README.md).
   medmnist  a MedMNIST .npz (e.g. PneumoniaMNIST), R_tiny at 32 px, CPU: minutes.
               python -m remedis_jax.main --config=configs/pretrain_simclr.py:medmnist \
                 --config.data.path=/path/to/pneumoniamnist.npz --workdir=workdirs/simclr_pmnist
   pneumoniamnist
-            the README's headline run: SimCLR on the 4406 training + validation images of
-            PneumoniaMNIST without their labels (the test split is never read), R_tiny at
-            32 px, batch 128, 1500 steps (44 epochs), two Grain worker processes; then
-            configs/sweeps/pneumoniamnist.py fine-tunes from it. Measured (one run, 1545 s on
-            a 2-core box shared with a fine-tuning sweep): loss 5.76 (first 20 steps) -> 4.14,
-            contrastive top-1 14.5% of 255 candidates; end-of-run linear probe (all 3882
-            training labels, validation split) macro AUC 0.982 against 0.870 for a random
-            encoder. With `--config.model.stem=small_s2` (the 3x3/2 small-image root; compared
-            in configs/sweeps/pneumoniamnist_encoders.py): 1542 s with nothing else running,
-            final loss 3.82, linear probe 0.984 against 0.920 for a random encoder. With
-            `--config.model.name=R_small` as well (twice the width) it ran at 0.4 steps/s, so
-            about an hour for the 1500 steps; not run to the end. With R_small and BiT's stem:
-            1629 s (about half of it beside a fine-tuning sweep), final loss 3.69, linear probe
-            0.985 against 0.914 for a random encoder.
+            SimCLR on the training + validation images of PneumoniaMNIST without their labels
+            (the test split is never read), R_tiny at 32 px, batch 128, 1500 steps (44 epochs),
+            two Grain worker processes; configs/sweeps/pneumoniamnist*.py fine-tune from it.
               python -m remedis_jax.main --config=configs/pretrain_simclr.py:pneumoniamnist \
                 --config.data.path=../shared/data/pneumoniamnist.npz \
                 --workdir=workdirs/simclr_pneumoniamnist
+            Expect a linear probe of ~0.98 validation macro AUC against ~0.87 for a random
+            encoder (experiments/results/pneumoniamnist/README.md).
   cxr       a chest X-ray folder + CSV manifest, R50x1 at 224 px from BiT-M weights (GPU/TPU).
               python -m remedis_jax.main --config=configs/pretrain_simclr.py:cxr \
                 --config.data.root=/data/cxr --config.data.manifest=/data/cxr/train.csv \
@@ -119,10 +103,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.probe.enabled = False              # no labels to probe with; kNN monitors instead
     config.data.image_size = 32
     # Two Grain worker processes: augmenting 32 px images is GIL-bound Python, so in reader
-    # threads it stalls the step (input wait ~93 ms/step). The pipeline alone gives a batch of
-    # 64 every 148 / 134 / 38 ms with 0 / 1 / 2 workers (experiments/benchmarks/input_pipeline.py,
-    # README "Benchmarks"); in the 300-step run the step waited 32.0 ms/step with one worker and
-    # 1.1 ms/step with two (idle 2-core box; 53.9 s vs 58.0 s in all).
+    # threads, or with one worker, it stalls the step; with two the input wait is ~1 ms/step
+    # (docs/benchmarks.md, "Training loop vs bare step, and input wait").
     config.data.worker_count = 2
     config.batch_size = 64
     config.total_steps = 300
@@ -134,12 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 30
     config.optimizer.learning_rate = 1.0
     config.optimizer.lr_scaling = "linear"
-    # Temperature 0.2 rather than the paper's 0.1 (tuned at batch 4096): frozen-feature probe
-    # on site A with all labels 0.652 vs 0.642 at 0.1 and 0.591 at 0.5; fine-tuned at 2% / 10%
-    # of the labels 0.686 / 0.787 vs 0.685 / 0.777 at 0.1. Within the seed spread, so a
-    # tie-break, not a fix. Also no better within the ~4 min budget (probe, all labels):
-    # 600 steps 0.617, batch 128 0.619, crop area 0.5-1 0.590, no intensity ops 0.639,
-    # weight decay 1e-4 / 1e-3 0.637 / 0.629.
+    # Temperature 0.2 rather than the paper's 0.1 (tuned at batch 4096): a tie-break within the
+    # seed spread at this batch size; no other setting tried did better within a few minutes
+    # (the recipe search: experiments/results/quickstart/README.md).
     config.loss.temperature = 0.2
     config.knn.every_steps = 100
     config.knn.bank_size = 512
@@ -188,8 +167,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.knn.batch_size = 128
     config.log_every_steps = 20
     config.checkpoint_every_steps = 250
-    # Two Grain worker processes: in reader threads the step waited on input for about half
-    # its time on a busy 2-core box.
+    # Two Grain worker processes: in reader threads a CPU host's step waited on input for
+    # about half its time.
     config.data.worker_count = 2
     if variant == "pneumoniamnist":
       # REMEDIS stage 2 on real data: every training and validation image, no label (the

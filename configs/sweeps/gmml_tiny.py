@@ -1,4 +1,4 @@
-r"""Label-fraction sweep for GMML (issue 7) at CPU scale: ResNet scratch vs ViT scratch vs a
+r"""Label-fraction sweep for GMML at CPU scale: ResNet scratch vs ViT scratch vs a
 GMML-pretrained ViT, on the built-in synthetic chest X-rays.
 
   # 1. GMML pretraining of ViT-tiny/4 (configs/pretrain_gmml.py:tiny) into the default path:
@@ -12,15 +12,14 @@ Inits (each runs `configs/finetune.py:tiny`, 800 steps at 32 px, site A; tested 
                reference line), the same runs as configs/sweeps/tiny.py;
   vit_scratch  ViT-tiny/4 from random weights: what the architecture alone does;
   gmml_vit     ViT-tiny/4 initialised from the GMML pretraining run's encoder.
-The two ViT inits differ from the base config only by `init_overrides` (model.name), so every
-other setting (optimiser, schedule, augmentation, test sets) is shared by all three.
-Grid: 3 label fractions (2%, 10%, 100%) x 2 seeds = 6 runs per init, 18 in all.
-
-Cost, measured on the 2 shared CPU cores (load ~11): one ViT-tiny/4 run of the tiny recipe took
-708 s (800 steps; its bare train step is 0.6-0.9 s against 0.07-0.14 s for R_tiny: 64 tokens of
-width 96 at every layer, where the ResNet downsamples), so the 12 ViT runs need about 2.5 h of
-CPU there; a GPU/TPU takes seconds per run. That run (vit_scratch, 10% labels, seed 0) reached
-test macro AUC 0.80 at site A and 0.59 at site B (R_tiny from scratch: ~0.79 / ~0.76).
+The two ViT inits differ from the base config only by `init_overrides`
+(configs/finetune.py:vit_tiny_recipe: the model and its AdamW optimiser), so every other setting
+(schedule, augmentation, test sets) is shared by all three.
+Grid: 3 label fractions (2%, 10%, 100%) x 2 seeds = 6 runs per init, 18 in all. A ViT-tiny/4
+step costs several times an R_tiny step on a CPU (64 tokens of width 96 at every layer, where
+the ResNet downsamples): expect minutes per ViT run there, seconds on a GPU or TPU.
+Expect the GMML ViT above the scratch ViT and both far below R_tiny
+(experiments/results/gmml_tiny/README.md).
 
 Other pretraining runs: `--config.inits.gmml_vit=<workdir or export>`. Without GMML pretraining,
 `--config=configs/sweeps/gmml_tiny.py:scratch` sweeps scratch and vit_scratch only.

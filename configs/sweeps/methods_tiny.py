@@ -1,7 +1,7 @@
 r"""Pretraining methods compared at quickstart scale: scratch / SimCLR / cluster / hybrid inits.
 
-Issue 6 (Ghesu et al. 2022, contrastive learning + online clustering, and a "hybrid" variant
-that adds a supervised loss) claims, against the other initialisations: (a) a higher AUC at
+Ghesu et al. (2022: contrastive learning + online clustering, and a "hybrid" variant that adds
+a supervised loss) claim, against the other initialisations: (a) a higher AUC at
 every label fraction, (b) up to 85% faster convergence of the downstream training, and (c) more
 robustness to intensity, rotation and scale changes. This grid measures all three on the
 built-in synthetic chest X-rays: 4 inits x 3 label fractions (2%, 10%, 100% of 2048 site-A
@@ -38,18 +38,10 @@ names; scratch, the baseline, is always kept). Another pretraining run:
 Reading the numbers. The hybrid pretraining uses labels (configs/pretrain_cluster.py:
 hybrid_tiny: 10% of a separate labeled synthetic split), in ADDITION to the fine-tuning labels:
 its cells have seen more labels than their fraction says, so they are not a like-for-like
-comparison at equal label counts (most visible at 2% and 10%). At this scale
-SimCLR from the tiny recipe does not beat scratch (configs/pretrain_simclr.py, experiments/
-benchmarks/remedis_vs_scratch.py); 2 seeds give a rough spread only, and the convergence
-resolution is the validation interval (100 steps). A smoke-level demonstration, not evidence.
-
-Measured (`:simclr`, i.e. scratch and SimCLR only, 12 runs; 2 shared CPU cores: SimCLR
-pretraining 1.8 min, sweep 11.7 min, each report about 1 s): test macro AUC at site A scratch
-0.67 / 0.79 / 0.88 and SimCLR 0.69 / 0.78 / 0.86 at 2 / 10 / 100% of the labels; steps to 0.95 x
-scratch's best validation AUC: scratch 200 / 200 / 550, SimCLR 350 / 350 / 650 (reduction -75% /
--75% / -18%: slower, not faster); mean drop over the 7 perturbations scratch 0.018 / 0.043 /
-0.055, SimCLR 0.025 / 0.041 / 0.048 (rotate(15) costs most: 0.05-0.21). The cluster and hybrid
-inits were not run here.
+comparison at equal label counts (most visible at 2% and 10%). 2 seeds give a rough spread
+only, and the convergence resolution is the validation interval (100 steps): a smoke-level
+demonstration, not evidence. Expect none of the three claims to hold at this scale
+(experiments/results/methods_tiny/README.md).
 """
 
 import ml_collections

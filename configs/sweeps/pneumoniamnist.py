@@ -1,36 +1,28 @@
-r"""REMEDIS on real chest X-rays: label-fraction sweep on PneumoniaMNIST, scratch vs SimCLR.
+r"""PneumoniaMNIST label-fraction sweep, scratch vs SimCLR: the earlier exploratory rounds.
 
-The README's headline table. The commands (2-core CPU times measured here in the README):
+Superseded by the study under a declared protocol (configs/studies/pneumoniamnist.py,
+experiments/results/pneumoniamnist_study/README.md); kept to reproduce the exploratory table
+and its rounds (experiments/results/pneumoniamnist/README.md, which has every command):
 
-  # 1. SimCLR on the 4406 training + validation images, without their labels (test never read);
-  #    SIMCLR_ENCODER, small_s2, is this command with --config.model.stem=small_s2 and
-  #    --workdir=workdirs/simclr_pneumoniamnist_small_s2
+  # the SimCLR encoder (configs/pretrain_simclr.py:pneumoniamnist), then the sweep
   python -m remedis_jax.main --config=configs/pretrain_simclr.py:pneumoniamnist \
     --config.data.path=../shared/data/pneumoniamnist.npz --workdir=workdirs/simclr_pneumoniamnist
-  # 2. (once) the fine-tuning recipe and the encoder, chosen on validation only
-  python -m experiments.label_fraction_sweep --config=configs/sweeps/pneumoniamnist_recipes.py \
-    --config.overrides.data.path=../shared/data/pneumoniamnist.npz \
-    --workdir=workdirs/pneumoniamnist_recipes
-  python -m experiments.label_fraction_sweep --config=configs/sweeps/pneumoniamnist_encoders.py \
-    --config.overrides.data.path=../shared/data/pneumoniamnist.npz \
-    --workdir=workdirs/pneumoniamnist_encoders
-  # 3. the sweep (the README's table: `pneumoniamnist.py:head_first@steps_1500`, the recipe and
-  #    encoder it was run with)
-  python -m experiments.label_fraction_sweep --config=configs/sweeps/pneumoniamnist.py \
+  python -m experiments.label_fraction_sweep \
+    --config=configs/sweeps/pneumoniamnist.py:head_first@steps_1500 \
     --config.overrides.data.path=../shared/data/pneumoniamnist.npz \
     --workdir=workdirs/sweep_pneumoniamnist
 
 The file is yours (data.path has no default). `:scratch` sweeps scratch only (no pretraining
 needed); `:RECIPE` or `:RECIPE@ENCODER` picks the SimCLR half's fine-tuning recipe and
-pretraining run by name (pneumoniamnist_recipes.RECIPES and .ENCODERS).
+pretraining run by name (pneumoniamnist_recipes.RECIPES and .ENCODERS); no argument takes
+SIMCLR_RECIPE and SIMCLR_ENCODER, the last choices made on validation.
 
 Grid: 1, 2, 5, 10, 25, 50, 100% of the 3882 training labels x 3 seeds x {scratch, simclr} = 42
 runs of `configs/finetune.py:pneumoniamnist` (the MedMNIST v2 protocol: 28 px, R_tiny, Adam 1e-3,
 batch 128, 100 epochs of the labeled subset, best checkpoint on validation). Each seed draws its
 own stratified labeled subset (nested across fractions). Scratch keeps the protocol as is (BiT's
-stem); the SimCLR init is SIMCLR_ENCODER fine-tuned with SIMCLR_RECIPE, both chosen in step 2 on
-validation. Baseline: scratch on 100%; the MedMNIST v2 ResNet-18 numbers (AUC 0.944, ACC 0.854)
-are in each run's results.json.
+stem, untuned). Baseline: scratch on 100%; the MedMNIST v2 ResNet-18 numbers (AUC 0.944, ACC
+0.854) are in each run's results.json.
 """
 
 import ml_collections
@@ -38,22 +30,11 @@ import ml_collections
 from configs.sweeps import pneumoniamnist_recipes
 from experiments import label_fraction_sweep
 
-# Chosen in configs/sweeps/pneumoniamnist_recipes.py on validation: mean validation macro AUC
-# over 1% and 10% of the labels and seeds 0-2: head_first_200ep_balanced 0.962 (0.944 / 0.981),
-# head_first 0.960 (0.940 / 0.979), head_first_200ep 0.960 (0.942 / 0.978), encoder_lr_x01
-# 0.955, encoder_lr_x03 0.948, head_layer 0.948, full 0.941, head_layer_first 0.938, linear
-# 0.935 (experiments/results/pneumoniamnist_recipes/). With seed 0 alone (how the rounds chose):
-# 0.953, 0.946, 0.950, 0.942, 0.926, 0.929, 0.928, 0.891, 0.916. The first three are a tie: the
-# seeds' spread at 1% is 0.02-0.03. The README's table was measured
-# with head_first (`configs/sweeps/pneumoniamnist.py:head_first@steps_1500`); the later recipes
-# have been run on test at 10% of the labels only (README).
+# Chosen in configs/sweeps/pneumoniamnist_recipes.py on validation (a tie with head_first and
+# head_first_200ep; scores: experiments/results/pneumoniamnist_recipes/README.md).
 SIMCLR_RECIPE = "head_first_200ep_balanced"
-# Chosen in configs/sweeps/pneumoniamnist_encoders.py on validation, with SIMCLR_RECIPE: mean
-# validation macro AUC over 1% and 10% of the labels and seeds 0-2: small_s2 0.966 (0.947 /
-# 0.985), steps_1500 0.962 (0.944 / 0.981), steps_3000 0.956 (0.934 / 0.978), r_small (twice
-# the width) 0.954 (0.942 / 0.966) (experiments/results/pneumoniamnist_encoders/). On test at 10% it scored lower than
-# steps_1500 (0.885 against 0.908, README): validation does not rank these setups as test does.
-# The README's table was measured with steps_1500 (`:head_first@steps_1500`).
+# Chosen in configs/sweeps/pneumoniamnist_encoders.py on validation, with SIMCLR_RECIPE
+# (scores: experiments/results/pneumoniamnist_encoders/README.md).
 SIMCLR_ENCODER = "small_s2"
 
 
@@ -78,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """No argument: scratch, and SimCLR (SIMCLR_ENCODER fine-tuned with SIMCLR_RECIPE);
   ':scratch': scratch only; ':RECIPE' or ':RECIPE@ENCODER' (names of
   pneumoniamnist_recipes.RECIPES and .ENCODERS): scratch, and SimCLR with that recipe and
-  encoder, e.g. ':head_first@steps_1500' for the README's table."""
+  encoder, e.g. ':head_first@steps_1500' for the exploratory table."""
   simclr = parse_arg(arg)
   config = label_fraction_sweep.default_sweep_config()
   config.base = "configs/finetune.py:pneumoniamnist"

@@ -1,21 +1,23 @@
 r"""Does SimCLR v2's distillation through the unlabeled images pay? Chosen on VALIDATION only.
 
-  # needs the recipe round's finished head_first runs (README command 2) as teachers
+  # teachers: the finished head_first runs of configs/sweeps/pneumoniamnist_recipes.py
   python -m experiments.label_fraction_sweep --config=configs/sweeps/pneumoniamnist_distill.py \
     --config.overrides.data.path=../shared/data/pneumoniamnist.npz \
     --workdir=workdirs/pneumoniamnist_distill
 
 (`--config=configs/sweeps/pneumoniamnist_distill.py:/other/recipes/sweep` when the recipe round
 ran elsewhere than workdirs/pneumoniamnist_recipes.) The choice then runs once on TEST at 10% of
-the labels, its teachers the README table's `simclr` runs (command 3; `:test@/that/sweep` when
-its workdir is not workdirs/sweep_pneumoniamnist):
+the labels, its teachers the `simclr` runs of the exploratory table
+(`configs/sweeps/pneumoniamnist.py:head_first@steps_1500`; `:test@/that/sweep` when its workdir
+is not workdirs/sweep_pneumoniamnist):
 
   python -m experiments.label_fraction_sweep \
     --config=configs/sweeps/pneumoniamnist_distill.py:test \
     --config.overrides.data.path=../shared/data/pneumoniamnist.npz \
     --workdir=workdirs/sweep_pneumoniamnist_distilled_10pct
 
-and `:table` runs the chosen student at every fraction of the README's table below 100%.
+and `:table` runs the chosen student at every fraction of that table below 100%. Part of the
+superseded exploratory rounds (experiments/results/pneumoniamnist/README.md).
 
 SimCLR v2 (Chen et al. 2020, section 2.3) ends with a third step: the fine-tuned network labels
 every training image, labeled or not, and a student learns from those targets. Here, at 1% and
@@ -38,15 +40,8 @@ The student's label budget is the teacher's: a gain is what the unlabeled images
 pass ran `distilled` alone; the winner by mean validation macro AUC over both fractions is
 CHOSEN, the student of the test round.
 
-Measured (experiments/results/pneumoniamnist_distill/; student runs 87-146 s on the 2-core box,
-beside other runs), mean validation macro AUC over seeds 0-2 at 1% / 10%: distilled_aug 0.963
-(0.948 / 0.978), distilled_t2 0.962 (0.944 / 0.980), distilled 0.962 (0.943 / 0.981), the
-teachers (head_first) 0.960 (0.940 / 0.979). The first student beat its teacher in 5 of the 6
-(fraction, seed) pairs, by -0.005 to +0.009; all three students are within the seeds' spread
-of each other. On test at 10% of the labels (run once each, after the choice): distilled
-0.920 +- 0.022, distilled_aug 0.934 +- 0.022, their teachers 0.913 +- 0.027; `:table`
-(distilled_aug at 1-50%): 0.904, 0.913, 0.929, 0.934, 0.949, 0.951, each above its teacher
-(experiments/results/pneumoniamnist_distilled*/, README headline).
+Expect all three students within the seeds' spread of each other and of their teachers
+(experiments/results/pneumoniamnist_distill/README.md).
 """
 
 import ml_collections
@@ -56,7 +51,8 @@ from configs.sweeps import pneumoniamnist_recipes
 from remedis_jax import storage
 
 RECIPES_SWEEP = "workdirs/pneumoniamnist_recipes"
-TABLE_SWEEP = "workdirs/sweep_pneumoniamnist"  # README command 3 (`:head_first@steps_1500`)
+# The workdir of configs/sweeps/pneumoniamnist.py:head_first@steps_1500 (the teachers).
+TABLE_SWEEP = "workdirs/sweep_pneumoniamnist"
 TEACHER = "head_first"
 _STUDENT = {**pneumoniamnist_recipes.RECIPES[TEACHER], "total_epochs": 20.0,
             "distill": {"temperature": 1.0}}
@@ -98,8 +94,8 @@ def test_config(table_sweep: str, name: str = CHOSEN,
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`arg`: the recipe round's sweep workdir (default workdirs/pneumoniamnist_recipes), or
   'test[,STUDENT][@TABLE_SWEEP]' for the test round at 10% of the labels, or
-  'table[,STUDENT][@TABLE_SWEEP]' for every fraction of the README's table below 100% (where no
-  image is unlabeled); default student CHOSEN, teachers in workdirs/sweep_pneumoniamnist."""
+  'table[,STUDENT][@TABLE_SWEEP]' for every fraction of the exploratory table below 100% (where
+  no image is unlabeled); default student CHOSEN, teachers in workdirs/sweep_pneumoniamnist."""
   mode = (arg or "").partition("@")[0].partition(",")[0]
   if mode in ("test", "table"):
     head, _, table_sweep = arg.partition("@")

@@ -12,8 +12,8 @@ SimCLR run is not in workdirs/simclr_pneumoniamnist.)
 
 Round 1 (configs/sweeps/pneumoniamnist_recipes.py) chose how the encoder may move: the head alone
 for the first half of the steps, then everything (`head_first`). Every recipe here keeps that and
-changes only the input of fine-tuning, at 10% of the labels (the fraction with a target, 0.930
-test AUC) over the sweep's three seeds (each seed its own labeled subset):
+changes only the input of fine-tuning, at 10% of the labels over the sweep's three seeds (each
+seed its own labeled subset):
 
   head_first       round 1's winner: 28 px, no augmentation (the MedMNIST v2 protocol).
   px32             the encoder sees images at its pretraining resolution (32 px; evaluation
@@ -22,6 +22,7 @@ test AUC) over the sweep's three seeds (each seed its own labeled subset):
   aug              28 px with the same augmentation.
 
 The winner by mean validation macro AUC becomes configs/sweeps/pneumoniamnist.py's SIMCLR_RECIPE.
+Part of the superseded exploratory rounds: experiments/results/pneumoniamnist_input_recipes/.
 """
 
 import ml_collections

@@ -8,11 +8,10 @@ r"""Which fine-tuning recipe keeps what SimCLR learned? Chosen on VALIDATION onl
 run is not in workdirs/simclr_pneumoniamnist.)
 
 Every run fine-tunes the same SimCLR encoder (configs/pretrain_simclr.py:pneumoniamnist) with
-`configs/finetune.py:pneumoniamnist` at 1% and 10% of the labels, seeds 0-2 (seed 0 alone until
-the rounds' winners scored lower on test than the validation margins promised: one seed's
-margins were 0.003-0.004), and is scored on the
-validation split only (`test_sets=("validation=val",)`: the test split is never read here). The
-recipes differ only in how the encoder is allowed to move (train_finetune.scale_encoder_updates):
+`configs/finetune.py:pneumoniamnist` at 1% and 10% of the labels, seeds 0-2, and is scored on
+the validation split only (`test_sets=("validation=val",)`: the test split is never read
+here). The recipes differ only in how the encoder is allowed to move
+(train_finetune.scale_encoder_updates):
 
   full            the MedMNIST v2 protocol as is (Adam 1e-3 on every parameter).
   encoder_lr_x01  the encoder at 0.1 x the head's learning rate.
@@ -23,14 +22,15 @@ recipes differ only in how the encoder is allowed to move (train_finetune.scale_
                   (256 units), which fine-tunes with the encoder (model.from_head_layer).
   head_layer_first  head_layer, with the encoder and that layer frozen for the first half.
   head_first_200ep  head_first over 200 epochs of the labeled subset instead of 100 (the
-                  10% runs of the headline sweep kept their last evaluation as the best one,
-                  so a longer schedule might still gain).
+                  10% runs of the exploratory sweep kept their last evaluation as the best
+                  one, so a longer schedule might still gain).
   head_first_200ep_balanced  head_first_200ep with the loss weighted by inverse class
                   frequency (`loss.class_weights="balanced"`): only 10% of this file's
                   training images are normal, against 26% of validation and 38% of test.
 
 The winner, by mean validation macro AUC over the two fractions, is the `simclr` recipe of
-configs/sweeps/pneumoniamnist.py. Every init points at the same pretraining run.
+configs/sweeps/pneumoniamnist.py. Every init points at the same pretraining run. Part of the
+superseded exploratory rounds: experiments/results/pneumoniamnist_recipes/README.md.
 """
 
 import ml_collections
@@ -41,7 +41,7 @@ PRETRAINED = "workdirs/simclr_pneumoniamnist"
 # The SimCLR pretraining runs compared in configs/sweeps/pneumoniamnist_encoders.py:
 # name -> (pretraining workdir, the fine-tuning keys that the encoder itself needs).
 ENCODERS = {
-    "steps_1500": (PRETRAINED, {}),  # the README's command 1
+    "steps_1500": (PRETRAINED, {}),  # configs/pretrain_simclr.py:pneumoniamnist as is
     "steps_3000": ("workdirs/simclr_pneumoniamnist_3000", {}),
     "small_s2": ("workdirs/simclr_pneumoniamnist_small_s2", {"model": {"stem": "small_s2"}}),
     "r_small": ("workdirs/simclr_pneumoniamnist_r_small", {"model": {"name": "R_small"}}),

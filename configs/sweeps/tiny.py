@@ -5,7 +5,7 @@ r"""Label-fraction sweep at quickstart scale: built-in synthetic chest X-rays, C
 
 Grid: scratch vs REMEDIS (the quickstart's SimCLR pretraining run) x 3 label fractions (2%, 10%,
 100% of 2048 site-A training images) x 2 seeds = 12 `configs/finetune.py:tiny` runs of 800
-steps (30-45 s each on 2 shared cores), tested in distribution (site A) and at site B. Needs
+steps (under a minute each on a CPU), tested in distribution (site A) and at site B. Needs
 `make quickstart` (or any SimCLR run of configs/pretrain_simclr.py:tiny) first; point elsewhere
 with
   --config.inits.remedis=workdirs/simclr_tiny            (a pretraining workdir), or
@@ -35,8 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.metric = "macro_auc"
   config.match_tolerance = 0.0
   config.overrides = ml_collections.ConfigDict({
-      # The tiny recipe's length (configs/finetune.py): at 150 steps scratch had not fitted
-      # the full split (test macro AUC 0.53-0.68 with 100% of the labels; 0.88 at 800).
+      # The tiny recipe's length (configs/finetune.py): shorter runs leave scratch underfitted
+      # on the full split, which would flatter any pretrained init.
       "total_steps": 800,
       "eval_every_steps": 100,
       "test_sets": ("in_distribution=test@A", "site_B=test@B"),

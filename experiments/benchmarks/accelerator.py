@@ -43,29 +43,36 @@ tests/test_accelerator_benchmark.py runs it:
 
   python -m experiments.benchmarks.accelerator --smoke --out=/tmp/accelerator_smoke.jsonl
 
-On one NVIDIA H200 (the device tool: no network there, python3 3.12 with a newer JAX than our
-pin, flax, optax, orbax, torch, timm preinstalled; TensorFlow is not, and the benchmark writes
-no summaries: only there, clu's TensorBoard summary writer module, which imports TensorFlow, is
-replaced by a stub; with the project's requirements installed the real one is used). Wheels for what the image lacks (4.5 MB), once,
-here in the repo root:
+On any GPU or TPU host with the project installed (`pip install -e ".[cuda12]"` or
+`".[tpu]"`):
 
-  echo /.whl/ >> .git/info/exclude
+  python -m experiments.benchmarks.accelerator --out=/tmp/accelerator.jsonl
+
+On a host without network access that already has JAX for its accelerator (torch and timm too,
+for the peer), only the pure-Python and manylinux wheels it lacks travel with the repository:
+typically grain, array-record, portpicker, clu and ml-collections (pin the versions of
+pyproject.toml). On a machine with network, in the repository root, for the host's Python
+version and platform:
+
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      --platform manylinux1_x86_64 -d .whl \
-      grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 clu==0.0.12 ml-collections==1.1.0
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+      -d .whl grain array-record portpicker clu ml-collections
 
-then the device tool's `run` with carry=[".whl"], timeout_s=540 and the command
+then, on the host, in the copied repository root:
 
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 -m experiments.benchmarks.accelerator --out=$OUT/accelerator.jsonl
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 -m experiments.benchmarks.accelerator \
+      --out=/tmp/accelerator.jsonl
 
-(it writes $OUT/accelerator.jsonl and $OUT/accelerator.md; the table is also the last thing it
-prints). Items the budget skipped can be run in a second call with `--plan=` listing them,
-e.g. `--plan=jax:bfloat16:256:on,jax:float32:128:off`. Plan items: `jax:DTYPE:BATCH:REMAT`
-(DTYPE float32|bfloat16, BATCH per device, REMAT off|on), `torch:BATCH[:eager|compile]`
-(neither: both, in one process), `grain:WORKERS` (Grain worker processes, `cpu` = one per
-core, each with one reader thread; 0 = one process with a reader thread per core).
+Where TensorFlow is missing, clu's TensorBoard summary writer module (which imports it) is
+replaced by a stub; the benchmark writes no summaries, so nothing it measures goes through it.
+With `--out=DIR/NAME.jsonl` it also writes the markdown table to DIR/NAME.md (the table is
+also the last thing it prints). Items the budget skipped can be run in a second call with
+`--plan=` listing them, e.g. `--plan=jax:bfloat16:256:on,jax:float32:128:off`. Plan items:
+`jax:DTYPE:BATCH:REMAT` (DTYPE float32|bfloat16, BATCH per device, REMAT off|on),
+`torch:BATCH[:eager|compile]` (neither: both, in one process), `grain:WORKERS` (Grain worker
+processes, `cpu` = one per core, each with one reader thread; 0 = one process with a reader
+thread per core).
 For a torch row, "compile s" is the first step (cuDNN autotuning; plus torch.compile).
 """
 
@@ -143,10 +150,10 @@ def xla_flops(stage) -> float | None:
 def _stub_tensorboard_writer() -> bool:
   """Replaces clu's TensorBoard SummaryWriter module (it imports TensorFlow) with a stub.
 
-  Only where TensorFlow is missing (the accelerator image: its wheel is far over what can be
-  carried there), never where the project's requirements are installed. The benchmark writes
-  no summaries, so nothing it measures goes through the stub. A stopgap until the step-building
-  code no longer imports the loop's writers (issue 14). Returns whether it stubbed.
+  Only where TensorFlow is missing (an accelerator host without network, where its wheel is too
+  large to carry), never where the project's requirements are installed. The benchmark writes
+  no summaries, so nothing it measures goes through the stub. Needed while building the update
+  step imports the training loop's writers. Returns whether it stubbed.
   """
   name = "clu.metric_writers.summary_writer"
   if name in sys.modules:

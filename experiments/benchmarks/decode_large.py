@@ -17,9 +17,7 @@ machine, and wall-clock), the decoded shape and the file size.
 One core, page cache warm (files are read once before timing); single passes vary with the
 machine's load, hence the median.
 
-Measured on the 2-core development box shared with other jobs (1-min load average ~8, so
-wall-clock times are inflated), 16 images, 3 repeats, decode_size 448, cxr preset at 224 px:
-see the JSON lines quoted in the README's benchmark section.
+Measured numbers: docs/benchmarks.md ("Decoding large images at reduced size").
 """
 from __future__ import annotations
 

@@ -18,22 +18,7 @@ Side by side with torchvision (a separate venv with torch; see torchvision_basel
   /tmp/torchbench/bin/python experiments/benchmarks/torchvision_baseline.py \
       --root=/tmp/remedis_bench_pngs --image_size=224 --views=2 --num_workers=2
 
-Measured on the 2-core development box (shared with other agents' jobs, 1-min load average
-1.4-2.1 during the runs, so single runs vary by +-15%): 512 tinted-RGB 256 px PNGs -> 224 px,
-SimCLR recipe (generic preset / the same torchvision transforms), 2 views, batch 32, uint8 out.
-Four interleaved rounds of 15 s each (grain, torch, grain-workers, ...), images/s:
-
-  Grain, read_threads=2, worker_count=0          206.8 207.1 192.8 183.8  median 199.9
-  Grain, read_threads=1, worker_count=2          221.1 247.6 194.9 211.5  median 216.3
-  torchvision DataLoader(num_workers=2), PIL blur 199.2 227.4 203.7 176.9  median 201.5
-  torchvision DataLoader(num_workers=2),
-    transforms.GaussianBlur (23 px kernel)       75.6 (median of 3 x 20 s), 89.8 (15 s)
-
-So on 2 cores the Grain pipeline matches the fastest torchvision variant with threads and is
-~7% faster with 2 worker processes, and 2.4x faster than torchvision's own GaussianBlur
-transform (a dense tensor convolution, ~14 ms per 224 px image on one core).
-Other settings (median of 3 x 10 s, read_threads=2): synthetic source rendered on the fly,
-cxr preset, 1 channel: 235 images/s at 224 px (256 px source), 415 images/s at 64 px.
+Measured numbers: docs/benchmarks.md ("Input pipeline vs torchvision").
 """
 from __future__ import annotations
 

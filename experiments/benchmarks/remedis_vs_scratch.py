@@ -16,68 +16,8 @@ Steps (each skipped when its output already exists in --workdir, so a rerun only
      (the seed also picks the labeled subset) -> WORKDIR/ft_<init>_f<fraction>_s<seed>.
 Prints one table: test macro AUC per site, mean and spread over seeds.
 
-Measured (2-core CPU shared with one other job, load 2-3; SyntheticCXR of commit ad1ce50;
-SimCLR 300 steps, batch 64, 32 px, reused from an earlier run; fine-tuning with the tiny recipe
-of commit 70ec52b: 800 steps, near-identity crop, SGD 1.0 x 32/256), with
-  --fractions=0.02,0.1,1.0 --seeds=0,1:
-  fine-tuning 35 s median per run (29-43 s). Test macro AUC, mean±std over seeds 0, 1:
-                       site A        site B        site C        site D
-    remedis f=0.02   0.685±0.004   0.666±0.002   0.531±0.013   0.597±0.008
-    scratch f=0.02   0.672±0.026   0.646±0.030   0.502±0.043   0.602±0.030
-    remedis f=0.1    0.777±0.028   0.716±0.033   0.494±0.003   0.645±0.016
-    scratch f=0.1    0.789±0.005   0.757±0.005   0.501±0.001   0.640±0.017
-    remedis f=1      0.851±0.030   0.790±0.020   0.488±0.010   0.705±0.004
-    scratch f=1      0.882±0.002   0.812±0.012   0.514±0.015   0.721±0.025
-  --remedis_lr=0.25 (4x lower peak for the pretrained init): f=0.02 0.680±0.005 at site A,
-  f=1 0.873±0.011 (within the seed spread of lr 1.0).
-  A logistic regression on the raw site-A pixels reaches 0.889 with all labels: scratch at
-  100% is now a sane supervised baseline. (The old 150-300-step recipe with the cxr finetune
-  preset stopped at 0.67-0.68 at every fraction, so its REMEDIS-vs-scratch rows compared two
-  underfitted models.)
-  Linear probe on frozen features (same export): remedis 0.571 vs random-init 0.504 at
-  f=0.1 (site A), 0.642 vs 0.532 with all 2048 site-A labels; ~0.50 at sites B, C, D.
-  Reading: pretraining learns something linearly readable at site A, but at this scale
-  REMEDIS is NOT better than scratch after fine-tuning: a small edge at 2% (within the seed
-  spread), none at 10% and 100%; the site-C (inverted) shift is not helped either. SimCLR's
-  contrastive top-1 stays at 3-4% of 127 candidates, i.e. the views are barely told apart, so
-  the encoder learns little.
-
-Pretraining recipe search (issue 5; same data, fine-tuning recipe and scratch rows as above;
-2 cores shared, two jobs at a time). Screen: --nofinetune --probe --fractions=0.1,1.0
---seeds=0 plus the overrides below; probe = site-A test macro AUC of the frozen-feature
-logistic regression (random init: 0.498 at f=0.1, 0.532 at f=1). Confirm: --noprobe
---inits=remedis --fractions=0.02,0.1 --seeds=0,1 on the same workdir (fine-tuned site-A test
-macro AUC, mean±std over seeds; scratch 0.672±0.026 at 2%, 0.789±0.005 at 10%).
-  candidate (overrides of the tiny variant)    pretrain  probe f=.1 / f=1 fine-tune 2% / 10%
-  T 0.1 (old default)                           ~110 s  0.571 / 0.642  0.685±0.004 / 0.777±0.028
-  T 0.2 (new default)                             89 s  0.595 / 0.652  0.686±0.008 / 0.787±0.007
-  T 0.5                                           89 s  0.536 / 0.591  -
-  T 0.2, total_steps=600, warmup_steps=60        146 s  0.561 / 0.617  -
-  T 0.2, batch_size=128                          144 s  0.569 / 0.619  -
-  T 0.2, ops GEO (top-1 8% instead of 3%)         70 s  0.571 / 0.639  0.681±0.028 / 0.798±0.024
-  T 0.2, ops MILD                                 71 s  0.576 / 0.637  -
-  T 0.2, optimizer.weight_decay=1e-4             122 s  0.582 / 0.637  -
-  T 0.2, optimizer.weight_decay=1e-3             123 s  0.578 / 0.629  -
-  T 0.1, crop area 0.5-1 (earlier run)            72 s  0.530 / 0.590  -
-  T 0.2, fine-tune from_head_layer=True          (T 0.2 export)  0.675±0.006 / 0.765±0.011
-  GEO  = --pretrain_ops="random_resized_crop(32, area=(0.2, 1.0))|flip_lr(0.5)|gaussian_blur(0.5)"
-         (the cxr preset without its intensity jitter, gamma and noise);
-  MILD = --pretrain_ops="random_resized_crop(32, area=(0.35, 1.0))|flip_lr(0.5)|
-         color_jitter(brightness=0.2, contrast=0.2, p=0.5)" (one string);
-  from_head_layer: --finetune_config.model.from_head_layer=True (the export has the head).
-  Reading: no recipe within the ~4 min budget makes the REMEDIS init beat scratch by more than
-  the seed spread at 2% or 10% of the labels; every probe lands at 0.59-0.65 (pixel-space
-  logistic regression: 0.889), more steps or a bigger batch do not help, and the candidates differ
-  by a few hundredths (the probe's own run-to-run noise was not measured). Why, as far as measured: the
-  synthetic images are alike (pixel correlation between two different patients ~0.4), the
-  patient-telling cues are global anatomy, and a crop of 0.2-0.5 of a 32 px image already
-  breaks nearest-neighbour matching in pixel space (top-1 2-4% for crops alone, 19% at area
-  0.8-1), so the contrastive task is mostly unsolvable and what it learns (anatomy, not
-  findings) is not what the findings need.
-  (All of the above on the SyntheticCXR of commit ad1ce50. A later measurement with
-  experiments/benchmarks/synthetic_separability.py put the raw-pixel correlation of two
-  different patients at the same site at 0.88 for that generator; the generator has since been
-  changed so that patients differ more (0.72), see the README's quickstart section.)
+The runs made with it (the tiny recipes' search, and why the REMEDIS init does not beat scratch
+at this scale): experiments/results/quickstart/README.md.
 """
 
 from __future__ import annotations

@@ -32,31 +32,9 @@ Output: one JSON object per line (one per measurement, then `"summary": true`).
   git show HEAD:data_pipelines/sources/synthetic.py > /tmp/synthetic_before.py
   python -m experiments.benchmarks.synthetic_separability --source_file=/tmp/synthetic_before.py
 
-Measured with the defaults (32 px, seed 0, 1024 images for the correlations, 32 batches of 64
-= 4096 views for retrieval, 2048 / 1024 probe images; ~1 min each on the shared 2-core box),
-before = commit 8680291, after = the patient model with positioning, habitus and devices:
-
-                                                   before    after
-  correlation, other patient, same site            0.883     0.722   (site A 0.867 -> 0.705)
-  correlation, other patient, other site           0.221     0.139   (site C is inverted)
-  correlation, same patient at A and at B          0.819     0.886
-  correlation, same patient at A and at D          0.748     0.703
-  raw-pixel nearest neighbour from own site        1.000     0.990
-  partner retrieval, Euclidean                     3.05%     3.52%   (chance 0.79%)
-  partner retrieval, correlation                   3.27%     3.74%
-  nearest non-partner view from the same site      0.692     0.577
-  reference: unrelated random fields               9.2% / 14.1% (Euclidean / correlation)
-  probe macro AUC, site A (nodule, opacity,        0.890     0.899
-    effusion, cardiomegaly)                        (.674 .977 .957 .951)  (.699 .965 .965 .966)
-
-Reading: patients now differ more than sites (two patients at one site correlate less than one
-patient at sites A and B; before, the reverse), the site dominates a view's nearest neighbours
-less, and the findings are as linearly visible as before. Raw-pixel partner retrieval barely
-moves, because the crops decide it: even unrelated random images reach only 9-14% under these
-ops, and the same images with the views' crop, flip and rotation shared (only the intensity
-ops independent) are retrieved ~100% of the time, before and after. So this number measures the
-augmentation more than the data; whether SimCLR now learns patients has to be measured by
-training (contrastive top-1 and the probe of `configs/pretrain_simclr.py:tiny`).
+A before/after of a generator change, and how to read these numbers (partner retrieval
+measures the augmentation more than the data; whether SimCLR learns patients has to be measured
+by training): experiments/results/quickstart/README.md.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CPU seconds per test, subprocesses included: what makes `make test` slow on a busy box.
+"""CPU seconds per test, subprocesses included: where `make test` spends its time.
 
   .venv/bin/python -m experiments.benchmarks.test_cpu_times --out=/tmp/cpu_times.jsonl
   .venv/bin/python -m experiments.benchmarks.test_cpu_times --read=/tmp/cpu_times.jsonl
@@ -10,8 +10,9 @@ worker process (`self_cpu`, its threads included) and of the child processes tha
 the test (`child_cpu`: training subprocesses, Grain worker processes; a child still running when
 the test ends is not counted).
 
-Why CPU seconds: the suite keeps both cores of a 2-core box busy, so its wall time is its CPU
-time over two, and wall times of single tests move by +-30% with whatever else runs. The summary
+Why CPU seconds: on a small machine the suite keeps every core busy, so its wall time is its
+CPU time over the core count, and wall times of single tests move by +-30% with whatever else
+runs. The summary
 lists the tests and modules that cost the most CPU, and each worker's last finish, which shows
 whether one worker idled at the end (a long test started late).
 """

@@ -10,7 +10,7 @@ share of all samples per category (imports, JAX tracing and lowering, XLA compil
 saves and restores, ...; a sample counts in the first category whose frame it contains), per
 kind of process, and, for processes that train (`python -m remedis_jax.main`), the import
 seconds per process. Sampling rate 25 Hz; a sample is a running Python thread, so on a loaded
-box waiting for a core counts too: read shares, not seconds.
+machine waiting for a core counts too: read shares, not seconds.
 """
 
 from __future__ import annotations
