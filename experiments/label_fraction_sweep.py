@@ -35,6 +35,11 @@ Every run has its own folder WORKDIR/init=<name>/frac=<f>/seed=<s> (the run id).
 results.json exists is skipped without starting anything; an interrupted one resumes from its
 checkpoint (the fine-tuning trainer does that); a failed one (exception or non-zero exit) is
 recorded in its folder (sweep_error.txt), reported in the summary and retried on the next call.
+A run whose workdir lock another process holds (a second sweep on the same WORKDIR, or a job of
+the job list) is "running elsewhere", not failed: it is reported, the sweep goes on with the
+other runs and then waits for it (checking every HELD_RUN_POLL_S seconds); once its holder
+finishes it, it counts as finished, and if the holder stops without finishing it, this sweep
+runs it. Two sweeps on one WORKDIR thus share the grid and both end with every run finished.
 The whole grid is checked (unknown init, fraction outside (0, 1], missing checkpoint, a typo in
 `overrides`, bad test sets) before any run starts or any file is written.
 
@@ -87,7 +92,7 @@ import ml_collections
 
 from configs import common
 from experiments import sweep_results
-from remedis_jax import storage
+from remedis_jax import storage, workdir_lock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("run", "plan", "joblist", "aggregate")
@@ -102,6 +107,8 @@ EXIT_PREEMPTED = 75  # remedis_jax.preemption.EXIT_PREEMPTED (a run saved on SIG
 CACHE_SUBDIR = ".jax_cache"
 # How often a URL workdir's log.txt is refreshed from a running subprocess's local log file.
 LOG_UPLOAD_INTERVAL_S = 60.0
+# How often a run that another process holds (running elsewhere) is checked again.
+HELD_RUN_POLL_S = 10.0
 DEFAULT_LABEL_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 _INIT_NAME = re.compile(r"^[A-Za-z0-9_\-+]+$")
 
@@ -408,12 +415,32 @@ def run_command(sweep_config: ml_collections.ConfigDict, run: Run, workdir: str,
 
 
 # -------------------------------------------------------------------------------- running
+RUNNING_ELSEWHERE = "running elsewhere"
+
+
 @dataclasses.dataclass
 class RunOutcome:
   run: Run
   status: str  # "finished" | "skipped" (finished before) | "failed" | "interrupted"
   wall_time_s: float = 0.0
   error: str = ""
+
+
+class _HeldRuns:
+  """Runs that another process holds: reported once each, checked again after a wait."""
+
+  def __init__(self, num_runs: int, log):
+    self._num_runs, self._log, self._reported = num_runs, log, set()
+
+  def report(self, i: int, run: Run, holder: str) -> None:
+    if i not in self._reported:
+      self._reported.add(i)
+      self._log(f"[{i + 1}/{self._num_runs}] {run.run_id}: {RUNNING_ELSEWHERE} ({holder}); "
+                "not failed: the sweep goes on and waits for it")
+
+  def finished_elsewhere(self, i: int, run: Run) -> RunOutcome:
+    self._log(f"[{i + 1}/{self._num_runs}] {run.run_id}: finished by another process")
+    return RunOutcome(run, "finished")
 
 
 def run_dir(workdir: str, run: Run) -> str:
@@ -471,32 +498,51 @@ def _clear_failure(path: str) -> None:
 def _run_in_process(sweep_config, runs: Sequence[Run], workdir: str, log) -> list[RunOutcome]:
   from remedis_jax import train_finetune  # pylint: disable=g-import-not-at-top
   base = load_config_file(sweep_config.base)
-  outcomes = []
-  for i, run in enumerate(runs):
+  outcomes: dict[int, RunOutcome] = {}
+  held = _HeldRuns(len(runs), log)
+  ready, waiting = list(enumerate(runs)), []
+  while ready or waiting:
+    if not ready:  # only runs held by other processes are left: wait, then look again
+      time.sleep(HELD_RUN_POLL_S)
+      ready, waiting = waiting, []
+    i, run = ready.pop(0)
     path = run_dir(workdir, run)
+    if is_finished(path):  # another process finished it since this sweep started
+      outcomes[i] = held.finished_elsewhere(i, run)
+      continue
+    holder = workdir_lock.holder(path)
+    if holder is not None:
+      held.report(i, run, holder)
+      waiting.append((i, run))
+      continue
     log(f"[{i + 1}/{len(runs)}] {run.run_id}: fine-tuning -> {path}")
     start = time.time()
     try:
       results = train_finetune.train_and_evaluate(build_run_config(sweep_config, run, base), path)
+    except workdir_lock.WorkdirInUseError as e:  # taken by another process since the probe
+      held.report(i, run, str(e))
+      waiting.append((i, run))
+      continue
     except Exception:  # pylint: disable=broad-except
       # One bad run must not lose the others; it is recorded and reported, never dropped.
       error = traceback.format_exc()
       _record_failure(path, error)
-      outcomes.append(RunOutcome(run, "failed", time.time() - start, error.strip()))
+      outcomes[i] = RunOutcome(run, "failed", time.time() - start, error.strip())
       log(f"[{i + 1}/{len(runs)}] {run.run_id}: FAILED ({error.strip().splitlines()[-1]}); "
           f"traceback in {storage.join(path, ERROR_FILE)}")
       continue
     status = "finished" if results.get("finished") else "interrupted"
     if status == "finished":
       _clear_failure(path)
-    outcomes.append(RunOutcome(run, status, time.time() - start))
+    outcomes[i] = RunOutcome(run, status, time.time() - start)
     log(f"[{i + 1}/{len(runs)}] {run.run_id}: {status} in {time.time() - start:.1f} s")
     if status == "interrupted":
       # The run saved and returned on a preemption notice (SIGTERM): this process is asked to
       # stop, so no further run starts; the rerun resumes this one and then the rest.
-      log(f"Preempted: {len(runs) - i - 1} run(s) not started; rerun the sweep to resume.")
+      log(f"Preempted: {len(runs) - len(outcomes)} run(s) not started; rerun the sweep to "
+          "resume.")
       break
-  return outcomes
+  return [outcomes[i] for i in sorted(outcomes)]
 
 
 class RunLog:
@@ -552,14 +598,27 @@ def _run_subprocesses(sweep_config, runs: Sequence[Run], workdir: str, parallel:
   env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
   env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
                                    else "")
-  pending = list(enumerate(runs))
+  pending = [(i, run, 0.0) for i, run in enumerate(runs)]  # (index, run, not before)
   active: dict[int, tuple[subprocess.Popen, Run, float, RunLog]] = {}
   outcomes: dict[int, RunOutcome] = {}
+  held = _HeldRuns(len(runs), log)
   try:
     while pending or active:
-      while pending and len(active) < parallel:
-        i, run = pending.pop(0)
+      now = time.time()
+      for entry in [e for e in pending if e[2] <= now]:
+        if len(active) >= parallel:
+          break
+        pending.remove(entry)
+        i, run, _ = entry
         path = run_dir(workdir, run)
+        if is_finished(path):  # another process finished it since this sweep started
+          outcomes[i] = held.finished_elsewhere(i, run)
+          continue
+        holder = workdir_lock.holder(path)
+        if holder is not None:
+          held.report(i, run, holder)
+          pending.append((i, run, now + HELD_RUN_POLL_S))
+          continue
         storage.makedirs(path)
         run_log = RunLog(storage.join(path, LOG_FILE))
         process = subprocess.Popen(run_command(sweep_config, run, workdir, python=python),
@@ -584,6 +643,14 @@ def _run_subprocesses(sweep_config, runs: Sequence[Run], workdir: str, parallel:
           outcomes[i] = RunOutcome(run, "finished", elapsed)
         elif process.returncode in (0, EXIT_PREEMPTED):  # saved on SIGTERM, not finished
           outcomes[i] = RunOutcome(run, "interrupted", elapsed)
+        elif is_finished(path):  # another process held and finished it
+          outcomes[i] = held.finished_elsewhere(i, run)
+          continue
+        elif "WorkdirInUseError" in tail or workdir_lock.holder(path) is not None:
+          # Taken by another process between the probe and the start: not a failure.
+          held.report(i, run, workdir_lock.holder(path) or "it was in use when this run started")
+          pending.append((i, run, time.time() + HELD_RUN_POLL_S))
+          continue
         else:
           error = f"exit status {process.returncode}; last lines of {LOG_FILE}:\n{tail}"
           _record_failure(path, error)
@@ -701,11 +768,14 @@ def _subfolders(root: str, *prefixes: str) -> list[str]:
 
 
 def run_status(workdir: str, run: Run) -> str:
-  """"finished" (results.json says so), "failed" (sweep_error.txt), "unfinished" (the folder
-  exists: running, interrupted or preempted) or "missing" (never started)."""
+  """"finished" (results.json says so), "running elsewhere" (another process holds its lock),
+  "failed" (sweep_error.txt), "unfinished" (the folder exists: interrupted or preempted) or
+  "missing" (never started)."""
   path = run_dir(workdir, run)
   if is_finished(path):
     return "finished"
+  if workdir_lock.holder(path) is not None:
+    return RUNNING_ELSEWHERE
   if storage.isfile(storage.join(path, ERROR_FILE)):
     return "failed"
   return "unfinished" if storage.isdir(path) else "missing"
@@ -786,9 +856,16 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel
       status[outcome.run.run_id] = outcome.status
       if outcome.status == "failed":
         failed[outcome.run.run_id] = outcome.error
+    for run_id in list(failed):  # finished by another process after this one's attempt failed
+      if is_finished(storage.join(workdir, run_id)):
+        status[run_id] = "finished"
+        del failed[run_id]
   else:  # aggregate
     for r in runs:
       if status[r.run_id] != "finished":
+        if workdir_lock.holder(run_dir(workdir, r)) is not None:
+          status[r.run_id] = RUNNING_ELSEWHERE  # an error file there is an earlier attempt's
+          continue
         try:
           failed[r.run_id] = storage.read_text(
               storage.join(run_dir(workdir, r), ERROR_FILE)).strip()

@@ -66,9 +66,10 @@ def load_init(init: str | None, model_name: str, stem: str = "bit") -> LoadedIni
     _check_root_kernel(init, params["encoder"], stem)
     return LoadedInit(f"export {init} (step {metadata.get('step')})", params["encoder"],
                       params.get("head"))
-  recorded = _workdir_stem(init)
+  recorded = _workdir_config(init)
   if recorded is not None:
-    _check_stem(f"config.model.init={init} is a workdir", recorded, stem)
+    _check_model_name(init, recorded, model_name)
+    _check_stem(f"config.model.init={init} is a workdir", recorded.get("stem", "bit"), stem)
   params, step = checkpointing.load_params(init)
   if "encoder" not in params:
     raise ValueError(f"config.model.init={init}: the checkpoint has no 'encoder' parameters; "
@@ -84,8 +85,20 @@ def _check_stem(what: str, source_stem: str, stem: str) -> None:
                      f"load it (or pick an init trained with stem {stem!r})")
 
 
-def _workdir_stem(workdir: str) -> str | None:
-  """The stem in a training workdir's config.json ("bit" if the key predates it); None: no file."""
+def _check_model_name(init: str, recorded: dict[str, Any], model_name: str) -> None:
+  """A workdir of another architecture is refused before its checkpoint is read: otherwise the
+  error would be merge_params' list of every unmatched parameter, which names neither model."""
+  theirs = recorded.get("name")
+  if theirs is not None and theirs != model_name:
+    raise ValueError(f"config.model.init={init} is a workdir whose model is {theirs} "
+                     f"(model.name in {recorded['config_file']}), but this run builds "
+                     f"config.model.name={model_name!r}; set --config.model.name={theirs} to "
+                     f"fine-tune it (or pick an init trained as {model_name})")
+
+
+def _workdir_config(workdir: str) -> dict[str, Any] | None:
+  """The `model` block of a training workdir's config.json, with "config_file" (its path) added;
+  None: no such file (e.g. a bare checkpoint folder)."""
   workdir = storage.absolute(workdir).rstrip("/")
   candidates = [workdir]
   if storage.basename(workdir) == checkpointing.CHECKPOINT_SUBDIR:  # the checkpoints/ folder
@@ -93,7 +106,7 @@ def _workdir_stem(workdir: str) -> str | None:
   for folder in candidates:
     path = storage.join(folder, export.RUN_CONFIG_FILE)
     if storage.isfile(path):
-      return storage.read_json(path).get("model", {}).get("stem", "bit")
+      return dict(storage.read_json(path).get("model", {}), config_file=path)
   return None
 
 

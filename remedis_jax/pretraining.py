@@ -5,9 +5,10 @@ the pure update step, and which input pipeline feeds it. This module owns what i
 all of them, so that resume, preemption, NaN handling, metrics and the kNN monitor behave
 identically whichever objective is trained:
 
-  workdir + config -> mesh -> source -> trainer's dataset -> trainer's TrainSetup (model,
-  optimiser, sharded state, jitted update step) -> restore (own checkpoint, else config.model.
-  init, else scratch) -> loop (log window, kNN, checkpoints, preemption) -> run summary.
+  source (checked against the batch before the workdir is touched) -> workdir + config -> mesh
+  -> trainer's dataset -> trainer's TrainSetup (model, optimiser, sharded state, jitted update
+  step) -> restore (own checkpoint, else config.model.init, else scratch) -> loop (log window,
+  kNN, checkpoints, preemption) -> run summary.
 """
 
 from __future__ import annotations
@@ -155,9 +156,30 @@ def _restore_or_init(config, setup: TrainSetup, manager, data_iterator, rng):
   return state, 0, loaded.description + (" (with projection head)" if "head" in parts else "")
 
 
+def check_distinct_batch(batch_size: int, num_examples: int, *, title: str, data: str,
+                         reason: str) -> None:
+  """Refuses a global batch larger than the dataset for a loss that needs distinct images.
+
+  With 3 images and a batch of 64, every batch holds ~21 copies of each image: for NT-Xent an
+  image's copies are its own negatives, so the loss sits at chance and nothing is learnt, while
+  the run looks healthy.
+
+  Raises:
+    ValueError: `batch_size > num_examples`, naming both and the fix.
+  """
+  if batch_size > num_examples:
+    copies = batch_size / max(num_examples, 1)
+    raise ValueError(
+        f"{title}: config.batch_size={batch_size} is larger than the pretraining data ({data}: "
+        f"{num_examples} images), so every batch would hold about {copies:.0f} copies of each "
+        f"image; {reason}, so copies break it (the loss stays at chance). Set "
+        f"--config.batch_size=N with N <= {num_examples} (and divisible by the number of "
+        "devices), or pretrain on more images.")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
         make_dataset: Callable[..., Any], create_setup: Callable[..., TrainSetup],
-        dataset=None) -> dict[str, Any]:
+        dataset=None, distinct_batch_reason: str = "") -> dict[str, Any]:
   """Runs (or resumes) one pretraining job; returns its summary.
 
   Args:
@@ -168,6 +190,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
     create_setup: `(config, mesh, source, total_steps=, warmup_steps=) -> TrainSetup`.
     dataset: optional dataset used instead of `make_dataset`'s (benchmarks use it to take
       input preprocessing out of the measurement). The source still sets the epoch length.
+    distinct_batch_reason: why the objective's loss needs the images of a batch to be distinct
+      (e.g. "its NT-Xent loss uses the other images of a batch as negatives"); when set and
+      the batches come from the source (no `dataset`), a batch larger than the source is
+      refused (`check_distinct_batch`) before the workdir is touched. "" (GMML's
+      reconstruction): repeats in a batch are harmless.
 
   Returns:
     {steps, total_steps, preempted, final_loss, skipped_records, input_wait_ms_per_step,
@@ -175,14 +202,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, title: str,
 
   Raises:
     workdir_lock.WorkdirInUseError: another live run holds the workdir.
+    ValueError: a batch larger than the data for an objective that needs distinct images.
   """
   workdir = storage.absolute(workdir)
+  # The source is opened before the lock and config.json: a run refused for its data (missing
+  # files, too few images) leaves nothing in the workdir.
+  source = data_sources.build_source(config.data, config.data.get("pretrain_split", "train"),
+                                     labels_optional=True)
+  if distinct_batch_reason and dataset is None:  # a given dataset's batches are the caller's
+    check_distinct_batch(config.batch_size, len(source), title=title, data=source.name,
+                         reason=distinct_batch_reason)
   with workdir_lock.WorkdirLock(workdir):
-    return _run(config, workdir, title=title, make_dataset=make_dataset,
+    return _run(config, workdir, source, title=title, make_dataset=make_dataset,
                 create_setup=create_setup, dataset=dataset)
 
 
-def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
+def _run(config, workdir, source, *, title, make_dataset, create_setup, dataset):
   start_time = time.time()
   write_run_config(config, workdir)
   writer = writers.create_writer(workdir, config.get("tensorboard_dir", ""))
@@ -199,9 +234,7 @@ def _run(config, workdir, *, title, make_dataset, create_setup, dataset):
                      f"devices ({mesh.size})")
   local_batch_size = config.batch_size // jax.process_count()
 
-  # ---- data
-  source = data_sources.build_source(config.data, config.data.get("pretrain_split", "train"),
-                                     labels_optional=True)
+  # ---- data (the source was opened by `run`)
   if dataset is None:
     dataset = make_dataset(config, source, local_batch_size)
   data_iterator = iter(dataset)

@@ -27,6 +27,8 @@ import json
 import math
 import os
 import tempfile
+import zipfile
+import zlib
 from typing import Any, Iterator
 
 from etils import epath
@@ -180,15 +182,55 @@ def write_json(path: PathLike, obj: Any, indent: int | None = 2) -> None:
 
 
 def read_json(path: PathLike) -> Any:
-  return json.loads(read_text(path))
+  """The JSON value in a file.
+
+  Raises:
+    json.JSONDecodeError: the file is not valid JSON (a write cut short, a partial copy); the
+      message names the file, which json's own does not.
+    ValueError: the file is not UTF-8 text, naming it.
+  """
+  try:
+    text = read_text(path)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path} is not UTF-8 text ({e}): corrupt or not a JSON file?") from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    # Still a JSONDecodeError (a ValueError): callers that catch either keep working.
+    raise json.JSONDecodeError(f"{path} is not valid JSON (truncated or corrupt?): {e.msg}",
+                               e.doc, e.pos) from None
+
+
+def _not_a_valid_npz(path: PathLike, error: BaseException) -> ValueError:
+  return ValueError(f"{os.fspath(path)} is not a valid .npz: truncated or corrupt download? "
+                    f"({type(error).__name__}: {error}); download the file again")
 
 
 @contextlib.contextmanager
 def open_npz(path: PathLike) -> Iterator[Any]:
-  """`np.load` of an `.npz` (local, or a URL read in one request); no pickles."""
+  """`np.load` of an `.npz` (local, or a URL read in one request); no pickles.
+
+  Raises:
+    ValueError: the file is not a readable `.npz` (cut short or damaged), naming it; also when
+      an array inside fails to decompress while it is read in the `with` block.
+  """
   source = io.BytesIO(read_bytes(path)) if is_url(path) else os.fspath(path)
-  with np.load(source, allow_pickle=False) as npz:
-    yield npz
+  # What NumPy raises for a damaged archive: no zip directory at the end (a cut-short download),
+  # an empty file, a non-zip file (it falls back to unpickling, which allow_pickle=False
+  # refuses), or a member whose compressed data or CRC is wrong (raised on reading it).
+  damaged = (zipfile.BadZipFile, zlib.error, EOFError)
+  try:
+    npz = np.load(source, allow_pickle=False)
+  except (*damaged, ValueError) as e:
+    raise _not_a_valid_npz(path, e) from None
+  if not isinstance(npz, np.lib.npyio.NpzFile):  # a bare .npy saved under an .npz name
+    raise ValueError(f"{os.fspath(path)} is a single .npy array, not an .npz archive of named "
+                     "arrays")
+  with npz:
+    try:
+      yield npz
+    except damaged as e:
+      raise _not_a_valid_npz(path, e) from None
 
 
 def remove(path: PathLike) -> None:
@@ -216,17 +258,26 @@ class Appender:
   Locally: append mode, flushed per write. On an object store, where objects cannot grow, the
   lines written so far (including what the object held when this run started: a resumed run
   continues the file) are kept in memory and the whole object is rewritten at each `flush`.
+
+  A file that does not end with a newline (its last line was cut short: the run was killed
+  mid-write, or the disk filled up) gets one before anything is appended, so that the partial
+  line stays one unreadable line on its own instead of swallowing the next record.
   """
 
   def __init__(self, path: PathLike):
     self.path = os.fspath(path)
     self._remote = is_url(self.path)
     if self._remote:
-      self._lines = [read_text(self.path)] if exists(self.path) else []
+      earlier = read_text(self.path) if exists(self.path) else ""
+      self._lines = [earlier + "\n"] if earlier and not earlier.endswith("\n") else [earlier]
       self._file = None
     else:
       os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      cut_short = _ends_without_newline(self.path)
       self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+      if cut_short:
+        self._file.write("\n")
+        self._file.flush()
 
   def write(self, text: str) -> None:
     if self._remote:
@@ -245,6 +296,18 @@ class Appender:
     if self._file is not None:
       self._file.close()
       self._file = None
+
+
+def _ends_without_newline(path: str) -> bool:
+  """Whether a local file is non-empty and its last byte is not a newline."""
+  try:
+    with open(path, "rb") as f:
+      if f.seek(0, os.SEEK_END) == 0:
+        return False
+      f.seek(-1, os.SEEK_END)
+      return f.read(1) != b"\n"
+  except FileNotFoundError:
+    return False
 
 
 def read_lines(path: PathLike) -> Iterator[str]:

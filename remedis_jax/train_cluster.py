@@ -329,4 +329,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   title = "Hybrid clustering" if config.loss.supervised_weight else "Clustering"
   return pretraining.run(config, workdir, title=title, make_dataset=make_dataset,
-                         create_setup=create_setup_for_source, dataset=dataset)
+                         create_setup=create_setup_for_source, dataset=dataset,
+                         distinct_batch_reason=distinct_batch_reason(config))
+
+
+def distinct_batch_reason(config: ml_collections.ConfigDict) -> str:
+  """Why this objective needs distinct images in a batch ("": it does not, supervised only)."""
+  reasons = []
+  if config.loss.contrastive_weight:
+    reasons.append("its NT-Xent term uses the other images of a batch as negatives")
+  if config.loss.cluster_weight:
+    reasons.append("its clustering term splits the batch evenly over the prototypes "
+                   "(Sinkhorn), which copies of one image cannot follow")
+  return " and ".join(reasons)

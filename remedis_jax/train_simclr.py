@@ -204,5 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       used instead of the one `config.data` describes (benchmarks use it to take input
       preprocessing out of the measurement). The source still sets the epoch length.
   """
-  return pretraining.run(config, workdir, title="SimCLR", make_dataset=make_dataset,
-                         create_setup=create_setup_for_source, dataset=dataset)
+  return pretraining.run(
+      config, workdir, title="SimCLR", make_dataset=make_dataset,
+      create_setup=create_setup_for_source, dataset=dataset,
+      distinct_batch_reason="its NT-Xent loss uses the other images of a batch as negatives")

@@ -11,6 +11,8 @@ the second run stops before doing any work, naming the holder.
   write their checkpoints through Orbax, which coordinates them itself).
 - `flock` needs a local (or NFS v4 / Lustre) file system. Object stores (gs://) have no such
   lock: the run logs that it cannot lock and goes on.
+- `holder(workdir)` asks, without taking the lock, whether a live run holds it (a sweep uses it
+  to tell a run that another sweep is running from a failed one).
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import logging
 import os
 import socket
 import sys
-
-import jax
 
 LOCK_FILE = ".lock"
 
@@ -41,6 +41,9 @@ class WorkdirLock:
     self._file = None
 
   def acquire(self) -> "WorkdirLock":
+    # JAX is imported here, not at the top: the sweeps' parent process probes locks (`holder`)
+    # without loading JAX.
+    import jax  # pylint: disable=g-import-not-at-top
     if jax.process_index() != 0:
       return self
     if "://" in self.workdir:
@@ -54,12 +57,8 @@ class WorkdirLock:
       fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       lock_file.seek(0)
-      holder = lock_file.read().strip()
+      described = _describe(lock_file.read())
       lock_file.close()
-      try:
-        described = ", ".join(f"{k} {v}" for k, v in json.loads(holder).items())
-      except ValueError:
-        described = holder or "a process that wrote no description"
       raise WorkdirInUseError(
           f"{self.workdir} is in use by another run ({described}). Wait for it to finish, "
           "stop it, or pass another --workdir.") from None
@@ -90,3 +89,37 @@ class WorkdirLock:
 
   def __exit__(self, *exc_info) -> None:
     self.release()
+
+
+def _describe(text: str) -> str:
+  """The holder's description in the lock file ("host h, pid 12, ..."), as readable text."""
+  try:
+    return ", ".join(f"{k} {v}" for k, v in json.loads(text).items())
+  except (ValueError, AttributeError):
+    return text.strip() or "a process that wrote no description"
+
+
+def holder(workdir: str) -> str | None:
+  """Who holds the workdir's lock ("host h, pid 12, since ..., command ..."); None: nobody.
+
+  Probes with a non-blocking shared lock, released at once, and creates nothing: None also for
+  a workdir without a lock file, an object-store URL or a file system without flock. A run
+  that tries to start in the microseconds of the probe sees the workdir in use (its error says
+  so); the sweeps treat that like any run held elsewhere.
+  """
+  if "://" in workdir:
+    return None
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    lock_file = open(path, encoding="utf-8")  # pylint: disable=consider-using-with
+  except OSError:  # no lock file: no run has started there
+    return None
+  with lock_file:
+    try:
+      fcntl.flock(lock_file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return _describe(lock_file.read())
+    except OSError:
+      return None
+    fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+  return None

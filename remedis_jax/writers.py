@@ -7,6 +7,7 @@ Only process 0 writes files; the other processes log to their own stderr.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, Mapping
 
@@ -87,11 +88,30 @@ def create_writer(workdir: str, tensorboard_dir: str = "") -> metric_writers.Met
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """Reads back the scalar records of `workdir/metrics.jsonl` (hparams lines skipped)."""
+  """Reads back the scalar records of `workdir/metrics.jsonl` (hparams lines skipped).
+
+  A line that is not a JSON object (cut short when a run was killed mid-write or the disk filled
+  up) is skipped; how many were skipped is logged as a warning naming the file. The records
+  before and after it still count.
+  """
   path = storage.join(workdir, METRICS_FILE)
   if not storage.exists(path):
     return []
-  records = [json.loads(line) for line in storage.read_lines(path) if line.strip()]
+  records, unreadable = [], 0
+  for line in storage.read_lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    if isinstance(record, dict):
+      records.append(record)
+    else:
+      unreadable += 1
+  if unreadable:
+    logging.warning("%s: skipped %d unreadable line(s) (cut short by a killed run or a full "
+                    "disk?); the other %d records are read.", path, unreadable, len(records))
   return [r for r in records if "step" in r]
 
 

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 from configs import common, finetune as finetune_config
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
-from remedis_jax import train_finetune
+from remedis_jax import train_finetune, workdir_lock
 
 
 def write_fake_export(path, model_name="R_micro"):
@@ -364,3 +364,94 @@ def test_a_preempted_run_stops_the_in_process_sweep_and_the_rerun_resumes(tmp_pa
   again = sweep.run_sweep(config, str(workdir), verbose=False)
   assert sorted(fake.calls) == sorted(str(workdir / r.run_id) for r in sweep.plan_runs(config))
   assert again["counts"] == {"finished": 4}
+
+
+# ------------------------------------------------------------- a second sweep on the workdir
+def finish_when_probed_twice(monkeypatch, held_path, lock, results):
+  """`workdir_lock.holder`, which lets the run at `held_path` be found held twice (the sweep saw
+  it held, waited and looked again) before its holder, the other sweep, finishes it."""
+  real_holder = workdir_lock.holder
+  probes = []
+
+  def holder(path):
+    answer = real_holder(path)
+    if os.path.abspath(path) == os.path.abspath(held_path) and answer is not None:
+      probes.append(answer)
+      if len(probes) == 2:
+        write_results(held_path, results)
+        lock.release()
+    return answer
+
+  monkeypatch.setattr(workdir_lock, "holder", holder)
+  monkeypatch.setattr(sweep, "HELD_RUN_POLL_S", 0.01)
+  return probes
+
+
+def test_a_run_another_sweep_holds_is_waited_for_not_failed(tmp_path, monkeypatch, capsys):
+  fake = FakeTrainer()
+
+  def locked_trainer(config, workdir):  # the real trainer runs under the workdir lock
+    with workdir_lock.WorkdirLock(workdir):
+      return fake(config, workdir)
+
+  monkeypatch.setattr(train_finetune, "train_and_evaluate", locked_trainer)
+  config = smoke_sweep({"scratch": ""}, fractions=(0.5,), seeds=(0, 1))
+  workdir = tmp_path / "sweep"
+  held = workdir / sweep.run_id("scratch", 0.5, 0)
+  lock = workdir_lock.WorkdirLock(str(held)).acquire()  # the other sweep is running seed 0
+  probes = finish_when_probed_twice(monkeypatch, held, lock,
+                                    fake_results({"in_distribution": {"macro_auc": 0.6}}))
+  summary = sweep.run_sweep(config, str(workdir))
+  assert len(probes) == 2 and f"pid {os.getpid()}" in probes[0]
+  assert summary["counts"] == {"finished": 2} and not summary["failed"]  # main() exits 0
+  assert fake.calls == [str(workdir / sweep.run_id("scratch", 0.5, 1))]  # not run twice
+  assert not (held / sweep.ERROR_FILE).exists()
+  out = capsys.readouterr().out
+  assert f"{held.relative_to(workdir)}: running elsewhere (host" in out
+  assert "finished by another process" in out and "FAILED" not in out
+  results = json.loads(open(summary["results_json"]).read())
+  assert set(results["run_status"].values()) == {"finished"}
+
+
+# Stands in for `python -m remedis_jax.main`: takes the run's workdir lock as the trainer does,
+# failing like it (a WorkdirInUseError traceback, exit status 1) when another process holds it.
+LOCKING_FAKE_PYTHON = r"""#!{python}
+import fcntl, json, os, sys
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+lock = open(os.path.join(flags["workdir"], ".lock"), "a+")
+try:
+  fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+  sys.exit("remedis_jax.workdir_lock.WorkdirInUseError: in use by another run")
+with open(os.path.join(flags["workdir"], "results.json"), "w") as f:
+  json.dump({{"finished": True, "test_sets": {{
+      "in_distribution": {{"metrics": {{"macro_auc": 0.7}}}}}}}}, f)
+"""
+
+
+def test_a_parallel_sweep_that_loses_the_race_for_a_run_waits_for_it(tmp_path, monkeypatch):
+  python = tmp_path / "fake_python"
+  python.write_text(LOCKING_FAKE_PYTHON.format(python=sys.executable))
+  python.chmod(python.stat().st_mode | stat.S_IEXEC)
+  config = smoke_sweep({"scratch": ""}, fractions=(0.5,), seeds=(0, 1))
+  workdir = tmp_path / "sweep"
+  held = workdir / sweep.run_id("scratch", 0.5, 1)
+  lock = workdir_lock.WorkdirLock(str(held)).acquire()
+  probes = finish_when_probed_twice(monkeypatch, held, lock,
+                                    fake_results({"in_distribution": {"macro_auc": 0.6}}))
+  # The probe before the start misses the holder (it took the lock just after): the run starts,
+  # and its subprocess fails on the lock.
+  missed = []
+  probe = workdir_lock.holder
+
+  def late_holder(path):
+    if os.path.abspath(path) == str(held) and not missed:
+      missed.append(path)
+      return None
+    return probe(path)
+
+  monkeypatch.setattr(workdir_lock, "holder", late_holder)
+  summary = sweep.run_sweep(config, str(workdir), parallel=2, python=str(python), verbose=False)
+  assert summary["counts"] == {"finished": 2} and not summary["failed"]
+  assert len(probes) == 2 and not (held / sweep.ERROR_FILE).exists()
+  assert "WorkdirInUseError" in (held / sweep.LOG_FILE).read_text()

@@ -30,6 +30,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       # folder: images are under `root`, listed by the CSV `manifest`.
       root="",
       manifest="",
+      manifest_encoding="utf-8",  # The manifest's text encoding, e.g. "cp1252" (Excel, Windows).
       image_column="path",
       label_columns="label",    # One column (multi-class), several (multi-label), "" (none).
       classes="",               # Declared class names of a multi-class column, in order.
@@ -158,7 +159,8 @@ def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], spl
         site_column=_get(data_config, "site_column", "") or None,
         num_channels=int(_get(data_config, "num_channels", 1)), keep_bit_depth=keep_bit_depth,
         skip_bad_records=skip, decode_size=resolve_decode_size(data_config),
-        labels_optional=labels_optional)
+        labels_optional=labels_optional,
+        manifest_encoding=_get(data_config, "manifest_encoding", "utf-8"))
     if split_column:
       return FolderSource(split=split, **kwargs)
     if fractions:

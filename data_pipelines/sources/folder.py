@@ -38,6 +38,7 @@ Large images can be decoded at reduced size (`decode_size`, see `data_pipelines.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import logging
@@ -96,7 +97,8 @@ class FolderSource(Source):
                split_column: str | None = None, mask_column: str | None = None,
                site_column: str | None = None, num_channels: int = 1,
                keep_bit_depth: bool = False, skip_bad_records: bool = False,
-               name: str | None = None, decode_size: int = 0, labels_optional: bool = False):
+               name: str | None = None, decode_size: int = 0, labels_optional: bool = False,
+               manifest_encoding: str = "utf-8"):
     """Reads and validates the manifest (no image is opened).
 
     Args:
@@ -120,10 +122,13 @@ class FolderSource(Source):
         masks are reduced to the image's size by a majority vote); 0: full resolution.
       labels_optional: a label column missing from the manifest is not an error: the images
         are read unlabeled (pretraining needs only images), with one log line.
+      manifest_encoding: the manifest's text encoding (a Python codec name, e.g. "cp1252" for a
+        CSV saved by Excel on Windows); with "utf-8" a leading byte-order mark is skipped.
 
     Raises:
       FileNotFoundError: missing manifest.
-      ValueError: an empty manifest, a declared column is missing, a split has no rows (or
+      ValueError: a byte the encoding cannot decode (naming the line and the fix), an unknown
+        encoding, an empty manifest, a declared column is missing, a split has no rows (or
         only bad ones), a multi-class column of names without `classes`, or a bad label row
         (without skip_bad_records; a BadRecordError naming the row).
     """
@@ -148,7 +153,8 @@ class FolderSource(Source):
     self.decode_size = max(0, int(decode_size or 0))
     label_columns = parse_columns(label_columns)
 
-    with io.StringIO(storage.read_bytes(manifest).decode("utf-8-sig"), newline="") as f:
+    text = decode_manifest(storage.read_bytes(manifest), manifest, manifest_encoding)
+    with io.StringIO(text, newline="") as f:
       reader = csv.DictReader(f)
       header = [c.strip() for c in (reader.fieldnames or [])]
       rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
@@ -329,6 +335,31 @@ class FolderSource(Source):
         mask = _reduce_mask(mask, image.shape[:2])
       example["lung_mask"] = mask
     return example
+
+
+def decode_manifest(data: bytes, manifest: str, encoding: str = "utf-8") -> str:
+  """A manifest's bytes as text; an undecodable byte is an error naming the file and line.
+
+  Raises:
+    ValueError: an unknown encoding, or bytes that are not valid in it (the message names the
+      line, the byte and both fixes: re-save as UTF-8 or set data.manifest_encoding).
+  """
+  try:
+    codec = codecs.lookup(encoding).name
+  except LookupError:
+    raise ValueError(f"data.manifest_encoding={encoding!r} is not a known text encoding; use a "
+                     "Python codec name such as 'utf-8', 'cp1252' or 'latin-1'") from None
+  try:
+    # A BOM (Excel's "CSV UTF-8") would otherwise become part of the first column's name.
+    return data.decode("utf-8-sig" if codec == "utf-8" else codec)
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    byte = data[e.start:e.start + 1].hex()
+    raise ValueError(
+        f"manifest {manifest} line {line}: byte 0x{byte} is not valid {encoding} ({e.reason}). "
+        "Re-save the file as UTF-8 (e.g. 'CSV UTF-8' in Excel, or `iconv -f cp1252 -t utf-8`), "
+        "or name its encoding with --config.data.manifest_encoding=... (e.g. cp1252 or "
+        "latin-1)") from None
 
 
 def _file_key(root: str, path: str) -> str:
