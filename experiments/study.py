@@ -21,7 +21,9 @@ Stages, in order (each resumes and skips what is finished; `--stages` runs a sub
             setup without class weights, `distill.epochs` over every training image, the final
             teacher run of the same fraction and seed as teacher), scored on test once ->
             WORKDIR/distill/.
-  report    the final and distill rows together: per cell mean, std and 95% interval; the
+  report    the final and distill rows together (and, with `config.raw_pixel_baseline`, a
+            logistic regression on raw pixels at the same fractions and seeds,
+            experiments/raw_pixel_baseline.py): per cell mean, std and 95% interval; the
             paired difference of every arm against `config.baseline` per seed (the same
             labeled subset) with its 95% interval; the selection table; how many times the test
             split was scored, and a check that no tuning run scored it -> WORKDIR/report/
@@ -50,7 +52,9 @@ PRETRAIN_DIR, TUNE_DIR, FINAL_DIR, DISTILL_DIR, REPORT_DIR = (
 PRETRAIN_DONE = "pretrain_finished.json"
 SELECTION_FILE = "selection.json"
 STUDY_FILE = "study.json"
-SEPARATOR = "__"  # tuning init names: <arm>__<setup>
+SEPARATOR = "__"
+# An arm's init: scratch, this study's pretraining, or another study's (config.source_pretrain).
+INITS = ("", "pretrain", "source_pretrain")  # tuning init names: <arm>__<setup>
 VALIDATION = "validation"  # the test-set name under which tuning runs score validation
 TEST = "test"
 
@@ -86,9 +90,14 @@ def check_config(study: ml_collections.ConfigDict) -> None:
   for name, arm in arms.items():
     if SEPARATOR in name:
       raise ValueError(f"study config arms.{name}: an arm name may not contain {SEPARATOR!r}")
-    if arm.init not in ("", "pretrain"):
-      raise ValueError(f"study config arms.{name}.init={arm.init!r}; expected '' (scratch) or "
-                       "'pretrain' (the study's pretraining run)")
+    if arm.init not in INITS:
+      raise ValueError(f"study config arms.{name}.init={arm.init!r}; expected '' (scratch), "
+                       "'pretrain' (the study's pretraining run) or 'source_pretrain' (the "
+                       "pretraining run named by config.source_pretrain)")
+    if arm.init == "source_pretrain" and not study.get("source_pretrain"):
+      raise ValueError(f"study config arms.{name}.init='source_pretrain' needs "
+                       "config.source_pretrain: another study's pretraining workdir, e.g. "
+                       "--config.source_pretrain=workdirs/pneumoniamnist_study/pretrain")
     if arm.setup_from != "tune" and arm.setup_from not in tuned:
       raise ValueError(f"study config arms.{name}.setup_from={arm.setup_from!r}; expected "
                        f"'tune' or a tuned arm ({', '.join(tuned) or 'none'})")
@@ -104,8 +113,12 @@ def check_config(study: ml_collections.ConfigDict) -> None:
     raise ValueError("study config tune.grid is empty but arms are tuned on it")
 
 
-def _init_path(arm, workdir: str) -> str:
-  return storage.join(workdir, PRETRAIN_DIR) if arm.init == "pretrain" else ""
+def _init_path(arm, workdir: str, study=None) -> str:
+  if arm.init == "pretrain":
+    return storage.join(workdir, PRETRAIN_DIR)
+  if arm.init == "source_pretrain":
+    return storage.absolute(study.source_pretrain)
+  return ""
 
 
 def _sweep_config(study, *, inits: dict[str, str], init_overrides: dict[str, dict],
@@ -135,7 +148,7 @@ def tune_sweep(study, workdir: str, arms: tuple[str, ...] = ()) -> ml_collection
       continue
     for setup_name, setup in study.tune.grid.items():
       name = f"{arm_name}{SEPARATOR}{setup_name}"
-      inits[name] = _init_path(arm, workdir)
+      inits[name] = _init_path(arm, workdir, study)
       overrides[name] = merged(arm.overrides, setup)
   return _sweep_config(study, inits=inits, init_overrides=overrides,
                        fractions=study.tune.label_fractions, seeds=study.tune.seeds,
@@ -200,7 +213,7 @@ def final_test_sets(study) -> tuple[str, ...]:
 def final_sweep(study, workdir: str, selection: dict[str, Any],
                 arms: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   names = [name for name in study.arms if not arms or name in arms]
-  inits = {name: _init_path(study.arms[name], workdir) for name in names}
+  inits = {name: _init_path(study.arms[name], workdir, study) for name in names}
   overrides = {name: chosen_overrides(study, selection, name) for name in names}
   return _sweep_config(study, inits=inits, init_overrides=overrides,
                        fractions=study.final.label_fractions, seeds=study.final.seeds,
@@ -210,9 +223,9 @@ def final_sweep(study, workdir: str, selection: dict[str, Any],
 def distill_sweep(study, workdir: str, selection: dict[str, Any]) -> ml_collections.ConfigDict:
   inits, overrides = {}, {}
   for student, teacher in study.distill.students.items():
-    inits[student] = _init_path(study.arms[teacher], workdir)
-    template = storage.join(storage.absolute(workdir), FINAL_DIR,
-                            f"init={teacher}/frac={{label_fraction:g}}/seed={{label_fraction_seed}}")
+    inits[student] = _init_path(study.arms[teacher], workdir, study)
+    template = storage.join(storage.absolute(workdir), FINAL_DIR, f"init={teacher}",
+                            "frac={label_fraction:g}/seed={label_fraction_seed}")
     # Soft targets carry the teacher's own calibration: the student's loss has no class weights.
     overrides[student] = merged(chosen_overrides(study, selection, teacher), {
         "total_epochs": float(study.distill.epochs), "distill": {"teacher": template},
@@ -224,6 +237,24 @@ def distill_sweep(study, workdir: str, selection: dict[str, Any]) -> ml_collecti
 
 
 # ------------------------------------------------------------------------------ the stages
+def pretrain_overrides(study) -> dict[str, Any]:
+  """The pretraining config's dotted overrides: `pretrain.overrides` on the study's data.
+
+  "{source_data_path}" in a value (e.g. the split "train+train@medmnist:{source_data_path}")
+  becomes config.source_data_path: the in-distribution dataset whose images join pretraining.
+  """
+  overrides = sweep.flatten(merged(study.pretrain.overrides,
+                                   {"data": {"path": storage.absolute(study.data_path)}}))
+  for key, value in overrides.items():
+    if isinstance(value, str) and "{source_data_path}" in value:
+      if not study.get("source_data_path"):
+        raise ValueError(f"study config pretrain.overrides.{key}={value!r} needs "
+                         "config.source_data_path (e.g. the in-distribution .npz)")
+      overrides[key] = value.replace("{source_data_path}",
+                                     storage.absolute(study.source_data_path))
+  return overrides
+
+
 def run_pretraining(study, workdir: str, log) -> str:
   """SimCLR into WORKDIR/pretrain, in this process (the trainer resumes a partial run)."""
   import importlib  # pylint: disable=g-import-not-at-top
@@ -232,8 +263,7 @@ def run_pretraining(study, workdir: str, log) -> str:
   if storage.exists(done):
     log(f"[pretrain] finished earlier: {path}")
     return path
-  overrides = sweep.flatten(merged(study.pretrain.overrides,
-                                   {"data": {"path": storage.absolute(study.data_path)}}))
+  overrides = pretrain_overrides(study)
   config = sweep.apply_overrides(sweep.load_config_file(study.pretrain.config),
                                  overrides.items(), where="pretrain.overrides")
   log(f"[pretrain] {study.pretrain.config} with {overrides} -> {path}")
@@ -323,7 +353,16 @@ def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any
     arms += list(study.distill.students.keys())
   path = storage.join(workdir, REPORT_DIR)
   storage.makedirs(path)
-  reads = test_reads(rows)
+  reads, num_arms = test_reads(rows), len(arms)
+  raw_note = ""
+  if study.get("raw_pixel_baseline"):
+    from experiments import raw_pixel_baseline  # pylint: disable=g-import-not-at-top
+    log("[report] the raw-pixel logistic regression at the final fractions and seeds")
+    rows += raw_pixel_baseline.run(study.data_path, label_fractions=study.final.label_fractions,
+                                   seeds=study.final.seeds, log=log)
+    arms.append(raw_pixel_baseline.INIT)
+    raw_note = (f" The raw-pixel baseline (C chosen on validation) scored it "
+                f"{test_reads(rows) - reads} more times.")
   zero_shot = study.get("zero_shot")
   zero_shot_note = ""
   if zero_shot and zero_shot.path:
@@ -340,12 +379,14 @@ def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any
                      "best validation " + ", ".join(f"{a} {v:.4f}" for a, v in
                                                    headline["mean_best_validation"].items())
                      + ").")
+  planned = (f"{num_arms} arms x {len(study.final.label_fractions)} fractions x "
+             f"{len(study.final.seeds)} seeds planned")
   header = (f"# {study.name}\n\n"
-            f"Test split scored {reads} times in this study: once per finished final and "
-            f"student run ({len(arms)} arms x {len(study.final.label_fractions)} fractions x "
-            f"{len(study.final.seeds)} seeds planned); the {len(tune_rows)} tuning rows scored "
-            f"validation only.{zero_shot_note}{headline_note}\n\n## Selection on validation\n\n"
-            + selection_table(selection, study.metric) + "\n## Test\n\n")
+            f"Test split scored {reads} times in this study by the networks: once per finished "
+            f"final and student run ({planned}); the {len(tune_rows)} tuning rows scored "
+            f"validation only.{raw_note}{zero_shot_note}{headline_note}\n\n"
+            "## Selection on validation\n\n" + selection_table(selection, study.metric)
+            + "\n## Test\n\n")
   storage.write_text(outputs["table_file"], header + outputs["table"] + "\n")
   storage.write_json(storage.join(path, STUDY_FILE), {
       "name": study.name, "test_reads": reads, "tuning_rows": len(tune_rows),

@@ -112,8 +112,7 @@ class Task(NamedTuple):
 
 
 # Another dataset as a test set: its kind -> the data key that says where it is.
-OTHER_DATASET_LOCATION = {"medmnist": "path", "folder": "manifest", "array_record": "path",
-                          "tfds": "tfds_name"}
+OTHER_DATASET_LOCATION = data_sources.OTHER_DATASET_LOCATION
 # What a test set of another dataset may set: where it is and how its files are laid out. Every
 # other data key -- image size, channels, eval ops, bit depth, decode size -- is the run's.
 OTHER_DATASET_KEYS = ("path", "manifest", "root", "tfds_name", "data_dir", "image_column",

@@ -197,3 +197,68 @@ def test_study_command_end_to_end_on_generated_data(tmp_path):
   again = study.run_study(config, workdir, stages=("pretrain", "tune", "final"), verbose=False)
   assert again["tune"]["counts"] == {"skipped": 2} and again["final"]["counts"] == {"skipped": 2}
   assert not math.isnan(report["cells"][0]["auc_mean"])
+
+
+# ------------------------------------------------------------------------ the new-site study
+def adult_smoke(tmp_path, **keys):
+  from configs.studies import adult_cxr  # pylint: disable=g-import-not-at-top
+  config = adult_cxr.get_config("smoke")
+  config.data_path = str(write_npz(tmp_path / "site_b.npz", seed=1))
+  config.source_data_path = str(write_npz(tmp_path / "site_a.npz", seed=0))
+  for key, value in keys.items():
+    config[key] = value
+  return config
+
+
+def test_new_site_study_pretrains_on_both_sites_and_starts_from_the_source_encoder(tmp_path):
+  from configs.studies import adult_cxr  # pylint: disable=g-import-not-at-top
+  from data_pipelines import sources  # pylint: disable=g-import-not-at-top
+  config = adult_smoke(tmp_path)
+  overrides = study.pretrain_overrides(config)
+  assert overrides["data.path"] == config.data_path
+  assert overrides["data.pretrain_split"] == f"train+train@medmnist:{config.source_data_path}"
+  both = sources.build_source({"source": "medmnist", "path": overrides["data.path"]},
+                              overrides["data.pretrain_split"], labels_optional=True)
+  assert len(both) == 64 + 64  # every training image of both sites, no validation or test
+  with pytest.raises(ValueError, match="source 'csv' cannot be read as another dataset"):
+    sources.build_source({"source": "medmnist", "path": overrides["data.path"]},
+                         "train+train@csv:/x.csv")
+  config.source_data_path = ""
+  with pytest.raises(ValueError, match="needs config.source_data_path"):
+    study.pretrain_overrides(config)
+
+  full = adult_cxr.get_config()
+  full.data_path = config.data_path
+  with pytest.raises(ValueError, match="needs config.source_pretrain"):
+    study.check_config(full)
+  full.source_pretrain = str(tmp_path / "source_study" / "pretrain")
+  runs = sweep.plan_runs(study.tune_sweep(full, str(tmp_path / "s")))
+  assert len(runs) == 3 * 8 * 2 * 2  # three tuned arms, one grid and budget
+  inits = {r.init.split(study.SEPARATOR)[0]: r.init_path for r in runs}
+  assert inits == {"scratch": "", "simclr_source": full.source_pretrain,
+                   "simclr_both": str(tmp_path / "s" / "pretrain")}
+
+
+def test_new_site_report_has_the_raw_pixel_row_and_the_matching_fraction(tmp_path):
+  config = adult_smoke(tmp_path)
+  workdir = str(tmp_path / "study")
+  tune = study.tune_sweep(config, workdir)
+  for run in sweep.plan_runs(tune):
+    _write_results(sweep.run_dir(os.path.join(workdir, "tune"), run), {"validation": 0.8})
+  selection = study.select(config, study._rows(tune, os.path.join(workdir, "tune")))  # pylint: disable=protected-access
+  with open(os.path.join(workdir, study.SELECTION_FILE), "w") as f:
+    json.dump(selection, f)
+  # scratch 0.7 at 50% and 0.8 at 100%; the SimCLR arm 0.85 at both: it matches at 50%.
+  for run in sweep.plan_runs(study.final_sweep(config, workdir, selection)):
+    value = 0.85 if run.init == "simclr_both" else 0.7 + 0.1 * (run.label_fraction == 1.0)
+    _write_results(sweep.run_dir(os.path.join(workdir, "final"), run), {"test": value})
+  out = study.run_study(config, workdir, stages=("report",), verbose=False)["report"]
+  assert out["test_reads"] == 4
+  raw = [c for c in out["cells"] if c["init"] == "raw_pixels"]
+  assert [c["label_fraction"] for c in raw] == [0.5, 1.0]
+  assert all(0.0 <= c["auc_mean"] <= 1.0 for c in raw)
+  match = {m["init"]: m for m in out["matches"]}
+  assert match["simclr_both"]["status"] == "matches"
+  assert match["simclr_both"]["match_fraction"] == 0.5
+  with open(os.path.join(workdir, "report", "summary.md")) as f:
+    assert "raw-pixel baseline (C chosen on validation) scored it 2 more times" in f.read()

@@ -6,6 +6,7 @@ The record format and source attributes are described in `data_pipelines/sources
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -105,6 +106,32 @@ def _per_split(value: Any, split: str, default: Any) -> Any:
   return default if value is None else value
 
 
+# Another dataset in a split name ("SPLIT@SOURCE:LOCATION"): the data key LOCATION sets.
+OTHER_DATASET_LOCATION = {"medmnist": "path", "folder": "manifest", "array_record": "path",
+                          "tfds": "tfds_name"}
+
+
+def other_dataset_config(data_config, source: str, location: str, *, what: str
+                         ) -> dict[str, Any]:
+  """`data_config` reading another dataset: its source and location replaced (a folder's root
+  becomes the manifest's folder), every other key (image size, channels, ...) kept.
+
+  Raises:
+    ValueError: an unknown source or an empty location, naming `what`.
+  """
+  if source not in OTHER_DATASET_LOCATION:
+    raise ValueError(f"{what}: source {source!r} cannot be read as another dataset; expected "
+                     f"one of {', '.join(OTHER_DATASET_LOCATION)} (SPLIT@SOURCE:LOCATION)")
+  if not location:
+    raise ValueError(f"{what}: no location after '{source}:' (SPLIT@SOURCE:LOCATION)")
+  data = (data_config.to_dict() if isinstance(data_config, ml_collections.ConfigDict)
+          else dict(data_config))
+  data.update({"source": source, OTHER_DATASET_LOCATION[source]: location})
+  if source == "folder":
+    data["root"] = os.path.dirname(location)
+  return data
+
+
 def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], split: str, *,
                  labels_optional: bool = False) -> Source:
   """Builds the source named by `data_config.source` for `split`.
@@ -112,7 +139,9 @@ def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], spl
   Args:
     data_config: the `data` section (see `default_data_config`).
     split: "train", "val", "test", "unlabeled" (synthetic), or any split the data has;
-      "train+val" joins splits into one source (pretraining on every image but the test set's).
+      "train+val" joins splits into one source (pretraining on every image but the test set's);
+      "SPLIT@SOURCE:LOCATION" reads SPLIT of another dataset with this config's other keys, e.g.
+      "train+train@medmnist:/data/adult_cxr.npz" (pretraining on two hospitals' images).
     labels_optional: a folder manifest without the label column is read unlabeled instead of
       being an error (pretraining needs only images).
 
@@ -129,6 +158,12 @@ def build_source(data_config: ml_collections.ConfigDict | Mapping[str, Any], spl
                        "e.g. 'train+val'")
     return ConcatSource([build_source(data_config, part, labels_optional=labels_optional)
                          for part in parts])
+  name, at, where = split.partition("@")
+  kind, colon, location = where.partition(":")
+  if at and colon:
+    return build_source(other_dataset_config(data_config, kind.strip(), location.strip(),
+                                             what=f"split {split!r}"),
+                        name.strip(), labels_optional=labels_optional)
   source = _get(data_config, "source", "synthetic")
   skip = bool(_get(data_config, "skip_bad_records", False))
   keep_bit_depth = bool(_get(data_config, "keep_bit_depth", False))
