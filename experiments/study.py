@@ -155,8 +155,10 @@ def tune_sweep(study, workdir: str, arms: tuple[str, ...] = ()) -> ml_collection
                        test_sets=(f"{VALIDATION}=val",), baseline=next(iter(inits)))
 
 
-def select(study, tune_rows: list[dict[str, Any]]) -> dict[str, Any]:
-  """The selection rule (module docstring) on the tuning rows.
+def select(study, tune_rows: list[dict[str, Any]], arms: tuple[str, ...] = ()
+           ) -> dict[str, Any]:
+  """The selection rule (module docstring) on the tuning rows of `arms` (default: every tuned
+  arm). An arm's choice depends on its own tuning runs only.
 
   Returns:
     {arm: {"setup", "score", "scores": {setup: {"score", "per_fraction": {f: mean}, "n"}}}}.
@@ -165,15 +167,16 @@ def select(study, tune_rows: list[dict[str, Any]]) -> dict[str, Any]:
     RuntimeError: a tuning run did not finish (the rule needs every run).
   """
   column = sweep_results.METRICS.get(study.metric, study.metric)
+  tuned = [name for name, arm in study.arms.items()
+           if arm.setup_from == "tune" and (not arms or name in arms)]
+  tune_rows = [r for r in tune_rows if r["init"].split(SEPARATOR)[0] in tuned]
   unfinished = [r["run_id"] for r in tune_rows if r["status"] != "finished"]
   if unfinished:
     raise RuntimeError(f"the selection rule needs every tuning run; {len(unfinished)} did not "
                        f"finish ({', '.join(unfinished[:5])}...): rerun --stages=tune")
   expected = len(study.tune.label_fractions) * len(study.tune.seeds)
   selection = {}
-  for arm_name, arm in study.arms.items():
-    if arm.setup_from != "tune":
-      continue
+  for arm_name in tuned:
     scores = {}
     for setup_name in study.tune.grid.keys():
       name = f"{arm_name}{SEPARATOR}{setup_name}"
@@ -400,8 +403,9 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *,
               verbose: bool = True) -> dict[str, Any]:
   """Runs `stages` of the study in order (see the module docstring); returns what each made.
 
-  `arms` (default: all) limits the tune and final stages to those arms, e.g. to tune scratch
-  while the pretraining runs elsewhere; select and report always take every arm.
+  `arms` (default: all) limits the tune, select and final stages to those arms, e.g. to tune
+  scratch while the pretraining runs elsewhere (an arm's choice depends on its own tuning runs
+  only); the report always takes every arm.
   """
   log = print if verbose else (lambda *a, **k: None)
   unknown = [s for s in stages if s not in STAGES]
@@ -426,9 +430,12 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *,
     out["tune"] = _run(tune_sweep(study, workdir, arms), storage.join(workdir, TUNE_DIR), parallel,
                        f"{study.name}: tuning (validation)", log)
   if "select" in stages:
-    tune = tune_sweep(study, workdir)
-    selection = select(study, _rows(tune, storage.join(workdir, TUNE_DIR)))
-    storage.write_json(storage.join(workdir, SELECTION_FILE), selection)
+    tune = tune_sweep(study, workdir, arms)
+    selection = select(study, _rows(tune, storage.join(workdir, TUNE_DIR)), arms)
+    path = storage.join(workdir, SELECTION_FILE)
+    if arms and storage.exists(path):  # the other arms' choices stand
+      selection = {**storage.read_json(path), **selection}
+    storage.write_json(path, selection)
     log("[select]\n" + selection_table(selection, study.metric))
     out["selection"] = selection
   if "final" in stages:
@@ -471,7 +478,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("stages", ",".join(STAGES), "Comma-separated stages to run, in order: "
                       + ", ".join(STAGES) + ".")
   flags.DEFINE_integer("parallel", 1, "Fine-tuning runs at once (1: in this process).")
-  flags.DEFINE_string("arms", "", "Comma-separated arms for the tune and final stages "
+  flags.DEFINE_string("arms", "", "Comma-separated arms for the tune, select and final stages "
                       "(default: all).")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

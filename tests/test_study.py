@@ -63,6 +63,10 @@ def test_selection_rule_takes_the_best_mean_over_fractions_and_seeds(tmp_path):
           rows.append(row(f"{arm}{study.SEPARATOR}{setup}", fraction, seed, values[i, j]))
   selection = study.select(config, rows)
   assert set(selection) == {"scratch", "simclr"}  # the tuned arms only
+  # One arm's choice needs its own runs only, and is the same.
+  alone = study.select(config, [r for r in rows if r["init"].startswith("scratch")],
+                       arms=("scratch",))
+  assert alone == {"scratch": selection["scratch"]}
   for arm in ("scratch", "simclr"):
     expected = max(grid, key=lambda s: means[(arm, s)])
     assert selection[arm]["setup"] == expected
