@@ -1,7 +1,7 @@
 # Two commands a new user needs: `make quickstart` and `make test`. Both create .venv with
 # python3 and install the package with its pinned dependencies first (pyproject.toml, through
 # requirements*.txt: `pip install -e ".[cpu]"` / `".[cpu,dev]"`; only when they changed).
-# Accelerator hosts install `pip install -e ".[tpu]"` or `".[cuda12]"` instead (README).
+# Accelerator hosts install `pip install -e ".[tpu]"` or `".[cuda12]"` instead (docs/pods.md).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ WORKDIR ?= workdirs/quickstart
 .PHONY: quickstart test install install-dev clean
 
 # The installer: uv (pinned, from PyPI into the venv) installs the same pinned versions as pip in
-# a fraction of the time (2-core box, caches warm: pip 87 s; uv 6 s plus venv and uv itself).
+# a fraction of the time.
 # `make INSTALLER=pip ...` uses pip alone, e.g. where only a pip.conf mirror reaches the packages
 # (uv does not read pip.conf).
 # Bytecode: neither installer compiles the 2.8 GB of packages up front (uv --compile-bytecode

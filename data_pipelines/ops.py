@@ -15,11 +15,10 @@ Ops run on the HOST in numpy / PIL / scipy and emit uint8. Normalisation to [-1,
 happens on the device inside the jitted train step (`x / 127.5 - 1`): shipping uint8 moves
 4x fewer bytes host -> device (and between Grain worker processes), and the division is free
 on an accelerator. All augmentation stays on the host; a jitted (on-device) variant of the
-colour ops was considered but not built or measured: on this CPU box it would compete with the
-train step for the same 2 cores, and the host pipeline already outruns the CPU train step by
-far (about 200 images x 2 views per second at 224 px, experiments/benchmarks/input_pipeline.py,
-vs about 0.65 images/s for a BiT-R50 SimCLR step at 224 px on this CPU). Revisit if an
-accelerator host turns out input-bound.
+colour ops was considered but not built or measured: on a CPU host it would compete with the
+train step for the same cores, and the host pipeline already outruns a CPU train step by far
+(experiments/benchmarks/input_pipeline.py; docs/benchmarks.md). Revisit if an accelerator host
+turns out input-bound.
 
 An op list is written either as a big_vision-style string or as (name, kwargs) pairs:
 

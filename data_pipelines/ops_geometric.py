@@ -6,8 +6,8 @@ with `image` when the mask is present: the same crop box, flip, angle or displac
 resampled with nearest neighbour so the mask stays binary (segmentation fine-tuning relies on
 image and mask staying aligned).
 
-Implementation notes (measured on a 2-core CPU, see the benchmark in
-`experiments/benchmarks/input_pipeline.py`):
+Implementation notes (measured with `experiments/benchmarks/input_pipeline.py`; numbers in
+docs/benchmarks.md):
 - Crops are folded into the resize: PIL's `resize(..., box=...)` reads only the crop box and
   resamples straight to the output size, so we never materialise the crop or resize the whole
   source image (crop BEFORE resize).

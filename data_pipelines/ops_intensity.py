@@ -3,7 +3,7 @@
 Same contract as the geometric ops (`op(features, rng) -> features`, uint8 in, uint8 out), but
 these touch only `features["image"]`: a lung mask does not change when the image gets brighter.
 
-Implementation notes (per-op costs measured on 224x224x3 uint8 on this 2-core CPU):
+Implementation notes (per-op costs measured on 224x224x3 uint8 on a CPU):
 - Point-wise ops (brightness, contrast, gamma, window) are 256-entry lookup tables applied with
   PIL `Image.point` (~0.15 ms) instead of float arithmetic over every pixel.
 - Saturation and grayscale use PIL's C blend / convert (~0.2 ms); hue goes through PIL's HSV

@@ -17,7 +17,7 @@ C inverted, D low-resolution; data_pipelines/sources/synthetic.py):
   report  the smallest site-B fraction at which `headline_init` (REMEDIS) matches the baseline
           (`baseline` init, scratch, at `baseline_fraction` = 100% of site B).
 
-Step 2 starts from the inits (the pretrained representations), as the issue asks. REMEDIS
+Step 2 starts from the inits (the pretrained representations). REMEDIS
 itself starts its OOD fine-tuning from the in-distribution fine-tuned model; with this code
 that is an init pointing at a step-1 run folder (a workdir with checkpoints/), e.g.
 `--config.inits.remedis=WORKDIR/step1_site_A/init=remedis/frac=1/seed=0` (one seed's model).

@@ -225,7 +225,7 @@ def create_sharded(
   The pattern is `eval_shape -> shardings -> jit(init_fn, out_shardings=...)`:
   parameters and optimiser state never exist whole on one device. Without
   `out_shardings`, `jax.jit(tx.init)(sharded_params)` puts the state on one
-  device and the next step fails with "incompatible devices" (STACK_NOTES).
+  device and the next step fails with "incompatible devices".
 
   Args:
     init_fn: a pure function of `args` (close over modules and configs; e.g.

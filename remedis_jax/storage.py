@@ -8,7 +8,7 @@ Cloud Storage backends. epath talks to `gs://` through TensorFlow's file system 
 installed (our requirements install it), and through fsspec + gcsfs when `EPATH_USE_TF=false`.
 Both work against Cloud Storage; only the second can be pointed at a local emulator
 (`STORAGE_EMULATOR_HOST`), so it is the one our tests run (tests/test_gcs.py) and the one the
-README recommends on pods. Orbax writes array data through TensorStore (`TENSORSTORE_GCS_HTTP_URL`
+recommended on pods (docs/pods.md). Orbax writes array data through TensorStore (`TENSORSTORE_GCS_HTTP_URL`
 points it at an emulator) and TensorBoard event files go through TensorFlow.
 
 Atomic small files. `write_text` / `write_json` never leave a half-written file: locally the text

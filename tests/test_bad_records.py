@@ -59,7 +59,7 @@ def _iterate(source, **kwargs):
 
 
 def test_all_bad_folder_manifest_stops_instead_of_spinning(tmp_path):
-  # The reproduction: a folder manifest whose every file is missing used to loop forever
+  # A folder manifest whose every file is missing used to loop forever
   # in the record-dropping stage, logging a warning per read.
   with open(tmp_path / "m.csv", "w", newline="") as f:
     writer = csv.writer(f)
@@ -132,7 +132,7 @@ def test_an_empty_source_is_named():
 
 
 def test_bad_validation_file_stops_fine_tuning_before_training(tmp_path):
-  # The case: a bad image in the validation split crashed the run at its first
+  # A bad image in the validation split crashed the run at its first
   # validation, after the training time was spent. Now it is found before anything is built.
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from configs import finetune  # pylint: disable=g-import-not-at-top

@@ -116,7 +116,7 @@ def test_sigterm_while_input_is_stuck_saves_the_current_step_and_exits(tmp_path)
   sent = {}
 
   def preempt_once_stuck():
-    if source.blocked.wait(timeout=600):  # compiling first can take minutes on a busy box
+    if source.blocked.wait(timeout=600):  # compiling first can take minutes on a loaded machine
       time.sleep(1.0)  # let the loop reach its wait for the next batch
       sent["at"] = time.monotonic()
       os.kill(os.getpid(), signal.SIGTERM)

@@ -36,7 +36,7 @@ def test_folder_without_label_column_is_read_unlabeled_only_when_labels_are_opti
 
 
 def test_pretraining_on_an_unlabeled_folder_needs_no_overrides(tmp_path, caplog):
-  # The case: the defaults (label column "label", kNN monitor and linear probe on)
+  # The defaults (label column "label", kNN monitor and linear probe on)
   # used to fail first on the label column, then on the kNN monitor's 'val' split.
   _unlabeled_folder(tmp_path)
   config = pretrain_simclr.get_config("smoke")

@@ -270,7 +270,7 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     assert built.loss.class_weights == expected.get("loss", {}).get("class_weights", "")
   assert set(sweep.load_config_file("configs/sweeps/pneumoniamnist.py:scratch").inits) == {
       "scratch"}
-  # ':RECIPE@ENCODER' fine-tunes that encoder with that recipe (the README's table:
+  # ':RECIPE@ENCODER' fine-tunes that encoder with that recipe (the earlier study's table,
   # head_first@steps_1500); ':RECIPE' keeps SIMCLR_ENCODER.
   table = sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first@steps_1500")
   for run in sweep.validate(table, check_runs=False):
@@ -337,7 +337,8 @@ def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tm
         assert built.distill.teacher == "" and built.total_epochs == 100.0
   with pytest.raises(ValueError, match="unknown student 'nope'"):
     sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:test,nope")
-  # ':table': every fraction of the README's table below 100%, each student with its teacher.
+  # ':table': every fraction of the earlier study's table below 100%, each student with its
+  # teacher (experiments/results/pneumoniamnist/).
   table = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:table@/table")
   runs = sweep.validate(table, check_runs=False)
   assert len(runs) == 2 * 6 * 3

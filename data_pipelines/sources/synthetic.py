@@ -74,13 +74,8 @@ Speed: vectorised NumPy. All the large shapes (body, rib cage, shoulders, neck, 
 heart, breasts, aortic knob) are evaluated together as quadratic polynomials in the image
 coordinates (`_Canvas.ellipses`); small ones only in their bounding boxes; lines, tubes and
 electrodes are stamped at sampled points; the noise comes from a per-process bank cropped at
-a random offset. `python -m data_pipelines.sources.synthetic` measures images/s on one core.
-Measured on the shared 2-core box (load average ~6), CPU time per image, interleaved image by
-image with the previous version of this module (commit 8680291) so that the load hits both
-alike: 1.24k / 1.02k / 0.30k images/s at 32 / 64 / 224 px, against 1.51k / 1.26k / 0.39k
-before (-18% / -20% / -23%). `python -m data_pipelines.sources.synthetic` (wall clock, three
-alternating runs on the same box): 0.92-1.05k images/s at 64 px and 0.27-0.29k at 224 px,
-against 1.14-1.40k and 0.34-0.46k before. (Earlier, on a quiet box: 2.6-3.8k at 64 px.)
+a random offset. `python -m data_pipelines.sources.synthetic` measures images/s on one core
+(numbers in docs/benchmarks.md).
 
 Site ids are indices into SITE_NAMES (A = 0 ... D = 3); for this source 0 is site A, not
 "unknown".
