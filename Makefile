@@ -44,9 +44,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed-runtime requirements-dev.txt pyprojec
 install: $(VENV)/.installed-runtime
 install-dev: $(VENV)/.installed-dev
 
-# Runs the REMEDIS pipeline on the built-in synthetic chest X-ray dataset at CPU scale.
+# Runs the REMEDIS pipeline at CPU scale on PneumoniaMNIST, found in or downloaded once to
+# ~/.medmnist (`make quickstart MEDMNIST_DIR=/data/medmnist` names another folder); on the
+# built-in synthetic chest X-rays when it cannot be downloaded.
 quickstart: $(VENV)/.installed-runtime
-	$(BIN)/python -m experiments.quickstart --workdir=$(WORKDIR)
+	$(BIN)/python -m experiments.quickstart --workdir=$(WORKDIR) \
+	  $(if $(MEDMNIST_DIR),--medmnist_dir=$(MEDMNIST_DIR))
 
 # The whole suite; CPU only, tiny models, data generated in the tests. Two pytest-xdist workers
 # (compiling the tiny trainer programs is single-threaded), an idle worker takes queued tests from
