@@ -14,12 +14,24 @@ folder is moved aside to `<step>.damaged-<time>` (kept for inspection, never del
 ignores it), so that the run can save that step number again when it gets there. When no step
 can be read the run stops with an error naming the folder and every step tried: it never
 starts from scratch over existing checkpoints.
+
+A save that fails (a full disk) stops the run with one `CheckpointSaveError` line naming the
+step, the folder, the cause and the last good step. Orbax saves in background threads, each of
+which logs the error with its traceback, and raises it only at the next save or wait: training
+would go on until then, and the loop's clean-up would raise it again. Here the loop learns of
+the failure at the step after it happened (`check_saves`, polled through
+`preemption.PreemptionWatcher.reached`), the error is raised once, and the failed step's
+partial folder is removed (the space it took lets the run's last log lines be written).
+Older checkpoints are never removed by a failed save: Orbax deletes old steps only after the
+new one is complete.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import time
 from typing import Any, Mapping
@@ -38,6 +50,130 @@ DAMAGED_MARKER = ".damaged-"
 
 class UnreadableCheckpointError(RuntimeError):
   """Every checkpoint step of a run exists but none can be read."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (a full disk, ...); older checkpoints are kept."""
+
+
+# What a full disk looks like by the time it reaches Python: OSError from Python writes,
+# TensorStore's RESOURCE_EXHAUSTED text with the OS error code from the array writes.
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+_DISK_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|"
+                             r"os_error_code='(%d|%d)'" % (errno.ENOSPC, errno.EDQUOT))
+
+
+def _disk_full(error: BaseException) -> str | None:
+  """"no space left on device" (or the quota's words) when `error` or its cause is a full disk."""
+  for _ in range(10):
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+      return _DISK_FULL[error.errno]
+    match = _DISK_FULL_TEXT.search(str(error))
+    if match:
+      quota = "quota" in match.group(0) or match.group(1) == str(errno.EDQUOT)
+      return _DISK_FULL[errno.EDQUOT if quota else errno.ENOSPC]
+    error = error.__cause__ or error.__context__
+    if error is None:
+      return None
+  return None
+
+
+class _FailedSaveNoise(logging.Filter):
+  """Drops Orbax's error records with a traceback for a save that failed on a full disk.
+
+  Three background threads log each such failure with its traceback; the failure reaches the
+  train loop as one `CheckpointSaveError` that says it all. Other errors pass.
+  """
+
+  def filter(self, record):
+    if record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return _disk_full(error if error is not None else Exception(record.getMessage())) is None
+
+
+_FAILED_SAVE_NOISE = _FailedSaveNoise()
+
+
+class Manager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager; a failed save raises one `CheckpointSaveError`.
+
+  `save` and `wait_until_finished` raise it for the step that failed (the previous save's
+  failure surfaces at the next save or wait, as in Orbax); `check_saves` finds it as soon as a
+  background save has ended. Once it was raised, `wait_until_finished` (the loop's clean-up,
+  `close`) returns without raising it again.
+  """
+
+  def __init__(self, *args, **kwargs):
+    self._saving_step = None  # the step of the newest save started
+    self._unchecked = False  # a save started and `check_saves` has not seen it end yet
+    self.save_failure: CheckpointSaveError | None = None
+    super().__init__(*args, **kwargs)
+
+  def save(self, step: int, *args, **kwargs) -> bool:  # pylint: disable=arguments-differ
+    if self.save_failure is not None:
+      raise self.save_failure
+    self.wait_until_finished()  # the previous save's failure names the previous step
+    self._saving_step, self._unchecked = step, True
+    try:
+      return super().save(step, *args, **kwargs)
+    except CheckpointSaveError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._failed(step, error) from (None if _disk_full(error) else error)
+
+  def wait_until_finished(self):
+    if self.save_failure is not None:
+      return
+    try:
+      super().wait_until_finished()
+    except CheckpointSaveError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._failed(self._saving_step, error) from (None if _disk_full(error) else error)
+
+  def check_saves(self) -> None:
+    """Raises CheckpointSaveError once the newest background save has ended in failure.
+
+    While a save runs this reads one flag; when it has ended, it waits on it once.
+    """
+    if self._unchecked and not self.is_saving_in_progress():
+      self._unchecked = False
+      self.wait_until_finished()
+
+  def _failed(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+    """The one error for a failed save; removes the step's partial (temporary) folder."""
+    cause = _disk_full(error)
+    if jax.process_index() == 0 and step is not None:
+      for partial in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+        try:
+          partial.rmtree()
+        except OSError as e:
+          logging.warning("Could not remove the partial checkpoint %s (%s)", partial, e)
+    try:
+      # From disk: Orbax's own list already lacks the steps it meant to delete after this save.
+      self.reload()
+    except Exception:  # pylint: disable=broad-except
+      pass  # the list in memory then; the message is what matters here
+    good = [s for s in self.all_steps() if s != step]
+    last_good = (f"the last good checkpoint is step {max(good)}" if good else
+                 "there is no earlier checkpoint")
+    what = f"saving step {step} to {self.directory} failed"
+    if cause:
+      message = f"{what}: {cause}; {last_good}; free space and rerun"
+    else:
+      message = f"{what}: {_describe(error)}; {last_good}; fix the cause and rerun"
+    self.save_failure = CheckpointSaveError(message)
+    return self.save_failure
+
+
+def check_saves(manager: ocp.CheckpointManager) -> None:
+  """Raises CheckpointSaveError when a background save of `manager` has failed.
+
+  Cheap enough for every step; a manager not made by `make_manager` is not checked.
+  """
+  if isinstance(manager, Manager):
+    manager.check_saves()
 
 
 def make_manager(
@@ -67,7 +203,10 @@ def make_manager(
   if with_data:
     item_handlers["data"] = grain.checkpoint.CheckpointHandler()
     item_handlers["counters"] = ocp.JsonCheckpointHandler()
-  return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
+  absl_logger = logging.getLogger("absl")  # Orbax logs through absl
+  if _FAILED_SAVE_NOISE not in absl_logger.filters:
+    absl_logger.addFilter(_FAILED_SAVE_NOISE)
+  return Manager(directory, options=options, item_handlers=item_handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator=None,

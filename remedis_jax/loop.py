@@ -5,9 +5,9 @@
   then. Waiting on step t-1 before dispatching step t+1 keeps at most two steps in flight: the
   device never idles (step t is queued while the host waits), and a preemption notice is acted
   on within about two steps plus the save, whatever `log_every_steps` is.
-- `next_batch`: fetches the next host batch so that SIGTERM interrupts the wait at once (a
-  stuck or slow input pipeline cannot delay the exit), with the iterator position taken just
-  before, which is what a checkpoint at the current step must hold.
+- `next_batch`: fetches the next host batch so that SIGTERM or Ctrl-C interrupts the wait at
+  once (a stuck or slow input pipeline cannot delay the exit), with the iterator position taken
+  just before, which is what a checkpoint at the current step must hold.
 - `save_at_interrupt`: saves the current step with that position.
 - `epochs_to_steps` and `evaluation_steps`: a schedule stated in epochs, and when validation
   runs, for loops whose length depends on the size of a (labeled) subset.
@@ -29,7 +29,7 @@ import ml_collections
 import optax
 from clu import periodic_actions
 
-from remedis_jax import checkpointing, preemption, profiling
+from remedis_jax import checkpointing, preemption, profiling, writers
 
 
 def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
@@ -102,7 +102,7 @@ class IteratorSnapshot:
 
 
 def next_batch(data_iterator, watcher: preemption.PreemptionWatcher):
-  """(host batch, position before it), or (None, position) when SIGTERM came while waiting."""
+  """(host batch, position before it), or (None, position) on SIGTERM or Ctrl-C while waiting."""
   position = data_iterator.get_state()
   try:
     with watcher.interruptible():
@@ -116,7 +116,7 @@ def save_at_interrupt(manager, step: int, state: Any, position: Any,
                       counters: dict[str, Any] | None = None) -> bool:
   """Saves `state` at `step` with the iterator `position` unless that step is already saved.
 
-  For SIGTERM during the wait for a batch; logs what it did. Returns whether it saved.
+  For SIGTERM or Ctrl-C during the wait for a batch; logs what it did. Returns whether it saved.
   """
   if manager.latest_step() == step:
     logging.warning("Preempted before step %d: nothing new to save (the newest checkpoint is "
@@ -183,7 +183,7 @@ class DivergenceMonitor:
 class LoopTools(NamedTuple):
   """What every train loop runs beside its step, built by `loop_tools`."""
   report_progress: periodic_actions.ReportProgress  # steps/s and ETA, to the log and writer
-  watcher: preemption.PreemptionWatcher  # SIGTERM, agreed on by every process
+  watcher: preemption.PreemptionWatcher  # SIGTERM (agreed on by every process), Ctrl-C
   run_ahead: RunAhead  # at most two steps in flight
   profiler: profiling.StepProfiler  # config.profile's window
   divergence: DivergenceMonitor  # parameter norm warnings
@@ -193,7 +193,15 @@ class LoopTools(NamedTuple):
 def loop_tools(config: ml_collections.ConfigDict, workdir: str, manager, writer, *,
                total_steps: int, start_step: int, params: Any) -> LoopTools:
   """The loop's progress report, preemption watcher, run-ahead bound, profiler, divergence
-  monitor and the skipped-record count saved with the checkpoint it resumes from."""
+  monitor and the skipped-record count saved with the checkpoint it resumes from.
+
+  Also drops the records of metrics.jsonl that this run writes again: those of the steps after
+  `start_step` that a killed run had logged after its last checkpoint.
+  """
+  dropped = writers.drop_records_after(writer, start_step)
+  if dropped:
+    logging.info("%s: dropped %d records of steps after %d, which this run trains again.",
+                 writers.METRICS_FILE, dropped, start_step)
   return LoopTools(
       report_progress=periodic_actions.ReportProgress(
           num_train_steps=total_steps, writer=writer,

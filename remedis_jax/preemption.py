@@ -6,6 +6,16 @@ once: a slow or stuck pipeline (a first batch of 2000 px PNGs, a hung file syste
 the exit back; the loop then saves the step it has with the iterator position from before
 the wait (remedis_jax/loop.py).
 
+Ctrl-C (SIGINT) in one process is the same request: the first saves the current step and
+exits with status 75, rather than losing every step since the last periodic checkpoint (up to
+`checkpoint_every_steps`) as a KeyboardInterrupt would. A second Ctrl-C stops at once without
+saving (the rerun resumes from the last checkpoint); after it Ctrl-C is a plain
+KeyboardInterrupt again. Grain's worker processes ignore SIGINT (data_pipelines/pipeline.py),
+so the terminal's Ctrl-C reaches only the main process. A process started with SIGINT ignored
+(a background job of a script) keeps ignoring it. With several processes Ctrl-C keeps Python's
+default (KeyboardInterrupt): a terminal reaches the processes of one host only, and saving
+needs all of them.
+
 Several processes (a TPU pod slice, a SLURM job, the explicit flags): the signal reaches the
 hosts at different steps, or only some of them, yet every host must save the same step (a
 checkpoint is written by all of them together). JAX's coordination service does that, started
@@ -43,6 +53,8 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
+from remedis_jax import checkpointing
+
 
 # The exit status of an entry point whose run was preempted (saved, not finished): sysexits.h's
 # EX_TEMPFAIL, "try again later". Not 0, so that nothing takes a preempted run for a finished
@@ -54,7 +66,7 @@ EXIT_PREEMPTED = 75
 
 
 class InterruptedWhileWaiting(Exception):
-  """SIGTERM arrived while the loop waited inside `PreemptionWatcher.interruptible()`."""
+  """SIGTERM or Ctrl-C arrived while the loop waited inside `PreemptionWatcher.interruptible()`."""
 
 
 class PreemptionWatcher:
@@ -72,6 +84,7 @@ class PreemptionWatcher:
     self._manager = manager
     self._event = threading.Event()
     self._previous = None
+    self._previous_sigint = None  # the SIGINT handler to put back; None: not replaced
     self._waiting = False
     self._installed = False
     self._processes = jax.process_count()
@@ -81,6 +94,8 @@ class PreemptionWatcher:
     if self._processes == 1:
       if threading.current_thread() is threading.main_thread():
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+          self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
         self._installed = True
     else:
       if start_step is None:
@@ -90,21 +105,39 @@ class PreemptionWatcher:
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
+    self._stop_requested("SIGTERM")
+
+  def _on_sigint(self, signum, frame):
+    del signum, frame
+    if self._event.is_set():  # a second request: the user does not want to wait for the save
+      self._restore_sigint()
+      logging.warning("Ctrl-C again: stopping at once without saving; rerun the same command "
+                      "to resume from the last checkpoint.")
+      raise KeyboardInterrupt()
+    self._stop_requested("Ctrl-C (SIGINT)", " (Ctrl-C again to stop at once without saving)")
+
+  def _stop_requested(self, what: str, note: str = ""):
     self._event.set()
     if self._waiting:
       self._waiting = False
-      logging.warning("SIGTERM received while waiting for input: saving a checkpoint at the "
-                      "current step, then exiting.")
+      logging.warning("%s received while waiting for input: saving a checkpoint at the current "
+                      "step, then exiting%s.", what, note)
       raise InterruptedWhileWaiting()
-    logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting.")
+    logging.warning("%s received: saving a checkpoint at the current step, then exiting%s.",
+                    what, note)
+
+  def _restore_sigint(self):
+    if self._previous_sigint is not None:
+      signal.signal(signal.SIGINT, self._previous_sigint)
+      self._previous_sigint = None
 
   @contextlib.contextmanager
   def interruptible(self):
-    """A block (the wait for the next batch) that SIGTERM interrupts at once.
+    """A block (the wait for the next batch) that SIGTERM or Ctrl-C interrupts at once.
 
     Raises:
-      InterruptedWhileWaiting: SIGTERM arrived before or during the block (one process;
-        with several processes the coordination service decides, see `reached`).
+      InterruptedWhileWaiting: SIGTERM or Ctrl-C arrived before or during the block (one
+        process; with several processes the coordination service decides, see `reached`).
     """
     if self._installed and self._event.is_set():
       raise InterruptedWhileWaiting()
@@ -118,7 +151,13 @@ class PreemptionWatcher:
     """Whether the run must save at `step` and stop (the same answer on every process).
 
     Call it once per step, with consecutive steps, on every process.
+
+    Raises:
+      checkpointing.CheckpointSaveError: a background checkpoint save has failed (a full
+        disk): the run stops here instead of training on past what it can save.
     """
+    if self._manager is not None:
+      checkpointing.check_saves(self._manager)
     if self._processes == 1:
       return self._event.is_set()
     if not self._sync:
@@ -136,6 +175,7 @@ class PreemptionWatcher:
   def close(self):
     if self._installed:
       signal.signal(signal.SIGTERM, self._previous)
+      self._restore_sigint()
       self._installed = False
 
 

@@ -350,7 +350,10 @@ def _run(config, workdir, source, *, title, make_dataset, create_setup, dataset)
         break
   finally:
     profiler.stop()
-    manager.wait_until_finished()
+    try:
+      manager.wait_until_finished()
+    finally:
+      data_iterator.close()  # Grain's worker processes and shared memory, now (not at exit)
     watcher.close()
     writer.flush()
 

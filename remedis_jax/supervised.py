@@ -436,7 +436,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup: TrainSetup,
       validate_and_keep_best(step)  # resumed at the last step before any best was kept
   finally:
     profiler.stop()
-    manager.wait_until_finished()
+    try:
+      manager.wait_until_finished()
+    finally:
+      data_iterator.close()  # Grain's worker processes and shared memory, now (not at exit)
     watcher.close()
     writer.flush()
   manager.close()

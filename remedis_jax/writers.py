@@ -46,6 +46,35 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.write(json.dumps({"hparams": {k: str(v) for k, v in hparams.items()}}) + "\n")
     self._file.flush()
 
+  def drop_records_after(self, step: int) -> int:
+    """Removes the records that a run resumed at `step` writes again; returns how many.
+
+    A run killed after its last checkpoint (kill -9, a second Ctrl-C, a full disk) has written
+    records for steps after it; the resumed run trains those steps again and would write them a
+    second time. Records with a step after `step` go (all records when `step` is 0: the run
+    starts over); hparams lines and unreadable lines stay. The file is replaced whole
+    (`storage.write_text`: a temporary file renamed), never left half-written.
+    """
+    self._file.close()
+    try:
+      text = storage.read_text(self._path) if storage.exists(self._path) else ""
+      kept, dropped = [], 0
+      for line in text.splitlines(keepends=True):
+        try:
+          record = json.loads(line)
+        except ValueError:
+          record = None
+        if (isinstance(record, dict) and isinstance(record.get("step"), int)
+            and (record["step"] > step or step == 0)):
+          dropped += 1
+        else:
+          kept.append(line)
+      if dropped:
+        storage.write_text(self._path, "".join(kept))
+    finally:
+      self._file = storage.Appender(self._path)
+    return dropped
+
   def write_summaries(self, step, values, metadata=None):
     pass
 
@@ -69,6 +98,14 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def close(self):
     self._file.close()
+
+
+def drop_records_after(writer: metric_writers.MetricWriter, step: int) -> int:
+  """`JsonlWriter.drop_records_after` for `writer` or the JsonlWriter inside it (0 if none)."""
+  if isinstance(writer, JsonlWriter):
+    return writer.drop_records_after(step)
+  # clu's MultiWriter (what `create_writer` returns on process 0) keeps its writers here.
+  return sum(drop_records_after(w, step) for w in getattr(writer, "_writers", ()))
 
 
 def create_writer(workdir: str, tensorboard_dir: str = "") -> metric_writers.MetricWriter:
