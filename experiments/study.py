@@ -218,9 +218,12 @@ def final_sweep(study, workdir: str, selection: dict[str, Any],
   names = [name for name in study.arms if not arms or name in arms]
   inits = {name: _init_path(study.arms[name], workdir, study) for name in names}
   overrides = {name: chosen_overrides(study, selection, name) for name in names}
+  # With a subset of the arms the stage's own summary compares against the first of them; the
+  # report compares every arm against the study's baseline.
+  baseline = study.baseline if study.baseline in inits else names[0]
   return _sweep_config(study, inits=inits, init_overrides=overrides,
                        fractions=study.final.label_fractions, seeds=study.final.seeds,
-                       test_sets=final_test_sets(study), baseline=study.baseline)
+                       test_sets=final_test_sets(study), baseline=baseline)
 
 
 def distill_sweep(study, workdir: str, selection: dict[str, Any]) -> ml_collections.ConfigDict:

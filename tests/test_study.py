@@ -103,6 +103,11 @@ def test_tuning_reads_validation_only_and_final_runs_take_the_chosen_setups(tmp_
   final = {r.init: dict(r.overrides) for r in
            sweep.plan_runs(study.final_sweep(config, workdir, selection))}
   assert set(final) == {"scratch", "simclr", "simclr_linear"}
+  # A subset of the arms (another process runs scratch) plans and validates without scratch.
+  subset = study.final_sweep(config, workdir, selection, arms=("simclr", "simclr_linear"))
+  os.makedirs(os.path.join(workdir, "pretrain", "checkpoints", "1"))
+  assert {r.init for r in sweep.validate(subset, check_runs=False)} == {"simclr",
+                                                                         "simclr_linear"}
   assert final["scratch"]["total_epochs"] == 300.0
   assert final["scratch"]["optimizer.learning_rate"] == 0.003
   assert final["scratch"]["data.train_ops"] == study_config.AUG
