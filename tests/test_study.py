@@ -271,3 +271,17 @@ def test_new_site_report_has_the_raw_pixel_row_and_the_matching_fraction(tmp_pat
   assert match["simclr_both"]["match_fraction"] == 0.5
   with open(os.path.join(workdir, "report", "summary.md")) as f:
     assert "raw-pixel baseline (C chosen on validation) scored it 2 more times" in f.read()
+
+
+def test_the_tuned_config_is_the_setup_the_study_chose():
+  """configs/finetune.py:pneumoniamnist_tuned holds the grid setup both arms chose."""
+  from configs import finetune  # pylint: disable=g-import-not-at-top
+  tuned = finetune.get_config("pneumoniamnist_tuned")
+  chosen = study_config.tuning_grid()["ep300_lr3e-3_aug"]
+  assert tuned.total_epochs == chosen["total_epochs"]
+  assert tuned.optimizer.learning_rate == chosen["optimizer"]["learning_rate"]
+  assert tuned.data.train_ops == chosen["data"]["train_ops"]
+  rest = finetune.get_config("pneumoniamnist")
+  for key in ("total_epochs", "optimizer", "data"):
+    rest[key] = tuned[key]
+  assert rest.to_dict() == dict(tuned.to_dict(), variant="pneumoniamnist")
