@@ -226,9 +226,12 @@ def final_sweep(study, workdir: str, selection: dict[str, Any],
                        test_sets=final_test_sets(study), baseline=baseline)
 
 
-def distill_sweep(study, workdir: str, selection: dict[str, Any]) -> ml_collections.ConfigDict:
+def distill_sweep(study, workdir: str, selection: dict[str, Any],
+                  students: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   inits, overrides = {}, {}
   for student, teacher in study.distill.students.items():
+    if students and student not in students:
+      continue
     inits[student] = _init_path(study.arms[teacher], workdir, study)
     template = storage.join(storage.absolute(workdir), FINAL_DIR, f"init={teacher}",
                             "frac={label_fraction:g}/seed={label_fraction_seed}")
@@ -406,18 +409,19 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *,
               verbose: bool = True) -> dict[str, Any]:
   """Runs `stages` of the study in order (see the module docstring); returns what each made.
 
-  `arms` (default: all) limits the tune, select and final stages to those arms, e.g. to tune
-  scratch while the pretraining runs elsewhere (an arm's choice depends on its own tuning runs
-  only); the report always takes every arm.
+  `arms` (default: all) limits the tune, select, final and distill stages to those arms and
+  students, e.g. to tune scratch while the pretraining runs elsewhere (an arm's choice depends
+  on its own tuning runs only); the report always takes every arm.
   """
   log = print if verbose else (lambda *a, **k: None)
   unknown = [s for s in stages if s not in STAGES]
   if unknown:
     raise ValueError(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
   check_config(study)
-  unknown = [a for a in arms if a not in study.arms]
+  unknown = [a for a in arms if a not in study.arms and a not in study.distill.students]
   if unknown:
-    raise ValueError(f"unknown arm(s) {unknown}; arms: {', '.join(study.arms)}")
+    raise ValueError(f"unknown arm(s) {unknown}; arms: {', '.join(study.arms)}; students: "
+                     f"{', '.join(study.distill.students)}")
   workdir = storage.absolute(workdir)
   storage.makedirs(workdir)
   # One persistent compilation cache for every stage: the tuning, final and student runs share
@@ -444,8 +448,9 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *,
   if "final" in stages:
     out["final"] = _run(final_sweep(study, workdir, read_selection(workdir), arms),
                         storage.join(workdir, FINAL_DIR), parallel, f"{study.name}: test", log)
-  if "distill" in stages and study.distill.students:
-    out["distill"] = _run(distill_sweep(study, workdir, read_selection(workdir)),
+  students = tuple(a for a in arms if a in study.distill.students)
+  if "distill" in stages and study.distill.students and (students or not arms):
+    out["distill"] = _run(distill_sweep(study, workdir, read_selection(workdir), students),
                           storage.join(workdir, DISTILL_DIR), parallel,
                           f"{study.name}: students", log)
   if "report" in stages:
@@ -481,7 +486,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("stages", ",".join(STAGES), "Comma-separated stages to run, in order: "
                       + ", ".join(STAGES) + ".")
   flags.DEFINE_integer("parallel", 1, "Fine-tuning runs at once (1: in this process).")
-  flags.DEFINE_string("arms", "", "Comma-separated arms for the tune, select and final stages "
-                      "(default: all).")
+  flags.DEFINE_string("arms", "", "Comma-separated arms (and students) for the tune, select, "
+                      "final and distill stages (default: all).")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

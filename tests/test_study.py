@@ -119,6 +119,8 @@ def test_tuning_reads_validation_only_and_final_runs_take_the_chosen_setups(tmp_
   for overrides in final.values():
     test, zero_shot = overrides["test_sets"]
     assert test == "test" and zero_shot.startswith("adult_cxr=test@medmnist:")
+  one = study.distill_sweep(config, workdir, selection, students=("scratch_distilled",))
+  assert {r.init for r in sweep.plan_runs(one)} == {"scratch_distilled"}
   students = {r.init: dict(r.overrides) for r in
               sweep.plan_runs(study.distill_sweep(config, workdir, selection))}
   assert students["scratch_distilled"]["model.init"] == ""
