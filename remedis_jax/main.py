@@ -3,8 +3,9 @@ r"""Entry point for every trainer:
   python -m remedis_jax.main --config=configs/pretrain_simclr.py:tiny --workdir=workdirs/simclr
 
 `config.trainer` picks the trainer module; rerunning the same command on the same workdir resumes.
-Exit status: 0 finished, 75 (`preemption.EXIT_PREEMPTED`) preempted (SIGTERM: the step was
-saved and the rerun resumes it), 1 or other for errors.
+Exit status: 0 finished, 75 (`preemption.EXIT_PREEMPTED`) preempted (SIGTERM or a first
+Ctrl-C: the step was saved and the rerun resumes it), 1 for errors (a checkpoint that could not
+be written says why in one line), 130 after a second Ctrl-C (stopped without saving).
 Multi-process runs outside TPU pods / SLURM add --coordinator_address, --num_processes and
 --process_id (the same on every process but the id).
 """
@@ -115,9 +116,32 @@ def main(argv):
     raise app.UsageError(f"config.trainer={config.trainer!r}; known: {', '.join(TRAINERS)}")
   logging.info("Config:\n%s", config)
   trainer = importlib.import_module(TRAINERS[config.trainer])
-  result = trainer.train_and_evaluate(config, FLAGS.workdir)
+  code = run_trainer(trainer, config, FLAGS.workdir)
+  if code:
+    sys.exit(code)
+
+
+def run_trainer(trainer, config, workdir: str) -> int:
+  """Runs `trainer.train_and_evaluate`; returns the exit status.
+
+  0 finished; EXIT_PREEMPTED (75) saved and interrupted (SIGTERM or a first Ctrl-C: the rerun
+  resumes); 1 when a checkpoint could not be written (its one-line cause, e.g. a full disk, is
+  the last thing printed, without a traceback: the message says what to do); 130 after a second
+  Ctrl-C, which stops without saving.
+  """
+  from remedis_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  try:
+    result = trainer.train_and_evaluate(config, workdir)
+  except checkpointing.CheckpointSaveError as error:
+    logging.error("%s", error)
+    return 1
+  except KeyboardInterrupt:
+    logging.error("Stopped by a second Ctrl-C without saving; the last checkpoint in %s "
+                  "stands: rerun the same command to resume from it.", workdir)
+    return 130
   if result.get("preempted"):  # saved, not finished: the rerun of this command resumes it
-    sys.exit(preemption.EXIT_PREEMPTED)
+    return preemption.EXIT_PREEMPTED
+  return 0
 
 
 if __name__ == "__main__":

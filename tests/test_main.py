@@ -51,3 +51,37 @@ def test_mistyped_key_on_the_command_line():
           "'skip_bad_recrods'. Did you mean --config.data.skip_bad_records?") in result.stderr
   assert "\\n" not in result.stderr and "Traceback" not in result.stderr
   assert not os.path.exists("/tmp/unused_remedis_main_test")
+
+
+def test_exit_status_of_each_way_a_run_ends(caplog):
+  """Finished 0, preempted 75, a failed checkpoint save 1 with its one line and no traceback,
+  a second Ctrl-C 130."""
+  from remedis_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  class Trainer:
+    def __init__(self, outcome):
+      self.outcome = outcome
+
+    def train_and_evaluate(self, config, workdir):
+      del config, workdir
+      if isinstance(self.outcome, BaseException):
+        raise self.outcome
+      return self.outcome
+
+  message = ("saving step 5 to /w/checkpoints failed: no space left on device; the last good "
+             "checkpoint is step 4; free space and rerun")
+  assert main.run_trainer(Trainer({"finished": True}), None, "/w") == 0
+  assert main.run_trainer(Trainer({"preempted": True}), None, "/w") == 75
+  with caplog.at_level("ERROR"):
+    assert main.run_trainer(Trainer(checkpointing.CheckpointSaveError(message)), None, "/w") == 1
+    assert main.run_trainer(Trainer(KeyboardInterrupt()), None, "/w") == 130
+  errors = [r for r in caplog.records if r.levelname == "ERROR"]
+  assert errors[0].getMessage() == message and errors[0].exc_info is None
+  assert "second Ctrl-C" in errors[1].getMessage()
+  # Anything else keeps its traceback.
+  try:
+    main.run_trainer(Trainer(ValueError("bad config")), None, "/w")
+  except ValueError as error:
+    assert str(error) == "bad config"
+  else:
+    raise AssertionError("ValueError was swallowed")
