@@ -124,9 +124,15 @@ def write_outputs(rows: list[dict[str, Any]], workdir: str, study: dict[str, Any
       sweep_results.format_grid_table(cells, metric="dice"),
       sweep_results.format_grid_table(cells, metric="iou"),
       drift_table(cells, "dice")])
+  # A seed also draws the labeled masks, so GMML and scratch of one seed share their subset.
+  paired = (sweep_results.paired_differences(rows, metric="dice", baseline="scratch")
+            if "scratch" in inits else [])
+  if paired:
+    table += "\n\n" + sweep_results.format_paired_table(paired, metric="dice",
+                                                        baseline="scratch")
   storage.write_text(storage.join(workdir, TABLE_FILE), table + "\n")
-  sweep_results.write_json({"format": FORMAT, "study": study, "rows": rows, "cells": cells},
-                           storage.join(workdir, JSON_FILE))
+  sweep_results.write_json({"format": FORMAT, "study": study, "rows": rows, "cells": cells,
+                            "paired": paired}, storage.join(workdir, JSON_FILE))
   if cells:
     sweep_results.plot_data_efficiency(cells, storage.join(workdir, PLOT_FILE), metric="dice",
                                        inits=inits, baseline="scratch", baseline_fraction=1.0,

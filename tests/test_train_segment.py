@@ -151,6 +151,13 @@ def test_study_outputs_from_hand_made_results(tmp_path):
   assert "| gmml | 0.950 +- 0.000 (1) |" in table
   assert "| scratch | 5% | 0.850 +- 0.071 | 0.550 (-0.300) |" in table
   assert "| gmml | 5% | 0.950 +- 0.000 | 0.700 (-0.250) |" in table
+  # Paired by seed (the same masks): gmml seed 0 minus scratch seed 0; scratch's seed 1 unpaired.
+  assert "Paired difference vs `scratch`" in table
+  with open(tmp_path / study.JSON_FILE) as f:
+    paired = {p["test_set"]: p for p in json.load(f)["paired"]}
+  assert paired["in_distribution"]["differences"] == pytest.approx([0.15])
+  assert paired["site_C"]["differences"] == pytest.approx([0.20])
+  assert paired["in_distribution"]["unpaired_seeds"] == [1]
   with open(tmp_path / study.CSV_FILE, encoding="utf-8") as f:
     lines = f.read().splitlines()
   assert lines[0].split(",") == list(study.COLUMNS) and len(lines) == 1 + 6
