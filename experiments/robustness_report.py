@@ -137,11 +137,6 @@ def collect_rows(workdir: str, metric: str = "macro_auc"
                               "without_robustness": without}
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-  array = np.asarray(values, np.float64)
-  return float(np.mean(array)), float(np.std(array, ddof=1)) if len(array) > 1 else 0.0
-
-
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """Mean and std over seeds per (init, label fraction, test set, perturbation), in row order."""
   groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -154,7 +149,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "perturbation": perturbation, "n": len(members),
             "seeds": [m["seed"] for m in members]}
     for name in ("clean", "perturbed", "drop"):
-      cell[f"{name}_mean"], cell[f"{name}_std"] = _mean_std([m[name] for m in members])
+      (cell[f"{name}_mean"], cell[f"{name}_std"], cell[f"{name}_ci_low"],
+       cell[f"{name}_ci_high"]) = sweep_results.mean_std_interval([m[name] for m in members])
     cells.append(cell)
   return cells
 
@@ -173,8 +169,10 @@ def format_tables(cells: Sequence[dict[str, Any]], *, metric: str,
   inits = [i for i in inits if any(c["init"] == i for c in cells)]
   lines = [f"## Robustness: test {label} under perturbations", "",
            f"Each entry: perturbed {label}, mean +- std over seeds (ddof=1), and in brackets the "
-           "mean drop from the clean value (clean - perturbed; positive = worse). \"clean\" is "
-           "the unperturbed test set; \"mean drop\" averages the drops over the perturbations."]
+           "mean drop from the clean value (clean - perturbed; positive = worse) with the "
+           "Student-t 95% interval of that mean over seeds where there are two or more. "
+           "\"clean\" is the unperturbed test set; \"mean drop\" averages the drops over the "
+           "perturbations."]
   test_sets = list(dict.fromkeys(c["test_set"] for c in cells))
   fractions = sorted({round(c["label_fraction"], 12) for c in cells})
   for test_set in test_sets:
@@ -196,9 +194,12 @@ def format_tables(cells: Sequence[dict[str, Any]], *, metric: str,
         entries = []
         for init in inits:
           cell = next((c for c in by_init[init] if c["perturbation"] == perturbation), None)
+          interval = ""
+          if cell is not None and math.isfinite(cell["drop_ci_low"]):
+            interval = f" [{cell['drop_ci_low']:+.3f}, {cell['drop_ci_high']:+.3f}]"
           entries.append("" if cell is None else
                          f"{cell['perturbed_mean']:.3f} +- {cell['perturbed_std']:.3f} "
-                         f"({cell['drop_mean']:+.3f})")
+                         f"({cell['drop_mean']:+.3f}{interval})")
         lines.append(f"| {perturbation} | " + " | ".join(entries) + " |")
       mean_drops = [f"{np.mean([c['drop_mean'] for c in by_init[i]]):+.3f}" if by_init[i] else ""
                     for i in inits]
