@@ -156,15 +156,21 @@ def _write_results(path, test_sets):
                              for name, value in test_sets.items()}}, f)
 
 
-def test_report_counts_the_test_reads_and_refuses_a_tuning_run_that_read_test(tmp_path):
-  config = smoke(tmp_path)
-  workdir = str(tmp_path / "study")
+def _tuned(config, workdir):
+  """Every tuning run written as finished (validation only) and the selection made."""
   tune = study.tune_sweep(config, workdir)
   for run in sweep.plan_runs(tune):
     _write_results(sweep.run_dir(os.path.join(workdir, "tune"), run), {"validation": 0.8})
   selection = study.select(config, study._rows(tune, os.path.join(workdir, "tune")))  # pylint: disable=protected-access
   with open(os.path.join(workdir, study.SELECTION_FILE), "w") as f:
     json.dump(selection, f)
+  return tune, selection
+
+
+def test_report_counts_the_test_reads_and_refuses_a_tuning_run_that_read_test(tmp_path):
+  config = smoke(tmp_path)
+  workdir = str(tmp_path / "study")
+  tune, selection = _tuned(config, workdir)
   for stage, sweep_config in (("final", study.final_sweep(config, workdir, selection)),
                               ("distill", study.distill_sweep(config, workdir, selection))):
     for run in sweep.plan_runs(sweep_config):
@@ -253,12 +259,7 @@ def test_new_site_study_pretrains_on_both_sites_and_starts_from_the_source_encod
 def test_new_site_report_has_the_raw_pixel_row_and_the_matching_fraction(tmp_path):
   config = adult_smoke(tmp_path)
   workdir = str(tmp_path / "study")
-  tune = study.tune_sweep(config, workdir)
-  for run in sweep.plan_runs(tune):
-    _write_results(sweep.run_dir(os.path.join(workdir, "tune"), run), {"validation": 0.8})
-  selection = study.select(config, study._rows(tune, os.path.join(workdir, "tune")))  # pylint: disable=protected-access
-  with open(os.path.join(workdir, study.SELECTION_FILE), "w") as f:
-    json.dump(selection, f)
+  tune, selection = _tuned(config, workdir)
   # scratch 0.7 at 50% and 0.8 at 100%; the SimCLR arm 0.85 at both: it matches at 50%.
   for run in sweep.plan_runs(study.final_sweep(config, workdir, selection)):
     value = 0.85 if run.init == "simclr_both" else 0.7 + 0.1 * (run.label_fraction == 1.0)
