@@ -442,6 +442,18 @@ class _HeldRuns:
     self._log(f"[{i + 1}/{self._num_runs}] {run.run_id}: finished by another process")
     return RunOutcome(run, "finished")
 
+  def claim(self, i: int, run: Run, path: str, outcomes: dict[int, RunOutcome]) -> bool:
+    """Whether this sweep may start the run now: False when another process finished it since
+    the sweep started (its outcome is recorded) or holds it (reported; look again later)."""
+    if is_finished(path):
+      outcomes[i] = self.finished_elsewhere(i, run)
+      return False
+    holder = workdir_lock.holder(path)
+    if holder is not None:
+      self.report(i, run, holder)
+      return False
+    return True
+
 
 def run_dir(workdir: str, run: Run) -> str:
   return storage.join(workdir, run.run_id)
@@ -507,13 +519,9 @@ def _run_in_process(sweep_config, runs: Sequence[Run], workdir: str, log) -> lis
       ready, waiting = waiting, []
     i, run = ready.pop(0)
     path = run_dir(workdir, run)
-    if is_finished(path):  # another process finished it since this sweep started
-      outcomes[i] = held.finished_elsewhere(i, run)
-      continue
-    holder = workdir_lock.holder(path)
-    if holder is not None:
-      held.report(i, run, holder)
-      waiting.append((i, run))
+    if not held.claim(i, run, path, outcomes):
+      if i not in outcomes:  # held by another process: look again after the others
+        waiting.append((i, run))
       continue
     log(f"[{i + 1}/{len(runs)}] {run.run_id}: fine-tuning -> {path}")
     start = time.time()
@@ -611,13 +619,9 @@ def _run_subprocesses(sweep_config, runs: Sequence[Run], workdir: str, parallel:
         pending.remove(entry)
         i, run, _ = entry
         path = run_dir(workdir, run)
-        if is_finished(path):  # another process finished it since this sweep started
-          outcomes[i] = held.finished_elsewhere(i, run)
-          continue
-        holder = workdir_lock.holder(path)
-        if holder is not None:
-          held.report(i, run, holder)
-          pending.append((i, run, now + HELD_RUN_POLL_S))
+        if not held.claim(i, run, path, outcomes):
+          if i not in outcomes:  # held by another process: look again later
+            pending.append((i, run, now + HELD_RUN_POLL_S))
           continue
         storage.makedirs(path)
         run_log = RunLog(storage.join(path, LOG_FILE))
