@@ -345,6 +345,39 @@ def headline_arm(study, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
   return {"arm": best, "mean_best_validation": means}
 
 
+def headline_table(study, cells, paired, arms, test_set: str = TEST) -> str:
+  """Markdown, arm x fraction: mean [95% CI] (n) of `test_set`, and for every arm but the
+  baseline the paired difference against it per seed: mean [95% CI] (n pairs)."""
+  column = sweep_results.METRICS.get(study.metric, study.metric)
+  fractions = sorted({float(c["label_fraction"]) for c in cells if c["test_set"] == test_set})
+
+  def interval(mean, low, high, n):
+    if not math.isfinite(mean):
+      return "-"
+    ci = f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) else ""
+    return f"{mean:.3f}{ci} ({n})"
+
+  lines = [f"| {test_set} {sweep_results.METRIC_LABELS.get(column, column)} | "
+           + " | ".join(f"{f:.0%}" for f in fractions) + " |",
+           "|---|" + "---|" * len(fractions)]
+  for arm in arms:
+    entries = []
+    for f in fractions:
+      cell = sweep_results.find_cell(cells, arm, f, test_set)
+      text = ("not run" if cell is None else
+              interval(cell[f"{column}_mean"], cell[f"{column}_ci_low"],
+                       cell[f"{column}_ci_high"], cell["n"]))
+      pair = next((p for p in paired if p["init"] == arm and p["test_set"] == test_set
+                   and math.isclose(p["label_fraction"], f)), None)
+      if pair is not None and pair["n"]:
+        ci = (f" [{pair['ci_low']:+.3f}, {pair['ci_high']:+.3f}]"
+              if math.isfinite(pair["ci_low"]) else "")
+        text += f"; {pair['mean']:+.3f}{ci} ({pair['n']})"
+      entries.append(text)
+    lines.append(f"| {arm} | " + " | ".join(entries) + " |")
+  return "\n".join(lines)
+
+
 def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any]:
   """WORKDIR/report: the final and distill rows together, the selection, the test reads."""
   tune_rows = _rows(tune_sweep(study, workdir), storage.join(workdir, TUNE_DIR))
@@ -394,7 +427,11 @@ def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any
             f"Test split scored {reads} times in this study by the networks: once per finished "
             f"final and student run ({planned}); the {len(tune_rows)} tuning rows scored "
             f"validation only.{raw_note}{zero_shot_note}{headline_note}\n\n"
-            "## Selection on validation\n\n" + selection_table(selection, study.metric)
+            "## Headline\n\nPer arm and fraction: mean [95% CI] (seeds); then, against "
+            f"`{study.baseline}`, the paired difference per seed: mean [95% CI] (pairs).\n\n"
+            + "\n\n".join(headline_table(study, outputs["cells"], outputs["paired"], arms, t)
+                          for t in dict.fromkeys(c["test_set"] for c in outputs["cells"]))
+            + "\n\n## Selection on validation\n\n" + selection_table(selection, study.metric)
             + "\n## Test\n\n")
   storage.write_text(outputs["table_file"], header + outputs["table"] + "\n")
   storage.write_json(storage.join(path, STUDY_FILE), {

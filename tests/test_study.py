@@ -181,6 +181,9 @@ def test_report_counts_the_test_reads_and_refuses_a_tuning_run_that_read_test(tm
   with open(os.path.join(workdir, "report", "summary.md")) as f:
     summary = f.read()
   assert "Test split scored 3 times" in summary and "(chosen)" in summary
+  # The headline: simclr 0.8 against scratch 0.7 on the same subset, one seed (no interval).
+  assert "| simclr | 0.800 (1); +0.100 (1) |" in summary
+  assert "| scratch | 0.700 (1) |" in summary
   # A tuning run that scored test breaks the protocol: the report says so and stops.
   run = sweep.plan_runs(tune)[0]
   _write_results(sweep.run_dir(os.path.join(workdir, "tune"), run),
