@@ -12,6 +12,13 @@ import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One OpenBLAS / OpenMP thread per process (read when NumPy, SciPy and scikit-learn load; the
+# tests' subprocesses inherit it). `make test` already keeps every core busy with one pytest
+# worker each and the tests' matrices are small, so a second BLAS thread mostly busy-waits: with
+# two, scikit-learn's LogisticRegression on 600 x 1024 features took ~3 CPU s instead of 0.02 s
+# (test_synthetic.py: ~10 -> ~1 CPU s). XLA's own thread pool is not affected.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -42,9 +42,13 @@ def sigint_guard():
 
 
 def _config(**overrides):
+  # A constant learning rate after the warm-up: a cosine bakes total_steps into the compiled
+  # update step, so every run length here (and a resume's) would compile its own; constant, the
+  # runs of this module (the subprocess's too) and test_run_config.py's share one program.
   config = pretrain_simclr.get_config("smoke")
   config.mesh.devices = 1
   config.knn.every_steps = 0
+  config.optimizer.schedule = "constant"
   return common.override(config, overrides)
 
 
@@ -225,6 +229,7 @@ def test_ctrl_c_from_a_terminal_exits_75_without_tracebacks_or_leaked_shared_mem
   command = [sys.executable, "-m", "remedis_jax.main", "--config=configs/pretrain_simclr.py:smoke",
              f"--workdir={workdir}", "--config.mesh.devices=1", "--config.knn.every_steps=0",
              "--config.data.worker_count=1", "--config.total_steps=40",
+             "--config.optimizer.schedule=constant",
              "--config.checkpoint_every_steps=1000"]  # the update step compiled in-process above
   metrics = workdir / writers.METRICS_FILE
   with open(tmp_path / "stdout", "w+") as stdout, open(tmp_path / "stderr", "w+") as stderr:

@@ -189,8 +189,10 @@ def test_refused_pretraining_resume_keeps_the_record_and_the_export(tmp_path):
   workdir = str(tmp_path / "run")
   config = pretrain_simclr.get_config("smoke")
   config.mesh.devices = 1
+  # A constant learning rate: the 2- and 3-step runs compile one update step (a cosine bakes
+  # total_steps into it), the one tests/test_interrupts.py's runs share.
   common.override(config, {"total_steps": 2, "knn.every_steps": 0,
-                           "linear_probe.enabled": False})
+                           "linear_probe.enabled": False, "optimizer.schedule": "constant"})
   summary = train_simclr.train_and_evaluate(config, workdir)
   assert summary["steps"] == 2
   config_path = os.path.join(workdir, "config.json")

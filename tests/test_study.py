@@ -198,6 +198,13 @@ def test_study_command_end_to_end_on_generated_data(tmp_path):
   its own tests), then a rerun that finds everything finished."""
   config = smoke(tmp_path)
   config.distill.students = ml_collections.ConfigDict()
+  # CPU for the suite: the pretraining's monitors (kNN, linear probe) and Grain worker processes
+  # have tests of their own; a constant learning rate makes the 1- and 2-epoch setups one
+  # compiled program (a cosine bakes each run's length into its update step).
+  config.pretrain.overrides.knn = {"every_steps": 0}
+  config.pretrain.overrides.linear_probe = {"enabled": False}
+  config.pretrain.overrides.data.worker_count = 0
+  config.overrides.optimizer = {"schedule": "constant"}
   workdir = str(tmp_path / "study")
   out = study.run_study(config, workdir, verbose=False)
   assert os.path.isdir(os.path.join(workdir, "pretrain", "checkpoints"))
