@@ -98,9 +98,14 @@ def check_config(study: ml_collections.ConfigDict) -> None:
       raise ValueError(f"study config arms.{name}.init='source_pretrain' needs "
                        "config.source_pretrain: another study's pretraining workdir, e.g. "
                        "--config.source_pretrain=workdirs/pneumoniamnist_study/pretrain")
-    if arm.setup_from != "tune" and arm.setup_from not in tuned:
+    if arm.setup_from in arms and arm.setup_from in study.tune.grid:
+      raise ValueError(f"study config arms.{name}.setup_from={arm.setup_from!r} names both an "
+                       "arm and a setup of tune.grid; rename one")
+    if (arm.setup_from != "tune" and arm.setup_from not in tuned
+        and arm.setup_from not in study.tune.grid):
       raise ValueError(f"study config arms.{name}.setup_from={arm.setup_from!r}; expected "
-                       f"'tune' or a tuned arm ({', '.join(tuned) or 'none'})")
+                       f"'tune', a tuned arm ({', '.join(tuned) or 'none'}) or a setup of "
+                       f"tune.grid fixed before the study ({', '.join(study.tune.grid)})")
   for student, teacher in study.distill.students.items():
     if teacher not in arms:
       raise ValueError(f"study config distill.students.{student}={teacher!r} is not an arm "
@@ -111,6 +116,22 @@ def check_config(study: ml_collections.ConfigDict) -> None:
     raise ValueError(f"study config baseline={study.baseline!r} is not an arm ({', '.join(arms)})")
   if not study.tune.grid and tuned:
     raise ValueError("study config tune.grid is empty but arms are tuned on it")
+  fractions = [float(f) for f in study.final.label_fractions]
+  if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
+    raise ValueError(f"study config final.label_fractions={tuple(fractions)}; expected "
+                     "fractions in (0, 1]")
+  reference = study.final.get("baseline_fraction")
+  if reference is not None and not 0.0 < float(reference) <= 1.0:
+    raise ValueError(f"study config final.baseline_fraction={reference!r}; expected a "
+                     "fraction in (0, 1] (or None: the largest of final.label_fractions)")
+
+
+def baseline_fraction(study) -> float:
+  """The fraction of the baseline arm's reference cell: `final.baseline_fraction` (run for the
+  baseline arm only when no other arm has it) or, by default, the largest final fraction."""
+  value = study.final.get("baseline_fraction")
+  return float(value) if value is not None else max(float(f) for f in
+                                                     study.final.label_fractions)
 
 
 def _init_path(arm, workdir: str, study=None) -> str:
@@ -122,8 +143,8 @@ def _init_path(arm, workdir: str, study=None) -> str:
 
 
 def _sweep_config(study, *, inits: dict[str, str], init_overrides: dict[str, dict],
-                  fractions, seeds, test_sets: tuple[str, ...], baseline: str
-                  ) -> ml_collections.ConfigDict:
+                  fractions, seeds, test_sets: tuple[str, ...], baseline: str,
+                  reference_fraction: float | None = None) -> ml_collections.ConfigDict:
   config = sweep.default_sweep_config()
   config.base = study.base
   config.label_fractions = tuple(float(f) for f in fractions)
@@ -132,7 +153,10 @@ def _sweep_config(study, *, inits: dict[str, str], init_overrides: dict[str, dic
   config.init_overrides = ml_collections.ConfigDict(
       {name: block for name, block in init_overrides.items() if block})
   config.baseline = baseline
-  config.baseline_fraction = max(config.label_fractions)
+  # The baseline's reference cell; plan_runs adds it for the baseline arm alone when the grid
+  # lacks it (e.g. scratch with every label beside every arm at a few percent).
+  config.baseline_fraction = (max(config.label_fractions) if reference_fraction is None
+                              else float(reference_fraction))
   config.metric = study.metric
   config.overrides = ml_collections.ConfigDict(merged(
       study.overrides, {"data": {"path": storage.absolute(study.data_path)},
@@ -140,8 +164,10 @@ def _sweep_config(study, *, inits: dict[str, str], init_overrides: dict[str, dic
   return config
 
 
-def tune_sweep(study, workdir: str, arms: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """Every tuned arm (of `arms`, default all) x every setup of the grid, on validation only."""
+def tune_sweep(study, workdir: str, arms: tuple[str, ...] = ()
+               ) -> ml_collections.ConfigDict | None:
+  """Every tuned arm (of `arms`, default all) x every setup of the grid, on validation only;
+  None when no arm is tuned (every setup fixed before the study)."""
   inits, overrides = {}, {}
   for arm_name, arm in study.arms.items():
     if arm.setup_from != "tune" or (arms and arm_name not in arms):
@@ -150,6 +176,8 @@ def tune_sweep(study, workdir: str, arms: tuple[str, ...] = ()) -> ml_collection
       name = f"{arm_name}{SEPARATOR}{setup_name}"
       inits[name] = _init_path(arm, workdir, study)
       overrides[name] = merged(arm.overrides, setup)
+  if not inits:
+    return None
   return _sweep_config(study, inits=inits, init_overrides=overrides,
                        fractions=study.tune.label_fractions, seeds=study.tune.seeds,
                        test_sets=(f"{VALIDATION}=val",), baseline=next(iter(inits)))
@@ -192,12 +220,17 @@ def select(study, tune_rows: list[dict[str, Any]], arms: tuple[str, ...] = ()
       scores[setup_name] = {"score": score, "per_fraction": per_fraction, "n": len(rows)}
     best = max(scores, key=lambda s: (scores[s]["score"], -list(scores).index(s)))
     selection[arm_name] = {"setup": best, "score": scores[best]["score"], "scores": scores}
+  for arm_name, arm in study.arms.items():  # setups fixed before the study: recorded as such
+    if arm.setup_from in study.tune.grid and (not arms or arm_name in arms):
+      selection[arm_name] = {"setup": arm.setup_from, "fixed": True, "scores": {}}
   return selection
 
 
 def chosen_overrides(study, selection: dict[str, Any], arm_name: str) -> dict[str, Any]:
   """An arm's own keys with the setup chosen for it (or for the arm it takes its setup from)."""
   arm = study.arms[arm_name]
+  if arm.setup_from in study.tune.grid:  # fixed before the study
+    return merged(study.tune.grid[arm.setup_from], arm.overrides)
   source = arm_name if arm.setup_from == "tune" else arm.setup_from
   if source not in selection:
     raise RuntimeError(f"no setup chosen for arm {source!r}: run --stages=select first")
@@ -223,7 +256,8 @@ def final_sweep(study, workdir: str, selection: dict[str, Any],
   baseline = study.baseline if study.baseline in inits else names[0]
   return _sweep_config(study, inits=inits, init_overrides=overrides,
                        fractions=study.final.label_fractions, seeds=study.final.seeds,
-                       test_sets=final_test_sets(study), baseline=baseline)
+                       test_sets=final_test_sets(study), baseline=baseline,
+                       reference_fraction=baseline_fraction(study))
 
 
 def distill_sweep(study, workdir: str, selection: dict[str, Any],
@@ -299,6 +333,8 @@ def _run(sweep_config, path: str, parallel: int, title: str, log) -> dict[str, A
 
 
 def _rows(sweep_config, path: str) -> list[dict[str, Any]]:
+  if sweep_config is None:
+    return []
   return sweep_results.collect_rows(path, sweep.plan_runs(sweep_config))
 
 
@@ -317,6 +353,9 @@ def test_reads(rows: list[dict[str, Any]], test_set: str = TEST) -> int:
 def selection_table(selection: dict[str, Any], metric: str) -> str:
   lines = []
   for arm, chosen in selection.items():
+    if chosen.get("fixed"):
+      lines += [f"**{arm}**: `{chosen['setup']}`, fixed before the study (not tuned here)", ""]
+      continue
     fractions = list(next(iter(chosen["scores"].values()))["per_fraction"])
     lines += [f"**{arm}** (chosen: `{chosen['setup']}`)", "",
               "| setup | mean validation " + metric + " | "
@@ -400,8 +439,10 @@ def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any
   if study.get("raw_pixel_baseline"):
     from experiments import raw_pixel_baseline  # pylint: disable=g-import-not-at-top
     log("[report] the raw-pixel logistic regression at the final fractions and seeds")
-    rows += raw_pixel_baseline.run(study.data_path, label_fractions=study.final.label_fractions,
-                                   seeds=study.final.seeds, log=log)
+    rows += raw_pixel_baseline.run(
+        study.data_path, label_fractions=tuple(sorted(
+            {float(f) for f in study.final.label_fractions} | {baseline_fraction(study)})),
+        seeds=study.final.seeds, log=log)
     arms.append(raw_pixel_baseline.INIT)
     raw_note = (f" The raw-pixel baseline (C chosen on validation) scored it "
                 f"{test_reads(rows) - reads} more times.")
@@ -412,7 +453,7 @@ def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any
                       f"{zero_shot.path}) zero-shot {test_reads(rows, zero_shot.name)} times.")
   outputs = sweep_results.write_outputs(
       rows, path, metric=study.metric, baseline=study.baseline,
-      baseline_fraction=max(float(f) for f in study.final.label_fractions), tolerance=0.0,
+      baseline_fraction=baseline_fraction(study), tolerance=0.0,
       inits=arms, title=study.name, sweep_config=study.to_dict())
   headline = headline_arm(study, rows)
   headline_note = ""
@@ -423,6 +464,10 @@ def report(study, workdir: str, selection: dict[str, Any], log) -> dict[str, Any
                      + ").")
   planned = (f"{num_arms} arms x {len(study.final.label_fractions)} fractions x "
              f"{len(study.final.seeds)} seeds planned")
+  if not any(math.isclose(baseline_fraction(study), float(f))
+             for f in study.final.label_fractions):
+    planned += (f", and {study.baseline} at {baseline_fraction(study):.0%} x "
+                f"{len(study.final.seeds)} seeds")
   header = (f"# {study.name}\n\n"
             f"Test split scored {reads} times in this study by the networks: once per finished "
             f"final and student run ({planned}); the {len(tune_rows)} tuning rows scored "
@@ -469,12 +514,12 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *,
                           if not arms or name in arms)
   if "pretrain" in stages and needs_pretraining:
     out["pretrain"] = run_pretraining(study, workdir, log)
-  if "tune" in stages:
+  tune = tune_sweep(study, workdir, arms)
+  if "tune" in stages and tune is not None:
     log("[tune] on the validation split only")
-    out["tune"] = _run(tune_sweep(study, workdir, arms), storage.join(workdir, TUNE_DIR), parallel,
+    out["tune"] = _run(tune, storage.join(workdir, TUNE_DIR), parallel,
                        f"{study.name}: tuning (validation)", log)
   if "select" in stages:
-    tune = tune_sweep(study, workdir, arms)
     selection = select(study, _rows(tune, storage.join(workdir, TUNE_DIR)), arms)
     path = storage.join(workdir, SELECTION_FILE)
     if arms and storage.exists(path):  # the other arms' choices stand

@@ -259,23 +259,53 @@ def test_new_site_study_pretrains_on_both_sites_and_starts_from_the_source_encod
   with pytest.raises(ValueError, match="needs config.source_pretrain"):
     study.check_config(full)
   full.source_pretrain = str(tmp_path / "source_study" / "pretrain")
-  runs = sweep.plan_runs(study.tune_sweep(full, str(tmp_path / "s")))
-  assert len(runs) == 3 * 8 * 2 * 2  # three tuned arms, one grid and budget
-  inits = {r.init.split(study.SEPARATOR)[0]: r.init_path for r in runs}
+  # Every arm takes the setup fixed before the study: nothing to tune, the choice recorded.
+  workdir = str(tmp_path / "s")
+  assert study.tune_sweep(full, workdir) is None
+  selection = study.select(full, [])
+  assert selection == {arm: {"setup": adult_cxr.SETUP, "fixed": True, "scores": {}}
+                       for arm in ("scratch", "simclr_source", "simclr_both")}
+  assert "`ep300_lr3e-3_aug`, fixed before the study" in study.selection_table(
+      selection, full.metric)
+  runs = sweep.plan_runs(study.final_sweep(full, workdir, selection))
+  # Every arm at 1-10% of the labels; scratch also at 100% (final.baseline_fraction).
+  cells = {(r.init, r.label_fraction) for r in runs}
+  assert cells == {(arm, f) for arm in ("scratch", "simclr_source", "simclr_both")
+                   for f in (0.01, 0.02, 0.05, 0.1)} | {("scratch", 1.0)}
+  assert len(runs) == len(cells) * 5
+  inits = {r.init: r.init_path for r in runs}
   assert inits == {"scratch": "", "simclr_source": full.source_pretrain,
-                   "simclr_both": str(tmp_path / "s" / "pretrain")}
+                   "simclr_both": os.path.join(workdir, "pretrain")}
+  setup = study_config.tuning_grid()[adult_cxr.SETUP]
+  for run in runs:
+    overrides = dict(run.overrides)
+    assert overrides["total_epochs"] == setup["total_epochs"]
+    assert overrides["optimizer.learning_rate"] == setup["optimizer"]["learning_rate"]
+    assert overrides["data.train_ops"] == setup["data"]["train_ops"]
+    assert overrides.get("encoder_frozen_fraction") == (None if run.init == "scratch" else 0.5)
+  full.arms.scratch.setup_from = "ep5"
+  with pytest.raises(ValueError, match="setup_from='ep5'.*a setup of tune.grid"):
+    study.check_config(full)
+  full.arms.scratch.setup_from = adult_cxr.SETUP
+  full.final.baseline_fraction = 1.5
+  with pytest.raises(ValueError, match=r"final.baseline_fraction=1.5; expected a fraction"):
+    study.check_config(full)
 
 
 def test_new_site_report_has_the_raw_pixel_row_and_the_matching_fraction(tmp_path):
   config = adult_smoke(tmp_path)
   workdir = str(tmp_path / "study")
   tune, selection = _tuned(config, workdir)
-  # scratch 0.7 at 50% and 0.8 at 100%; the SimCLR arm 0.85 at both: it matches at 50%.
-  for run in sweep.plan_runs(study.final_sweep(config, workdir, selection)):
+  # scratch 0.7 at 50% and 0.8 at 100% (its reference cell, run for scratch alone); the SimCLR
+  # arm 0.85 at 50%: it matches there.
+  runs = sweep.plan_runs(study.final_sweep(config, workdir, selection))
+  assert {(r.init, r.label_fraction) for r in runs} == {
+      ("scratch", 0.5), ("scratch", 1.0), ("simclr_both", 0.5)}
+  for run in runs:
     value = 0.85 if run.init == "simclr_both" else 0.7 + 0.1 * (run.label_fraction == 1.0)
     _write_results(sweep.run_dir(os.path.join(workdir, "final"), run), {"test": value})
   out = study.run_study(config, workdir, stages=("report",), verbose=False)["report"]
-  assert out["test_reads"] == 4
+  assert out["test_reads"] == 3
   raw = [c for c in out["cells"] if c["init"] == "raw_pixels"]
   assert [c["label_fraction"] for c in raw] == [0.5, 1.0]
   assert all(0.0 <= c["auc_mean"] <= 1.0 for c in raw)
