@@ -16,8 +16,8 @@ WORKDIR ?= workdirs/quickstart
 # Bytecode: neither installer compiles the 2.8 GB of packages up front (uv --compile-bytecode
 # took 31 s); instead these commands let Python write the bytecode of what is imported, once, at
 # the first import. Where the environment sets PYTHONDONTWRITEBYTECODE, every process would
-# otherwise compile TensorFlow, JAX etc. again (an import of the trainers: 8 s with bytecode,
-# 22 s without), and the tests start ~20 processes.
+# otherwise compile JAX, Flax, Orbax etc. again at every start, and the tests start ~20
+# processes.
 export PYTHONDONTWRITEBYTECODE :=
 INSTALLER ?= uv
 UV_VERSION := 0.13.9

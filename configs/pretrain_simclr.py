@@ -87,8 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.linear_probe = common.linear_probe_config()
 
   config.log_every_steps = 50
-  # TensorBoard event files; "" = the workdir. They go through TensorFlow's file system, which
-  # writes gs:// itself; set a local folder where it cannot reach the bucket (the emulator tests).
+  # TensorBoard event files (a folder or a URL); "" = the workdir.
   config.tensorboard_dir = ""
   # jax.profiler trace of steps first_step.. for TensorBoard's Profile tab; num_steps 0 = off.
   config.profile = common.profile_config()

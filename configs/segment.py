@@ -106,8 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.num_figure_examples = 6    # rows of predictions/<test set>.png
   config.figure_seed = 0            # which records the figure shows (a seeded stratified sample)
   config.log_every_steps = 50
-  # TensorBoard event files; "" = the workdir. They go through TensorFlow's file system, which
-  # writes gs:// itself; set a local folder where it cannot reach the bucket (the emulator tests).
+  # TensorBoard event files (a folder or a URL); "" = the workdir.
   config.tensorboard_dir = ""
   # jax.profiler trace of steps first_step.. for TensorBoard's Profile tab; num_steps 0 = off.
   config.profile = common.profile_config()

@@ -27,7 +27,7 @@ Rerunning resumes: finished pretraining steps and finished sweep runs are skippe
 (a preemption, or `kill`) stops it once the current step is saved, in pretraining or in a sweep
 run; nothing after that starts, and the process exits with status 75 (EXIT_PREEMPTED).
 The workdir may be a URL (gs://bucket/quickstart): every file goes through
-remedis_jax/storage.py, TensorBoard's event files through TensorFlow's file system.
+remedis_jax/storage.py.
 """
 
 from __future__ import annotations

@@ -27,9 +27,8 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import optax
-from clu import periodic_actions
 
-from remedis_jax import checkpointing, preemption, profiling, writers
+from remedis_jax import checkpointing, preemption, profiling, progress, writers
 
 
 def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
@@ -182,7 +181,7 @@ class DivergenceMonitor:
 
 class LoopTools(NamedTuple):
   """What every train loop runs beside its step, built by `loop_tools`."""
-  report_progress: periodic_actions.ReportProgress  # steps/s and ETA, to the log and writer
+  report_progress: progress.ReportProgress  # steps/s and ETA, to the log and writer
   watcher: preemption.PreemptionWatcher  # SIGTERM (agreed on by every process), Ctrl-C
   run_ahead: RunAhead  # at most two steps in flight
   profiler: profiling.StepProfiler  # config.profile's window
@@ -203,7 +202,7 @@ def loop_tools(config: ml_collections.ConfigDict, workdir: str, manager, writer,
     logging.info("%s: dropped %d records of steps after %d, which this run trains again.",
                  writers.METRICS_FILE, dropped, start_step)
   return LoopTools(
-      report_progress=periodic_actions.ReportProgress(
+      report_progress=progress.ReportProgress(
           num_train_steps=total_steps, writer=writer,
           every_secs=config.get("progress_every_secs", 60)),
       watcher=preemption.PreemptionWatcher(manager),

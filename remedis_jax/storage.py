@@ -1,22 +1,22 @@
 """One path layer for workdirs and inputs: local folders and object stores (gs://) alike.
 
-Every file the project reads or writes outside Orbax and TensorBoard goes through here, on top of
+Every file the project reads or writes outside Orbax goes through here, on top of
 `etils.epath` (the path library Orbax, Grain and clu use themselves). A path with a scheme
 (`gs://bucket/run`) stays a URL all the way: it is never turned into a local path.
 
-Cloud Storage backends. epath talks to `gs://` through TensorFlow's file system when TensorFlow is
-installed (our requirements install it), and through fsspec + gcsfs when `EPATH_USE_TF=false`.
-Both work against Cloud Storage; only the second can be pointed at a local emulator
-(`STORAGE_EMULATOR_HOST`), so it is the one our tests run (tests/test_gcs.py) and the one the
-recommended on pods (docs/pods.md). Orbax writes array data through TensorStore (`TENSORSTORE_GCS_HTTP_URL`
-points it at an emulator) and TensorBoard event files go through TensorFlow.
+Cloud Storage backends. epath talks to `gs://` through fsspec + gcsfs (our requirements install
+no TensorFlow; where TensorFlow is installed epath prefers its file system unless
+`EPATH_USE_TF=false`). gcsfs can be pointed at a local emulator (`STORAGE_EMULATOR_HOST`), which
+the tests do (tests/test_gcs.py). Orbax writes array data through TensorStore
+(`TENSORSTORE_GCS_HTTP_URL` points it at an emulator).
 
 Atomic small files. `write_text` / `write_json` never leave a half-written file: locally the text
 goes to a temporary file in the same folder, then `os.replace`; on an object store an object
 appears only when its upload completes, so a single put is atomic already.
 
-Object stores cannot append: `Appender` (metrics.jsonl) appends locally and, on a URL, rewrites
-the object with everything written so far at each flush (metrics files are small).
+Object stores cannot append: `Appender` (metrics.jsonl) and `BinaryAppender` (TensorBoard event
+files) append locally and, on a URL, rewrite the object with everything written so far at each
+flush (scalar logs are small).
 """
 
 from __future__ import annotations
@@ -290,6 +290,50 @@ class Appender:
       write_text(self.path, "".join(self._lines))
     else:
       self._file.flush()
+
+  def close(self) -> None:
+    self.flush()
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+class BinaryAppender:
+  """A binary file that only grows (a TensorBoard event file), locally or on an object store.
+
+  Locally: append mode; `flush` pushes the bytes to the file. On an object store, where objects
+  cannot grow, the bytes written so far (after what the object already held) are kept in memory
+  and the whole object is uploaded again at each `flush` that follows a write: one upload, so
+  the object is always a complete earlier version, never half-written.
+  """
+
+  def __init__(self, path: PathLike):
+    self.path = os.fspath(path)
+    self._remote = is_url(self.path)
+    self._dirty = False
+    if self._remote:
+      self._chunks = [read_bytes(self.path)] if exists(self.path) else []
+      self._file = None
+    else:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      self._chunks = []
+      self._file = open(self.path, "ab")  # pylint: disable=consider-using-with
+
+  def write(self, data: bytes) -> None:
+    if self._remote:
+      self._chunks.append(bytes(data))
+    else:
+      self._file.write(data)
+    self._dirty = True
+
+  def flush(self) -> None:
+    if not self._dirty:
+      return
+    if self._remote:
+      write_bytes(self.path, b"".join(self._chunks))
+    else:
+      self._file.flush()
+    self._dirty = False
 
   def close(self) -> None:
     self.flush()

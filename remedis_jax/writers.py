@@ -1,23 +1,135 @@
-"""Where a run reports: TensorBoard + log (clu) and a plain-text JSONL file; progress lines come
-from clu's ReportProgress (steps/s, ETA) in the loops.
+"""Where a run reports: the log, TensorBoard event files and a plain-text JSONL file.
+
+Written without TensorFlow: the event files are TensorBoard's own record format (its protocol
+buffers and record framing, from the `tensorboard` package) written through
+`remedis_jax.storage`, so a gs:// workdir (or any object store the storage layer reaches,
+emulators included) gets them like any other file. The writer interface is clu's
+(`write_scalars`, `write_hparams`, `flush`, `close`), whose own writers import TensorFlow.
 
 Only process 0 writes files; the other processes log to their own stderr.
 """
 
 from __future__ import annotations
 
+import abc
+import itertools
 import json
 import logging
+import os
+import socket
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from clu import metric_writers
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.summary.writer import record_writer
 
 from remedis_jax import storage
 
 METRICS_FILE = "metrics.jsonl"
+EVENT_FILE_PREFIX = "events.out.tfevents"
+_event_file_counter = itertools.count()
+
+
+class MetricWriter(abc.ABC):
+  """What the loops write to: scalars per step and the run's hyperparameters once."""
+
+  @abc.abstractmethod
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes scalars (numbers or 0-d arrays) at `step`."""
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Writes the run's (flattened) hyperparameters."""
+
+  def flush(self) -> None:
+    """Makes everything written so far visible to readers."""
+
+  def close(self) -> None:
+    self.flush()
+
+
+class LoggingWriter(MetricWriter):
+  """Scalars as one log line per call: `[step] name = value, ...`."""
+
+  def write_scalars(self, step, scalars):
+    text = ", ".join(f"{k} = {_format(v)}" for k, v in sorted(scalars.items()))
+    logging.info("[%d] %s", step, text)
+
+  def write_hparams(self, hparams):
+    logging.info("[hyperparameters] %s", ", ".join(f"{k} = {v}" for k, v in
+                                                   sorted(hparams.items())))
+
+
+class TensorBoardWriter(MetricWriter):
+  """A TensorBoard event file in `logdir` (local or gs://), one per writer.
+
+  Scalars are summary values with `simple_value` (what TensorBoard's scalar dashboard and its
+  event reader take); hyperparameters go to the HParams dashboard. Each `write_*` call ends in
+  a flush: on an object store the event file is uploaded whole, so a reader always sees
+  complete records.
+  """
+
+  def __init__(self, logdir: str):
+    name = (f"{EVENT_FILE_PREFIX}.{int(time.time())}.{socket.gethostname()}.{os.getpid()}."
+            f"{next(_event_file_counter)}.v2")
+    self.path = storage.join(logdir, name)
+    self._file = storage.BinaryAppender(self.path)
+    self._records = record_writer.RecordWriter(self._file)
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _write(self, event: event_pb2.Event) -> None:
+    self._records.write(event.SerializeToString())
+    self._file.flush()
+
+  def write_scalars(self, step, scalars):
+    values = [summary_pb2.Summary.Value(tag=str(k), simple_value=float(np.asarray(v)))
+              for k, v in scalars.items()]
+    self._write(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                summary=summary_pb2.Summary(value=values)))
+
+  def write_hparams(self, hparams):
+    values = {str(k): v if isinstance(v, (bool, int, float, str)) else str(v)
+              for k, v in hparams.items()}
+    self._write(event_pb2.Event(wall_time=time.time(), step=0,
+                                summary=hparams_summary.hparams_pb(values)))
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+class MultiWriter(MetricWriter):
+  """Every call goes to each of `writers`, in order."""
+
+  def __init__(self, writers: Sequence[MetricWriter]):
+    self.writers = tuple(writers)
+
+  def write_scalars(self, step, scalars):
+    for writer in self.writers:
+      writer.write_scalars(step, scalars)
+
+  def write_hparams(self, hparams):
+    for writer in self.writers:
+      writer.write_hparams(hparams)
+
+  def flush(self):
+    for writer in self.writers:
+      writer.flush()
+
+  def close(self):
+    for writer in self.writers:
+      writer.close()
+
+
+def _format(value: Any) -> str:
+  value = np.asarray(value)
+  if value.ndim == 0 and np.issubdtype(value.dtype, np.floating):
+    return f"{float(value):.6g}"
+  return str(value.tolist())
 
 
 def _to_python(value: Any) -> Any:
@@ -25,7 +137,7 @@ def _to_python(value: Any) -> Any:
   return value.item() if value.ndim == 0 else value.tolist()
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class JsonlWriter(MetricWriter):
   """Appends one JSON object per `write_scalars` call to `workdir/metrics.jsonl`.
 
   Plain text that a person can `tail -f` and a script (the sweeps, the tests) can read back
@@ -75,24 +187,6 @@ class JsonlWriter(metric_writers.MetricWriter):
       self._file = storage.Appender(self._path)
     return dropped
 
-  def write_summaries(self, step, values, metadata=None):
-    pass
-
-  def write_images(self, step, images):
-    pass
-
-  def write_videos(self, step, videos):
-    pass
-
-  def write_audios(self, step, audios, *, sample_rate):
-    pass
-
-  def write_texts(self, step, texts):
-    pass
-
-  def write_histograms(self, step, arrays, num_buckets=None):
-    pass
-
   def flush(self):
     self._file.flush()
 
@@ -100,28 +194,25 @@ class JsonlWriter(metric_writers.MetricWriter):
     self._file.close()
 
 
-def drop_records_after(writer: metric_writers.MetricWriter, step: int) -> int:
+def drop_records_after(writer: MetricWriter, step: int) -> int:
   """`JsonlWriter.drop_records_after` for `writer` or the JsonlWriter inside it (0 if none)."""
   if isinstance(writer, JsonlWriter):
     return writer.drop_records_after(step)
-  # clu's MultiWriter (what `create_writer` returns on process 0) keeps its writers here.
-  return sum(drop_records_after(w, step) for w in getattr(writer, "_writers", ()))
+  return sum(drop_records_after(w, step) for w in getattr(writer, "writers", ()))
 
 
-def create_writer(workdir: str, tensorboard_dir: str = "") -> metric_writers.MetricWriter:
-  """TensorBoard summaries + logging + metrics.jsonl on process 0; logging elsewhere.
+def create_writer(workdir: str, tensorboard_dir: str = "") -> MetricWriter:
+  """The log, TensorBoard event files and metrics.jsonl on process 0; the log elsewhere.
 
   Args:
     workdir: where metrics.jsonl goes (a folder or a gs:// URL).
-    tensorboard_dir: where the TensorBoard event files go; "" = the workdir. They are written
-      through TensorFlow's file system, which reaches Cloud Storage itself (gs:// URLs as they
-      are) but cannot be pointed at a local emulator.
+    tensorboard_dir: where the TensorBoard event files go; "" = the workdir. Both go through
+      `remedis_jax.storage`: local folders and object-store URLs alike.
   """
   if jax.process_index() != 0:
-    return metric_writers.create_default_writer(just_logging=True)
-  default = metric_writers.create_default_writer(tensorboard_dir or workdir, asynchronous=False)
-  return metric_writers.MultiWriter([default,
-                                     JsonlWriter(storage.join(workdir, METRICS_FILE))])
+    return LoggingWriter()
+  return MultiWriter([LoggingWriter(), TensorBoardWriter(tensorboard_dir or workdir),
+                      JsonlWriter(storage.join(workdir, METRICS_FILE))])
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -1,9 +1,8 @@
 """gs:// workdirs and inputs against a real Cloud Storage server (fake-gcs-server on 127.0.0.1).
 
 The `gcs` fixture (tests/conftest.py) starts the emulator and points every client at it. The
-runs are the `:smoke` configs (R_micro, 32 px, a few steps); TensorBoard event files, which only
-TensorFlow's file system writes and which cannot reach an emulator, go to a local folder
-(`config.tensorboard_dir`); everything else of the run lives in the bucket.
+runs are the `:smoke` configs (R_micro, 32 px, a few steps); everything of a run, TensorBoard
+event files included, lives in the bucket.
 """
 
 import os
@@ -92,25 +91,39 @@ def test_atomic_local_write_leaves_old_file_on_error(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["results.json"]  # no temporary file left behind
 
 
-def test_tensorboard_writer_gets_the_url_unchanged(monkeypatch, tmp_path, gcs):
-  """Event files go through TensorFlow's file system, which reaches Cloud Storage itself but not
-  the emulator: check the URL it is given is the workdir's, unmangled."""
-  seen = {}
-  original = writers.metric_writers.create_default_writer
+def event_scalars(logdir: str, tmp_path) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} of the event files in `logdir` (local or a bucket), read by
+  TensorBoard's own reader from a local copy."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  local = tmp_path / f"events_{len(os.listdir(tmp_path))}"
+  local.mkdir()
+  names = [n for n in storage.listdir(logdir) if n.startswith(writers.EVENT_FILE_PREFIX)]
+  for name in names:
+    (local / name).write_bytes(storage.read_bytes(storage.join(logdir, name)))
+  accumulator = event_accumulator.EventAccumulator(str(local))
+  accumulator.Reload()
+  return {tag: {e.step: e.value for e in accumulator.Scalars(tag)}
+          for tag in accumulator.Tags()["scalars"]}
 
-  def fake_default_writer(logdir=None, **kwargs):
-    seen["logdir"] = logdir
-    return original(just_logging=True)
 
-  monkeypatch.setattr(writers.metric_writers, "create_default_writer", fake_default_writer)
+def test_tensorboard_event_files_go_into_the_bucket(tmp_path, gcs):
+  """Event files go through the storage layer: into the bucket, read back by TensorBoard."""
   bucket = gcs.bucket()
   writer = writers.create_writer(f"{bucket}/run")
-  writer.write_scalars(3, {"loss": 1.5})
+  writer.write_hparams({"lr": 0.1, "model": "R_micro", "dims": (1, 2)})
+  writer.write_scalars(3, {"loss": 1.5, "acc": np.float32(0.25)})
+  writer.write_scalars(5, {"loss": 1.25})
   writer.close()
-  assert seen["logdir"] == f"{bucket}/run"
+  assert event_scalars(f"{bucket}/run", tmp_path) == {"loss": {3: 1.5, 5: 1.25},
+                                                      "acc": {3: 0.25}}
   assert writers.read_metrics(f"{bucket}/run")[0]["loss"] == 1.5
-  writers.create_writer(f"{bucket}/run2", tensorboard_dir=str(tmp_path)).close()
-  assert seen["logdir"] == str(tmp_path)
+  # tensorboard_dir elsewhere (here a local folder): the event files go there, not to the run.
+  writer = writers.create_writer(f"{bucket}/run2", tensorboard_dir=str(tmp_path / "tb"))
+  writer.write_scalars(1, {"loss": 2.0})
+  writer.close()
+  assert event_scalars(str(tmp_path / "tb"), tmp_path) == {"loss": {1: 2.0}}
+  assert not [n for n in storage.listdir(f"{bucket}/run2")
+              if n.startswith(writers.EVENT_FILE_PREFIX)]
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -216,7 +229,7 @@ def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, 
   workdir = f"{bucket}/simclr"
   # Two of the eight devices: sharded end to end, with two replicas to save and restore (the
   # 8-device update steps: test_train_simclr.py and the others; 8 here cost more CPU).
-  config = _set(pretrain_simclr.get_config("smoke"), tensorboard_dir=str(tmp_path / "tb"),
+  config = _set(pretrain_simclr.get_config("smoke"),
                 **{"linear_probe.enabled": False, "knn.every_steps": 0, "total_steps": 4,
                    "checkpoint_every_steps": 100, "mesh.devices": 2})
 
@@ -260,7 +273,7 @@ def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, 
   assert export.is_export(out)
   loaded = initialization.load_init(out, "R_micro")
   jax.tree.map(np.testing.assert_array_equal, loaded.encoder, params["encoder"])
-  ft_config = _set(finetune_configs.get_config("smoke"), tensorboard_dir=str(tmp_path / "tb_ft"),
+  ft_config = _set(finetune_configs.get_config("smoke"),
                    **{"model.init": out, "total_steps": 2, "mesh.devices": 2})
   ft_workdir = f"{bucket}/finetune"
   results = train_finetune.train_and_evaluate(ft_config, ft_workdir)
@@ -269,5 +282,10 @@ def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, 
   assert storage.isfile(f"{ft_workdir}/{supervised.SUBSET_MANIFEST_FILE}")
   assert storage.listdir(f"{ft_workdir}/roc")
   assert not _local_gs_folders(tmp_path)
-  # The TensorBoard folders got the event files.
-  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb"))
+  # The event files in the bucket hold the losses of metrics.jsonl (both runs: the resumed one
+  # writes steps after the one it resumed at).
+  events = event_scalars(workdir, tmp_path)
+  logged = {r["step"]: r["train/loss"] for r in writers.read_metrics(workdir) if "train/loss" in r}
+  assert {s: pytest.approx(v) for s, v in logged.items()} == events["train/loss"]
+  ft_logged = {r["step"] for r in writers.read_metrics(ft_workdir) if "train/loss" in r}
+  assert set(event_scalars(ft_workdir, tmp_path)["train/loss"]) == ft_logged

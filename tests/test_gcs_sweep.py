@@ -8,8 +8,7 @@ convergence and robustness reports, then rerun without rewriting anything (slow)
 
 Every test works from an empty current folder and checks that no local "gs:" folder appeared
 there or in the repository (where sweep subprocesses start): a URL turned into a local path
-would land in one of them. TensorBoard event files, which only TensorFlow writes and which cannot
-reach the emulator, go to a local folder (`overrides.tensorboard_dir`).
+would land in one of them.
 """
 
 import csv
@@ -31,7 +30,7 @@ from experiments import ood_study
 from experiments import robustness_report as robustness
 from experiments import segmentation_study
 from experiments import sweep_results
-from remedis_jax import export, models, storage, train_finetune, train_segment
+from remedis_jax import export, models, storage, train_finetune, train_segment, writers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -338,11 +337,10 @@ def test_real_sweep_in_a_bucket_then_both_reports(bucket, tmp_path):
   remedis = f"{bucket}/export"
   export.write_export(remedis, {"encoder": params["encoder"], "head": params["head"]},
                       {"model_name": "R_micro", "encoder_overrides": {}, "step": 0})
-  tensorboard = tmp_path / "tb"
   config = smoke_sweep({"scratch": "", "remedis": remedis}, overrides={
       "robustness": {"perturbations": ("gamma(1.5)",)},
       "test_sets": ("in_distribution=test@A", "site_C=test@C"),
-      "checkpoint_every_steps": 4, "tensorboard_dir": str(tensorboard),
+      "checkpoint_every_steps": 4,
       "mesh": {"devices": 1}})  # one device: fine-tuning on 8 runs in test_gcs.py
   workdir = f"{bucket}/sweep"
   summary = sweep.run_sweep(config, workdir, verbose=False)
@@ -369,8 +367,9 @@ def test_real_sweep_in_a_bucket_then_both_reports(bucket, tmp_path):
   assert len(aggregated["cells"]) == 2 * 1 * 2 and len(aggregated["matches"]) == 2 * 2
   assert storage.read_bytes(f"{workdir}/data_efficiency.png").startswith(PNG_MAGIC)
   assert storage.read_text(f"{workdir}/summary.md").startswith("## Smallest label fraction")
-  # TensorBoard's event files went to the local folder (both runs share it: one override).
-  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tensorboard))
+  # Each run's TensorBoard event file is in its folder in the bucket.
+  for row in rows:
+    assert any(n.startswith(writers.EVENT_FILE_PREFIX) for n in storage.listdir(row["run_dir"]))
 
   report = convergence.convergence_report(workdir, verbose=False)
   assert report["json"] == f"{workdir}/convergence.json"

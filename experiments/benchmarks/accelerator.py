@@ -50,13 +50,13 @@ On any GPU or TPU host with the project installed (`pip install -e ".[cuda12]"` 
 
 On a host without network access that already has JAX for its accelerator (torch and timm too,
 for the peer), only the pure-Python and manylinux wheels it lacks travel with the repository:
-typically grain, array-record, portpicker, clu and ml-collections (pin the versions of
+typically grain, array-record, portpicker, clu, ml-collections and tensorboard (pin the versions of
 pyproject.toml). On a machine with network, in the repository root, for the host's Python
 version and platform:
 
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-      -d .whl grain array-record portpicker clu ml-collections
+      -d .whl grain array-record portpicker clu ml-collections tensorboard
 
 then, on the host, in the copied repository root:
 
@@ -64,8 +64,6 @@ then, on the host, in the copied repository root:
   PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 -m experiments.benchmarks.accelerator \
       --out=/tmp/accelerator.jsonl
 
-Where TensorFlow is missing, clu's TensorBoard summary writer module (which imports it) is
-replaced by a stub; the benchmark writes no summaries, so nothing it measures goes through it.
 With `--out=DIR/NAME.jsonl` it also writes the markdown table to DIR/NAME.md (the table is
 also the last thing it prints). Items the budget skipped can be run in a second call with
 `--plan=` listing them, e.g. `--plan=jax:bfloat16:256:on,jax:float32:128:off`. Plan items:
@@ -145,29 +143,6 @@ def xla_flops(stage) -> float | None:
   except (TypeError, ValueError):
     return None
   return flops if flops > 0 and math.isfinite(flops) else None
-
-
-def _stub_tensorboard_writer() -> bool:
-  """Replaces clu's TensorBoard SummaryWriter module (it imports TensorFlow) with a stub.
-
-  Only where TensorFlow is missing (an accelerator host without network, where its wheel is too
-  large to carry), never where the project's requirements are installed. The benchmark writes
-  no summaries, so nothing it measures goes through the stub. Needed while building the update
-  step imports the training loop's writers. Returns whether it stubbed.
-  """
-  name = "clu.metric_writers.summary_writer"
-  if name in sys.modules:
-    return False
-  import types  # pylint: disable=g-import-not-at-top
-  module = types.ModuleType(name)
-
-  class SummaryWriter:  # pylint: disable=too-few-public-methods
-    def __init__(self, *args, **kwargs):
-      raise RuntimeError("accelerator benchmark: TensorBoard summaries are stubbed out here")
-
-  module.SummaryWriter = SummaryWriter
-  sys.modules[name] = module
-  return True
 
 
 def _load_config(config_arg: str):
@@ -484,8 +459,6 @@ WORKERS = {"jax": run_jax_item, "torch": run_torch_item, "grain": run_grain_item
 
 def _worker_main(kind: str, spec: dict[str, Any]) -> int:
   """Entry point of a worker subprocess: prints its records, prefixed, one per line."""
-  if importlib.util.find_spec("tensorflow") is None:
-    _stub_tensorboard_writer()
   WORKERS[kind](spec, _emit_worker_record)
   return 0
 
@@ -565,8 +538,6 @@ def run_in_subprocess(kind: str, spec: dict[str, Any], timeout_s: float,
 
 def run_in_process(kind: str, spec: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
   import traceback  # pylint: disable=g-import-not-at-top
-  if importlib.util.find_spec("tensorflow") is None:
-    _stub_tensorboard_writer()
   records = []
   try:
     WORKERS[kind](spec, records.append)
