@@ -174,8 +174,8 @@ def test_knn_evaluator_bank_is_stratified_and_separates_a_class_sorted_split(tmp
   assert values["auc"] > 0.9 and values["accuracy"] > 0.9, values
 
   # The old first-N bank (all pneumonia) gives every query the score (0, 1): no information.
-  # Its AUC is whatever the last bit of the vote weights' rounding says, so the scores are
-  # checked, rounded, rather than the AUC of the raw ones.
+  # Any AUC of these scores would only rank rounding noise of the vote weights (it differs
+  # between machines), so what is checked is that the scores cannot rank the queries at all.
   ops = evaluator._ops  # pylint: disable=protected-access
   first_n = knn.KnnEvaluator(setup.model, IndexView(bank.parent, np.arange(40)), query, ops=ops,
                              batch_size=32, mesh=mesh, num_channels=config.data.num_channels,
@@ -186,7 +186,7 @@ def test_knn_evaluator_bank_is_stratified_and_separates_a_class_sorted_split(tmp
   scores = knn.knn_scores(query_features, bank_features, bank_labels, k=5, temperature=0.07,
                           num_classes=2, multi_label=False)
   np.testing.assert_allclose(scores, np.tile([0.0, 1.0], (len(scores), 1)), atol=1e-6)
-  assert metrics.roc_auc_score(query_labels, np.round(scores[:, 1], 6)) == 0.5
+  assert np.ptp(scores[:, 1]) <= 1e-6 and len(set(query_labels.tolist())) == 2
 
   # Another seed: another bank.
   config.knn.sample_seed = 1
