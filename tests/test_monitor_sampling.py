@@ -4,7 +4,6 @@ class-stratified random samples, never the first N records of a (possibly class-
 import jax
 import numpy as np
 import pytest
-from sklearn import metrics
 from sklearn.neighbors import NearestNeighbors
 
 from configs import pretrain_gmml, pretrain_simclr
