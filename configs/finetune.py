@@ -212,6 +212,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.baselines = ml_collections.ConfigDict()  # {name: {metric: value}}, printed beside ours
 
   config.log_every_steps = 50
+  # JAX's persistent compilation cache (remedis_jax/compilation_cache.py): "" = WORKDIR/
+  # compilation_cache, "off", or a folder / URL shared by runs and hosts.
+  config.compilation_cache_dir = ""
   # TensorBoard event files (a folder or a URL); "" = the workdir.
   config.tensorboard_dir = ""
   # jax.profiler trace of steps first_step.. for TensorBoard's Profile tab; num_steps 0 = off.

@@ -92,7 +92,7 @@ import ml_collections
 
 from configs import common
 from experiments import sweep_results
-from remedis_jax import storage, workdir_lock
+from remedis_jax import compilation_cache, storage, workdir_lock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("run", "plan", "joblist", "aggregate")
@@ -473,27 +473,10 @@ def compilation_cache_dir(workdir: str) -> str:
       storage.absolute(workdir), CACHE_SUBDIR)
 
 
-def enable_compilation_cache(cache_dir: str, min_compile_time_s: float = 0.5) -> None:
-  """Turns on JAX's persistent compilation cache in this process (if not configured already).
-
-  Args:
-    cache_dir: a local folder or a URL (JAX writes gs:// caches itself).
-    min_compile_time_s: programs that compile faster than this are not cached.
-  """
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from jax.experimental.compilation_cache import compilation_cache
-  # pylint: enable=g-import-not-at-top
-  if jax.config.jax_compilation_cache_dir:
-    return
-  storage.makedirs(cache_dir)
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_s)
-  # A program compiled before this (the quickstart's pretraining) must not keep the cache off.
-  # JAX 0.10 sets its cache up lazily, at the first compilation with a cache dir, so it would not;
-  # older versions decided at the first compilation of the process. reset_cache makes any version
-  # read the settings again (tests/test_gcs_sweep.py checks the cache fills).
-  compilation_cache.reset_cache()
+def enable_compilation_cache(cache_dir: str) -> None:
+  """Turns on JAX's persistent compilation cache in this process (if not configured already):
+  the sweep's runs share one cache, in-process or in subprocesses (JAX_COMPILATION_CACHE_DIR)."""
+  compilation_cache.enable(cache_dir)
 
 
 def _record_failure(path: str, error: str) -> None:

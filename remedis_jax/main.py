@@ -20,7 +20,7 @@ from typing import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from remedis_jax import distributed, preemption
+from remedis_jax import compilation_cache, distributed, preemption
 
 TRAINERS = {"simclr": "remedis_jax.train_simclr", "cluster": "remedis_jax.train_cluster",
             "finetune": "remedis_jax.train_finetune",
@@ -115,8 +115,14 @@ def main(argv):
   if config.trainer not in TRAINERS:
     raise app.UsageError(f"config.trainer={config.trainer!r}; known: {', '.join(TRAINERS)}")
   logging.info("Config:\n%s", config)
+  cache = compilation_cache.enable_for_run(config.get("compilation_cache_dir", ""), FLAGS.workdir)
+  stats = compilation_cache.CompileStats().start()
   trainer = importlib.import_module(TRAINERS[config.trainer])
-  code = run_trainer(trainer, config, FLAGS.workdir)
+  try:
+    code = run_trainer(trainer, config, FLAGS.workdir)
+  finally:
+    stats.stop()
+    logging.info("%s", stats.summary(cache))
   if code:
     sys.exit(code)
 

@@ -311,12 +311,12 @@ def test_subprocess_logs_are_uploaded_to_a_bucket_workdir(bucket, tmp_path, monk
 
 def test_compilation_cache_in_a_bucket_turns_on_after_a_first_compilation(bucket):
   """In a fresh process (JAX's cache settings are per process): a program compiled before
-  `enable_compilation_cache` (the quickstart's pretraining) must not keep the cache off, and a
+  `compilation_cache.enable` (the quickstart's pretraining) must not keep the cache off, and a
   gs:// cache dir works (JAX writes it through etils.epath)."""
   script = ("import jax, jax.numpy as jnp\n"
-            "from experiments import label_fraction_sweep\n"
+            "from remedis_jax import compilation_cache\n"
             "jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()\n"
-            f"label_fraction_sweep.enable_compilation_cache('{bucket}/sweep/.jax_cache', 0.0)\n"
+            f"compilation_cache.enable('{bucket}/sweep/.jax_cache', 0.0)\n"
             "jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()\n")
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   env["PYTHONPATH"] = sweep.REPO_ROOT
