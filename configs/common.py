@@ -39,11 +39,14 @@ def linear_probe_config(train_split: str = "train", eval_split: str = "val",
       "train_size": train_size, "l2": 1.0, "seed": 0, "batch_size": 256})
 
 
-def mesh_config(data: int = -1, fsdp: int = 1, devices: int = -1) -> ml_collections.ConfigDict:
+def mesh_config(data: int = -1, fsdp: int = 1, devices: int = -1,
+                dcn_data: int = 1) -> ml_collections.ConfigDict:
   """Device mesh: `data` x `fsdp` devices (-1: all remaining devices) out of `devices` (-1: all;
   N: the first N / processes devices of each process, e.g. 1 for a one-device run on a bigger
-  host)."""
-  return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "devices": devices})
+  host). A multi-slice job sets `dcn_data` to its number of slices: `data` x `fsdp` is then the
+  mesh inside one slice, and data parallelism spans the slices (remedis_jax/sharding.py)."""
+  return ml_collections.ConfigDict({"data": data, "fsdp": fsdp, "devices": devices,
+                                    "dcn_data": dcn_data})
 
 
 # Grain worker processes for the 224 px (paper-scale) configs. Decoding and augmenting is Python,

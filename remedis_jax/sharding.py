@@ -33,11 +33,13 @@ def _resolve_axis_sizes(mesh_config: Optional[Mapping[str, int]], device_count: 
   """Axis sizes from {'data': d, 'fsdp': f}; -1 means 'the remaining devices'."""
   given = dict(mesh_config.items()) if mesh_config is not None else {}
   given.pop("devices", None)  # how many devices: resolved by _mesh_devices
+  given.pop("dcn_data", None)  # the slices: resolved by _hybrid_mesh
   unknown = sorted(set(given) - set(MESH_AXES))
   if unknown:
     raise ValueError(
         f"mesh config has unknown axis name(s) {unknown}; valid axes are {list(MESH_AXES)} "
-        "(e.g. {'data': -1, 'fsdp': 4}), and 'devices' (-1: all, or how many to use).")
+        "(e.g. {'data': -1, 'fsdp': 4}), 'devices' (-1: all, or how many to use) and "
+        "'dcn_data' (data-parallel slices).")
   sizes = {"data": given.get("data", -1), "fsdp": given.get("fsdp", 1)}
   for name, size in sizes.items():
     if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
@@ -79,6 +81,42 @@ def _mesh_devices(mesh_config: Optional[Mapping[str, int]]) -> Optional[list[jax
           for device in [d for d in jax.devices() if d.process_index == process][:per_process]]
 
 
+def _dcn_data(mesh_config: Optional[Mapping[str, int]]) -> int:
+  value = mesh_config.get("dcn_data", 1) if mesh_config is not None else 1
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+    raise ValueError(f"mesh config dcn_data={value!r} is invalid: use 1 (one slice) or the "
+                     "number of slices the job spans.")
+  return int(value)
+
+
+def _hybrid_mesh(mesh_config: Mapping[str, int], dcn_data: int) -> Mesh:
+  """The mesh of a job over several slices (TPU multislice; on GPU/CPU every process is a slice).
+
+  The 'data' axis spans `dcn_data` slices over the data-centre network (DCN) times `data`
+  devices inside each slice; 'fsdp' stays inside a slice, on its fast interconnect (ICI), so
+  the only traffic between slices is the data-parallel gradient all-reduce.
+  """
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  if mesh_config.get("devices", -1) not in (-1, None):
+    raise ValueError(f"mesh config devices={mesh_config.get('devices')!r} with "
+                     f"dcn_data={dcn_data}: a multi-slice mesh uses every device; set "
+                     "devices=-1.")
+  devices = jax.devices()
+  # TPU slices carry their index; on GPU or CPU hosts each process is a slice (its devices share
+  # a host interconnect; hosts talk over the network).
+  by_slice = devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
+  slices = sorted({d.slice_index if by_slice else d.process_index for d in devices})
+  if len(slices) != dcn_data:
+    kind = "slices (device.slice_index)" if by_slice else "processes, each taken as a slice"
+    raise ValueError(
+        f"mesh config dcn_data={dcn_data}, but the job has {len(slices)} {kind}: dcn_data "
+        f"must equal that number ({len(slices)}), or be 1 for a one-slice mesh.")
+  data, fsdp = _resolve_axis_sizes(mesh_config, len(devices) // dcn_data)
+  array = mesh_utils.create_hybrid_device_mesh(
+      (data, fsdp), (dcn_data, 1), devices=devices, process_is_granule=not by_slice)
+  return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
 def make_mesh(mesh_config: Optional[Mapping[str, int]] = None) -> Mesh:
   """Builds the ('data', 'fsdp') mesh over all devices of all processes, or some of them.
 
@@ -89,7 +127,9 @@ def make_mesh(mesh_config: Optional[Mapping[str, int]] = None) -> Mesh:
       -1 (default) for every device, or how many to use: the first devices/P of
       each of the P processes (e.g. 1 reproduces a one-device run on an 8-device
       host; the tests run most trainers this way, as 8 simulated CPU devices cost
-      a quarter more CPU time than one).
+      a quarter more CPU time than one). Optional key `dcn_data` (default 1): the
+      number of slices of a multi-slice job; then `data` and `fsdp` are the sizes
+      inside one slice and the 'data' axis is dcn_data x data long (`_hybrid_mesh`).
 
   Returns:
     A `jax.sharding.Mesh` with axis names ('data', 'fsdp') and Auto axis types.
@@ -98,6 +138,9 @@ def make_mesh(mesh_config: Optional[Mapping[str, int]] = None) -> Mesh:
     ValueError: unknown axis names, non-positive sizes, two -1 axes, sizes
       whose product is not the number of devices used, or an invalid `devices`.
   """
+  dcn_data = _dcn_data(mesh_config)
+  if dcn_data > 1:
+    return _hybrid_mesh(mesh_config, dcn_data)
   devices = _mesh_devices(mesh_config)
   data, fsdp = _resolve_axis_sizes(mesh_config,
                                    jax.device_count() if devices is None else len(devices))

@@ -20,6 +20,7 @@ def _eight_devices():
     ({"fsdp": 2}, {"data": 4, "fsdp": 2}),
     ({"data": 2, "fsdp": -1}, {"data": 2, "fsdp": 4}),
     ({"data": 1, "fsdp": 8}, {"data": 1, "fsdp": 8}),
+    ({"dcn_data": 1, "fsdp": 4}, {"data": 2, "fsdp": 4}),  # one slice: the plain mesh
 ])
 def test_make_mesh_shapes(mesh_config, want):
   mesh = sharding.make_mesh(mesh_config)
@@ -35,6 +36,11 @@ def test_make_mesh_shapes(mesh_config, want):
     ({"data": -1, "fsdp": 3}, r"not divisible by the fixed axis size 3"),
     ({"model": 2}, r"unknown axis name\(s\) \['model'\]"),
     ({"fsdp": 0}, r"fsdp=0 is invalid"),
+    # One process (and CPU devices have no slice index): one slice, so dcn_data must be 1.
+    ({"dcn_data": 2}, r"dcn_data=2, but the job has 1 processes, each taken as a slice: "
+                      r"dcn_data must equal that number \(1\)"),
+    ({"dcn_data": 0}, r"dcn_data=0 is invalid"),
+    ({"dcn_data": 2, "devices": 4}, r"devices=4 with dcn_data=2: a multi-slice mesh uses every"),
 ])
 def test_make_mesh_errors(mesh_config, message):
   with pytest.raises(ValueError, match=message):

@@ -1,0 +1,100 @@
+"""A multi-slice mesh (`mesh.dcn_data`) in real processes: two processes on 127.0.0.1, each taken
+as a slice of two CPU devices, against one process with the same four devices in one slice.
+
+The multi-slice job puts 'fsdp' inside each process (its ICI) and data parallelism across the two
+(DCN); the reference is the ('data': 2, 'fsdp': 2) mesh of one process. Same global batches
+(data_pipelines/pipeline.py), same global NT-Xent negatives: the logged losses must agree.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from remedis_jax import writers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+FLAGS = ["--config=configs/pretrain_simclr.py:smoke", f"--config.total_steps={STEPS}",
+         "--config.log_every_steps=1", "--config.checkpoint_every_steps=100",
+         "--config.knn.every_steps=0", "--config.linear_probe.enabled=False",
+         "--config.data.worker_count=0"]
+# Printed by each process of the multi-slice run: which processes' devices each mesh row holds.
+MESH_LAYOUT = """
+import json, sys
+import jax
+from remedis_jax import distributed, sharding
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+mesh = sharding.make_mesh({"dcn_data": 2, "data": -1, "fsdp": 2})
+print("LAYOUT", json.dumps({"shape": dict(mesh.shape),
+                            "rows": [[d.process_index for d in row] for row in mesh.devices]}))
+"""
+
+
+def _env(devices):
+  env = dict(os.environ)
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if "xla_force_host_platform_device_count" not in f]
+  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO
+  return env
+
+
+def _port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _pair(make_command, tmp_path, name):
+  """Two processes (2 devices each); returns their outputs after both exit with status 0."""
+  port = _port()
+  procs = []
+  for i in range(2):
+    log = open(tmp_path / f"{name}.{i}.log", "wb")  # pylint: disable=consider-using-with
+    procs.append((subprocess.Popen(make_command(f"127.0.0.1:{port}", i), cwd=REPO,
+                                   env=_env(2), stdout=log, stderr=subprocess.STDOUT), log))
+  texts = []
+  for proc, log in procs:
+    proc.wait(timeout=300)
+    log.close()
+    with open(log.name, encoding="utf-8", errors="replace") as f:
+      texts.append(f.read())
+    assert proc.returncode == 0, texts[-1][-3000:]
+  return texts
+
+
+@pytest.mark.slow
+def test_two_slices_train_like_one_slice_with_the_same_devices(tmp_path):
+  layouts = _pair(lambda address, i: [sys.executable, "-c", MESH_LAYOUT, address, str(i)],
+                  tmp_path, "layout")
+  for text in layouts:
+    layout = json.loads(text.split("LAYOUT ", 1)[1].splitlines()[0])
+    # 'data' = 2 slices x 1, 'fsdp' = 2 inside a slice: each row is one process's devices.
+    assert layout == {"shape": {"data": 2, "fsdp": 2}, "rows": [[0, 0], [1, 1]]}
+
+  multislice = str(tmp_path / "multislice")
+  _pair(lambda address, i: [sys.executable, "-m", "remedis_jax.main", *FLAGS,
+                            f"--workdir={multislice}", "--config.mesh.dcn_data=2",
+                            "--config.mesh.fsdp=2", f"--coordinator_address={address}",
+                            "--num_processes=2", f"--process_id={i}"], tmp_path, "train")
+  reference = str(tmp_path / "reference")
+  out = subprocess.run([sys.executable, "-m", "remedis_jax.main", *FLAGS,
+                        f"--workdir={reference}", "--config.mesh.data=2",
+                        "--config.mesh.fsdp=2"], cwd=REPO, env=_env(4), capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  def losses(workdir):
+    return {r["step"]: r["train/loss"] for r in writers.read_metrics(workdir) if "train/loss" in r}
+
+  got, want = losses(multislice), losses(reference)
+  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+  # Sums over the devices may be ordered differently: equal up to float32 rounding.
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
