@@ -96,6 +96,7 @@ from remedis_jax import compilation_cache, storage, workdir_lock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("run", "plan", "joblist", "aggregate")
+EXECUTORS = ("local", "ray")
 SCRATCH = ("", "none", "scratch")
 FINETUNE_MODES = ("", "full", "linear")
 PLAN_FILE = "sweep_plan.json"
@@ -770,19 +771,25 @@ def run_status(workdir: str, run: Run) -> str:
 
 def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel: int = 1,
               mode: str = "run", python: str = sys.executable, verbose: bool = True,
-              title: str = "", sweep_spec: str = "") -> dict[str, Any]:
+              title: str = "", sweep_spec: str = "", executor: str = "local",
+              ray_address: str = "", ray_resources=None) -> dict[str, Any]:
   """Plans, validates, runs and aggregates a label-fraction sweep.
 
   Args:
     sweep_config: a sweep config (module docstring; configs/sweeps/*.py).
     workdir: the sweep's folder, local or a URL (gs://...); one subfolder per run. Rerunning
       skips finished runs.
-    parallel: 1 = sequential in this process; N > 1 = N `python -m remedis_jax.main` processes.
+    parallel: 1 = sequential in this process; N > 1 = N `python -m remedis_jax.main` processes
+      (with executor="ray" and no ray_address: a local Ray instance with N CPUs).
     mode: "run", "plan", "joblist" or "aggregate" (module docstring).
     python: the interpreter for subprocesses and job lists.
     verbose: print progress and where the outputs are.
     title: a title for the table and the plot (default: the base config).
     sweep_spec: how the user named the sweep config (for the printed aggregate command).
+    executor: "local" (this process, or the built-in process pool) or "ray" (each run a Ray
+      task: experiments/sweep_ray.py).
+    ray_address: "" = start a local Ray instance; "auto" or an address = join that cluster.
+    ray_resources: a `sweep_ray.Resources` (CPUs, GPUs, TPU chips per run); default 1 CPU.
 
   Returns:
     A summary: {"mode", "workdir", "num_runs", "counts" (status -> runs), "runs" (run id ->
@@ -800,6 +807,8 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel
     raise ValueError(f"mode={mode!r}; expected one of {MODES}")
   if int(parallel) < 1:
     raise ValueError(f"parallel={parallel} must be >= 1 (1 = in this process)")
+  if executor not in EXECUTORS:
+    raise ValueError(f"executor={executor!r}; expected one of {EXECUTORS}")
   runs = validate(sweep_config, check_runs=mode != "aggregate")
   workdir = storage.absolute(workdir)
   status = {r.run_id: "finished" if is_finished(run_dir(workdir, r)) else "pending"
@@ -828,10 +837,17 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel
     for r in runs:
       if status[r.run_id] == "finished":
         status[r.run_id] = "skipped"
+    where = ("as Ray tasks" if executor == "ray" else
+             "in this process" if parallel == 1 else f"in {parallel} processes")
     log(f"Sweep {workdir}: {len(runs)} runs, {len(runs) - len(todo)} already finished (skipped), "
-        f"{len(todo)} to run {'in this process' if parallel == 1 else f'in {parallel} processes'}")
+        f"{len(todo)} to run {where}")
     cache_dir = compilation_cache_dir(workdir)
-    if todo and parallel == 1:
+    if todo and executor == "ray":
+      from experiments import sweep_ray  # pylint: disable=g-import-not-at-top
+      outcomes = sweep_ray.run(sweep_config, todo, workdir, parallel=int(parallel),
+                               address=ray_address, resources=ray_resources or sweep_ray.Resources(),
+                               cache_dir=cache_dir, python=python, log=log)
+    elif todo and parallel == 1:
       enable_compilation_cache(cache_dir)
       outcomes = _run_in_process(sweep_config, todo, workdir, log)
     elif todo:
@@ -896,7 +912,8 @@ def main(argv):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   summary = run_sweep(flag_values.config, flag_values.workdir, parallel=flag_values.parallel,
                       mode=flag_values.mode,
-                      sweep_spec=config_flags.get_config_filename(flag_values["config"]))
+                      sweep_spec=config_flags.get_config_filename(flag_values["config"]),
+                      **executor_options(flag_values))
   if summary["mode"] == "joblist":
     print(f"Job list: {summary['jobs_file']}")
   if summary.get("failed"):
@@ -916,7 +933,27 @@ def define_flags(default_config: str | None = None) -> None:
   flags.DEFINE_integer("parallel", 1, "1: runs in this process, one after another; N > 1: N "
                        "local `python -m remedis_jax.main` processes.")
   flags.DEFINE_enum("mode", "run", list(MODES), "run | plan | joblist | aggregate.")
+  flags.DEFINE_enum("executor", "local", list(EXECUTORS), "local: this process or --parallel "
+                    "local processes; ray: one Ray task per run (experiments/sweep_ray.py).")
+  flags.DEFINE_string("ray_address", "", "With --executor=ray: '' starts a local Ray instance "
+                      "with --parallel CPUs; 'auto' (under `ray job submit`) or an address joins "
+                      "that cluster.")
+  flags.DEFINE_float("ray_cpus_per_run", 1.0, "CPUs each run asks of Ray.")
+  flags.DEFINE_float("ray_gpus_per_run", 0.0, "GPUs each run asks of Ray.")
+  flags.DEFINE_float("ray_tpus_per_run", 0.0, "TPU chips each run asks of Ray (the 'TPU' "
+                     "resource).")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+def executor_options(flag_values) -> dict[str, Any]:
+  """run_sweep's executor keywords from the flags of `define_flags`."""
+  if flag_values.executor != "ray":
+    return {"executor": flag_values.executor}
+  from experiments import sweep_ray  # pylint: disable=g-import-not-at-top
+  return {"executor": "ray", "ray_address": flag_values.ray_address,
+          "ray_resources": sweep_ray.Resources(cpus=flag_values.ray_cpus_per_run,
+                                               gpus=flag_values.ray_gpus_per_run,
+                                               tpus=flag_values.ray_tpus_per_run)}
 
 
 if __name__ == "__main__":

@@ -195,9 +195,11 @@ def plot_ood(step1_cells, step2_cells, path: str, *, metric: str, inits, sites, 
 
 
 def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parallel: int = 1,
-                  mode: str = "run", python: str = sys.executable, verbose: bool = True
-                  ) -> dict[str, Any]:
+                  mode: str = "run", python: str = sys.executable, verbose: bool = True,
+                  **executor) -> dict[str, Any]:
   """Runs (or plans / lists / aggregates) both steps and writes the OOD outputs.
+
+  `executor` holds run_sweep's executor keywords (executor, ray_address, ray_resources).
 
   Args:
     ood_config: an OOD config (configs/sweeps/ood_tiny.py).
@@ -222,7 +224,7 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
   workdir = storage.absolute(workdir)
   dir1 = storage.join(workdir, STEP1_DIR.format(ood_config.site_a))
   dir2 = storage.join(workdir, STEP2_DIR.format(ood_config.site_b))
-  kwargs = dict(parallel=parallel, mode=mode, python=python, verbose=verbose)
+  kwargs = dict(parallel=parallel, mode=mode, python=python, verbose=verbose, **executor)
   log(f"OOD step 1: fine-tune on site {ood_config.site_a}, test at "
       f"{', '.join([ood_config.site_a, *ood_config.zero_shot_sites])} -> {dir1}")
   summary1 = sweep.run_sweep(step1, dir1, title=f"step 1: trained on site {ood_config.site_a}",
@@ -299,7 +301,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   flag_values = flags.FLAGS
   summary = run_ood_study(flag_values.config, flag_values.workdir,
-                          parallel=flag_values.parallel, mode=flag_values.mode)
+                          parallel=flag_values.parallel, mode=flag_values.mode,
+                          **sweep.executor_options(flag_values))
   if summary["failed"]:
     sys.exit(1)
   if summary["preempted"]:  # a run saved on SIGTERM; rerunning the same command resumes
