@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.errors import BadRecordError
-from remedis_jax import storage
+from data_pipelines import storage
 
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 _HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.sources.base import IndexView, Source
-from remedis_jax import storage
+from data_pipelines import storage
 
 NO_FINDING = "no_finding"
 UNLABELED = "unlabeled"

@@ -38,7 +38,7 @@ convergence_runs.csv (one row per run: status, target, steps to target), converg
 (settings, runs with their curves, cells), convergence.md (the markdown table, also printed) and
 convergence.png (mean validation curve over finished seeds per init, one panel per label
 fraction, the target as a dashed line). The sweep folder and --output_dir may be URLs
-(gs://...; remedis_jax/storage.py). Imports neither JAX nor TensorFlow.
+(gs://...; data_pipelines/storage.py). Imports neither JAX nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import numpy as np
 
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
-from remedis_jax import storage
+from data_pipelines import storage
 
 METRICS_FILE = "metrics.jsonl"  # remedis_jax.writers.METRICS_FILE, without importing JAX/TF
 CSV_FILE = "convergence.csv"

@@ -43,7 +43,8 @@ import ml_collections
 import numpy as np
 
 from data_pipelines import sources as data_sources
-from remedis_jax import checkpointing, distillation, export, models, sharding, storage
+from data_pipelines import storage
+from remedis_jax import checkpointing, distillation, export, models, sharding
 from remedis_jax import supervised, train_finetune
 from remedis_jax.evaluators import classification
 from remedis_jax.pretraining import put_host_tree

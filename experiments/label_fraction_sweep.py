@@ -60,7 +60,7 @@ dashed line) and summary.md (the smallest label fraction at which each init matc
 baseline, the grid of cells, and the paired differences).
 
 Object stores: WORKDIR and the inits may be URLs (gs://bucket/sweep); every file of the sweep
-goes through remedis_jax/storage.py, so a URL is never turned into a local path. An object
+goes through data_pipelines/storage.py, so a URL is never turned into a local path. An object
 cannot grow while a subprocess writes it, so with --parallel=N and a URL workdir each run's
 stdout and stderr go to a local temporary file (its path is printed), which is uploaded to
 WORKDIR/<run>/log.txt every LOG_UPLOAD_INTERVAL_S seconds and when the run ends, after what
@@ -91,8 +91,10 @@ from typing import Any, Iterable, Sequence
 import ml_collections
 
 from configs import common
+from configs.sweeps import common as sweep_configs
 from experiments import sweep_results
-from remedis_jax import compilation_cache, storage, workdir_lock
+from data_pipelines import storage
+from remedis_jax import compilation_cache, workdir_lock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("run", "plan", "joblist", "aggregate")
@@ -110,25 +112,13 @@ CACHE_SUBDIR = ".jax_cache"
 LOG_UPLOAD_INTERVAL_S = 60.0
 # How often a run that another process holds (running elsewhere) is checked again.
 HELD_RUN_POLL_S = 10.0
-DEFAULT_LABEL_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+DEFAULT_LABEL_FRACTIONS = sweep_configs.DEFAULT_LABEL_FRACTIONS
 _INIT_NAME = re.compile(r"^[A-Za-z0-9_\-+]+$")
 
 
 def default_sweep_config() -> ml_collections.ConfigDict:
-  """The keys every sweep config has (configs/sweeps/*.py start from this)."""
-  config = ml_collections.ConfigDict()
-  config.base = "configs/finetune.py:tiny"
-  config.overrides = ml_collections.ConfigDict()
-  config.init_overrides = ml_collections.ConfigDict()
-  config.label_fractions = DEFAULT_LABEL_FRACTIONS
-  config.seeds = (0, 1, 2)
-  config.inits = ml_collections.ConfigDict({"scratch": ""})
-  config.baseline = "scratch"
-  config.baseline_fraction = 1.0
-  config.metric = "macro_auc"
-  config.match_tolerance = 0.0
-  config.finetune_mode = ""
-  return config
+  """The keys every sweep config has (configs/sweeps/common.py)."""
+  return sweep_configs.default_sweep_config()
 
 
 @dataclasses.dataclass(frozen=True)

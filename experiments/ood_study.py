@@ -42,8 +42,9 @@ from typing import Any
 import ml_collections
 
 from experiments import label_fraction_sweep as sweep
+from configs.sweeps import common as sweep_configs
 from experiments import sweep_results
-from remedis_jax import storage
+from data_pipelines import storage
 
 STEP1_DIR = "step1_site_{}"
 STEP2_DIR = "step2_site_{}"
@@ -51,14 +52,8 @@ SYNTHETIC_SITES = ("A", "B", "C", "D")  # data_pipelines.sources.synthetic.SITE_
 
 
 def default_ood_config() -> ml_collections.ConfigDict:
-  """The keys every OOD config has: a sweep config plus the sites."""
-  config = sweep.default_sweep_config()
-  config.site_a = "A"                  # the training site of step 1
-  config.site_b = "B"                  # the new site of step 2
-  config.zero_shot_sites = ("B", "C")  # evaluated without their labels in step 1
-  config.site_a_label_fraction = 1.0   # step 1 trains on this share of site-A labels
-  config.headline_init = "remedis"     # whose matching fraction is the headline
-  return config
+  """The keys every OOD config has: a sweep config plus the sites (configs/sweeps/common.py)."""
+  return sweep_configs.default_ood_config()
 
 
 def site_test_set(site: str) -> str:

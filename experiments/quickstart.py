@@ -27,7 +27,7 @@ Rerunning resumes: finished pretraining steps and finished sweep runs are skippe
 (a preemption, or `kill`) stops it once the current step is saved, in pretraining or in a sweep
 run; nothing after that starts, and the process exits with status 75 (EXIT_PREEMPTED).
 The workdir may be a URL (gs://bucket/quickstart): every file goes through
-remedis_jax/storage.py.
+data_pipelines/storage.py.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from configs.sweeps import quickstart_pneumoniamnist
 from configs.sweeps import tiny as tiny_sweep
 from data_pipelines import download
 from experiments import label_fraction_sweep
-from remedis_jax import export, storage, train_simclr
+from data_pipelines import storage
+from remedis_jax import export, train_simclr
 
 DATASETS = ("pneumoniamnist", "synthetic")
 SYNTHETIC_NOTE = ("The numbers below come from the built-in synthetic chest X-rays: they show "

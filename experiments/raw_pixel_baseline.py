@@ -26,7 +26,7 @@ import numpy as np
 from data_pipelines import subset as subset_lib
 from data_pipelines.sources.medmnist import MedMNISTSource
 from experiments import sweep_results
-from remedis_jax import storage
+from data_pipelines import storage
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 INIT = "raw_pixels"

@@ -33,7 +33,7 @@ skipped by the sweep, not re-evaluated.
 Outputs (in --output_dir, default the sweep folder): robustness.csv (one row per cell),
 robustness_runs.csv (one row per run, test set and perturbation), robustness.json (settings,
 runs, cells, counts) and robustness.md (the markdown tables, also printed). The sweep folder and
---output_dir may be URLs (gs://...; remedis_jax/storage.py). Imports neither JAX nor TensorFlow.
+--output_dir may be URLs (gs://...; data_pipelines/storage.py). Imports neither JAX nor TensorFlow.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import numpy as np
 from experiments import convergence_report
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
-from remedis_jax import storage
+from data_pipelines import storage
 
 CSV_FILE = "robustness.csv"
 RUNS_CSV_FILE = "robustness_runs.csv"

@@ -23,7 +23,7 @@ Outputs in WORKDIR (the sweep helpers of experiments/sweep_results.py do the mea
   segmentation_dice.png      Dice vs % masks (log axis), one panel per test set
 Runs are sequential in this process and share a persistent compilation cache
 (WORKDIR/.jax_cache unless JAX_COMPILATION_CACHE_DIR is set), so only the first run of each
-model pays for XLA. WORKDIR and --gmml_init may be URLs (gs://...; remedis_jax/storage.py).
+model pays for XLA. WORKDIR and --gmml_init may be URLs (gs://...; data_pipelines/storage.py).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import time
 from typing import Any, Sequence
 
 from experiments import sweep_results
-from remedis_jax import storage
+from data_pipelines import storage
 
 COLUMNS = ("run_id", "init", "label_fraction", "seed", "test_set", "status", "dice", "iou",
            "dice_global", "iou_global", "num_train_masks", "best_step", "best_val", "steps",

@@ -44,7 +44,7 @@ import ml_collections
 
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
-from remedis_jax import storage
+from data_pipelines import storage
 
 STAGES = ("pretrain", "tune", "select", "final", "distill", "report")
 PRETRAIN_DIR, TUNE_DIR, FINAL_DIR, DISTILL_DIR, REPORT_DIR = (

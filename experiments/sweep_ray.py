@@ -37,7 +37,8 @@ import time
 from typing import Any, Sequence
 
 from experiments import label_fraction_sweep as sweep
-from remedis_jax import storage, workdir_lock
+from data_pipelines import storage
+from remedis_jax import workdir_lock
 
 TASK_FILE = "ray_task.json"
 UPLOAD_INTERVAL_S = 30.0

@@ -4,7 +4,7 @@ data-efficiency plot.
 
 Reads each run's results.json (schema "remedis-jax-finetune-results/1", documented in
 remedis_jax/train_finetune.py) and nothing else, so it works the same for runs made in-process,
-by local subprocesses or by a cluster scheduler. Reads and writes through remedis_jax/storage.py,
+by local subprocesses or by a cluster scheduler. Reads and writes through data_pipelines/storage.py,
 so the sweep folder may be a URL (gs://...). Imports neither JAX nor TensorFlow.
 
 Definitions (also written into the table header):
@@ -41,7 +41,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from remedis_jax import storage
+from data_pipelines import storage
 
 RESULTS_FILE = "results.json"
 CSV_FILE = "results.csv"

@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from remedis_jax import storage
+from data_pipelines import storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 DAMAGED_MARKER = ".damaged-"

@@ -9,7 +9,7 @@ compilation_cache_dir` says where it lives:
   "off"     no persistent cache
   a folder  or a URL (gs://bucket/jax_cache): shared by every run and host that names it
 
-JAX writes and reads gs:// caches through etils.epath, the same layer remedis_jax/storage.py
+JAX writes and reads gs:// caches through etils.epath, the same layer data_pipelines/storage.py
 uses. A cache configured already (JAX_COMPILATION_CACHE_DIR in the environment, which the sweeps
 set for their runs, or an earlier call in this process) is kept.
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from remedis_jax import storage
+from data_pipelines import storage
 
 SUBDIR = "compilation_cache"
 OFF = "off"

@@ -35,7 +35,8 @@ import numpy as np
 
 from data_pipelines import pipeline
 from data_pipelines.sources import base as sources_base
-from remedis_jax import checkpointing, export, storage, supervised
+from data_pipelines import storage
+from remedis_jax import checkpointing, export, supervised
 
 # What a finished fine-tuning run holds (remedis_jax/supervised.py writes them).
 RESULTS_FILE = supervised.RESULTS_FILE

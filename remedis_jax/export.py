@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
-from remedis_jax import storage
+from data_pipelines import storage
 
 EXPORT_FORMAT = "remedis-jax-export/1"
 METADATA_FILE = "model.json"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from remedis_jax import checkpointing, export, storage
+from data_pipelines import storage
+
+from remedis_jax import checkpointing, export
 
 SCRATCH = ("", "none", "scratch")
 

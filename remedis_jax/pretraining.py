@@ -29,7 +29,8 @@ from clu import parameter_overview
 
 from data_pipelines import sources as data_sources
 from remedis_jax import checkpointing, initialization, loop, models, optimizers
-from remedis_jax import run_config, sharding, storage, workdir_lock, writers
+from data_pipelines import storage
+from remedis_jax import run_config, sharding, workdir_lock, writers
 from remedis_jax.evaluators import knn as knn_evaluator
 from remedis_jax.evaluators import linear_probe
 

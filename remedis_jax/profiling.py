@@ -19,7 +19,7 @@ import logging
 import jax
 import ml_collections
 
-from remedis_jax import storage
+from data_pipelines import storage
 
 
 class StepProfiler:

@@ -31,7 +31,9 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import jax
 
-from remedis_jax import export, storage
+from data_pipelines import storage
+
+from remedis_jax import export
 
 RUN_CONFIG_FILE = export.RUN_CONFIG_FILE  # "config.json"
 

@@ -36,7 +36,8 @@ from data_pipelines import pipeline, presets
 from data_pipelines import subset as subset_lib
 from remedis_jax import checkpointing, initialization, loop, models, optimizers, pretraining
 from remedis_jax import sharding
-from remedis_jax import run_config, storage, workdir_lock, writers
+from data_pipelines import storage
+from remedis_jax import run_config, workdir_lock, writers
 
 BEST_DIR = "best"
 RESULTS_FILE = "results.json"  # written by the trainer when its final evaluation is done

@@ -83,7 +83,8 @@ import optax
 
 from data_pipelines import pipeline
 from data_pipelines import sources as data_sources
-from remedis_jax import distillation, initialization, losses, models, sharding, storage
+from data_pipelines import storage
+from remedis_jax import distillation, initialization, losses, models, sharding
 from remedis_jax import supervised
 from remedis_jax.evaluators import classification, robustness
 from remedis_jax.pretraining import normalize_images, put_host_tree

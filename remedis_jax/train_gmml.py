@@ -42,7 +42,8 @@ import optax
 
 from data_pipelines import ops_masking, pipeline, sources
 from data_pipelines.subset import sample
-from remedis_jax import models, optimizers, pretraining, sharding, storage
+from data_pipelines import storage
+from remedis_jax import models, optimizers, pretraining, sharding
 from remedis_jax.pretraining import TrainSetup, normalize_images
 
 GRID_FOLDER = "reconstructions"

@@ -59,7 +59,8 @@ import ml_collections
 import optax
 
 from data_pipelines import sources as data_sources
-from remedis_jax import initialization, models, storage, supervised
+from data_pipelines import storage
+from remedis_jax import initialization, models, supervised
 from remedis_jax.evaluators import segmentation as seg_metrics
 from remedis_jax.models import segmentation as seg_models
 from remedis_jax.train_finetune import TestSet, build_eval_sources, parse_test_sets

@@ -2,7 +2,7 @@
 
 Written without TensorFlow: the event files are TensorBoard's own record format (its protocol
 buffers and record framing, from the `tensorboard` package) written through
-`remedis_jax.storage`, so a gs:// workdir (or any object store the storage layer reaches,
+`data_pipelines.storage`, so a gs:// workdir (or any object store the storage layer reaches,
 emulators included) gets them like any other file. The writer interface is clu's
 (`write_scalars`, `write_hparams`, `flush`, `close`), whose own writers import TensorFlow.
 
@@ -26,7 +26,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.summary.writer import record_writer
 
-from remedis_jax import storage
+from data_pipelines import storage
 
 METRICS_FILE = "metrics.jsonl"
 EVENT_FILE_PREFIX = "events.out.tfevents"
@@ -207,7 +207,7 @@ def create_writer(workdir: str, tensorboard_dir: str = "") -> MetricWriter:
   Args:
     workdir: where metrics.jsonl goes (a folder or a gs:// URL).
     tensorboard_dir: where the TensorBoard event files go; "" = the workdir. Both go through
-      `remedis_jax.storage`: local folders and object-store URLs alike.
+      `data_pipelines.storage`: local folders and object-store URLs alike.
   """
   if jax.process_index() != 0:
     return LoggingWriter()

@@ -37,7 +37,7 @@ if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
 # gs:// paths through fsspec + gcsfs instead of TensorFlow's file system: only gcsfs can be
-# pointed at the local Cloud Storage emulator of the `gcs` fixture (remedis_jax/storage.py).
+# pointed at the local Cloud Storage emulator of the `gcs` fixture (data_pipelines/storage.py).
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",

@@ -18,7 +18,8 @@ from configs import pretrain_simclr
 from data_pipelines import convert, pipeline, presets
 from data_pipelines import sources as data_sources
 from data_pipelines.sources.synthetic import SyntheticCXR
-from remedis_jax import checkpointing, export, initialization, storage, supervised
+from data_pipelines import storage
+from remedis_jax import checkpointing, export, initialization, supervised
 from remedis_jax import train_finetune, train_simclr, writers
 from remedis_jax.models import bit
 

@@ -30,7 +30,8 @@ from experiments import ood_study
 from experiments import robustness_report as robustness
 from experiments import segmentation_study
 from experiments import sweep_results
-from remedis_jax import export, models, storage, train_finetune, train_segment, writers
+from data_pipelines import storage
+from remedis_jax import export, models, train_finetune, train_segment, writers
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -254,7 +255,7 @@ def test_segmentation_study_outputs_in_a_bucket(bucket, monkeypatch):
 # fails (FAKE_FAIL_SEED) or writes a finished results.json. Starts in well under a second.
 FAKE_PYTHON = r"""#!{python}
 import os, sys, time
-from remedis_jax import storage
+from data_pipelines import storage
 flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
 workdir, seed = flags["workdir"], flags["config.seed"]
 token = f"attempt {{os.getpid()}} of {{workdir}}"

@@ -29,7 +29,7 @@ Like configs/sweeps/tiny.py, the numbers are a CPU-scale demonstration, not evid
 import ml_collections
 
 from configs import finetune
-from experiments import label_fraction_sweep
+from configs.sweeps import common as sweep_common
 
 VIT = "ViT-tiny/4"
 GMML_WORKDIR = "workdirs/gmml/pretrain"
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, "", "scratch"):
     raise ValueError(f"configs/sweeps/gmml_tiny.py: unknown argument {arg!r}; use no argument "
                      "or ':scratch'")
-  config = label_fraction_sweep.default_sweep_config()
+  config = sweep_common.default_sweep_config()
   config.base = "configs/finetune.py:tiny"
   config.label_fractions = (0.02, 0.1, 1.0)
   config.seeds = (0, 1)

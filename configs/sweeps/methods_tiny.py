@@ -46,7 +46,7 @@ demonstration, not evidence. Expect none of the three claims to hold at this sca
 
 import ml_collections
 
-from experiments import label_fraction_sweep
+from configs.sweeps import common as sweep_common
 
 INITS = {
     "scratch": "",
@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if unknown:
     raise ValueError(f"configs/sweeps/methods_tiny.py:{arg}: unknown init(s) {unknown}; known: "
                      f"{', '.join(INITS)}")
-  config = label_fraction_sweep.default_sweep_config()
+  config = sweep_common.default_sweep_config()
   config.base = "configs/finetune.py:tiny"
   config.label_fractions = (0.02, 0.1, 1.0)
   config.seeds = (0, 1)

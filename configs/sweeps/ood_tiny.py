@@ -15,11 +15,11 @@ needed; there is then no headline init, so headline_init becomes scratch).
 import ml_collections
 
 from configs.sweeps import tiny
-from experiments import ood_study
+from configs.sweeps import common as sweep_common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = ood_study.default_ood_config()
+  config = sweep_common.default_ood_config()
   sweep = tiny.get_config(arg)
   for key in ("base", "seeds", "inits", "baseline", "baseline_fraction", "metric",
               "match_tolerance", "overrides"):

@@ -23,12 +23,12 @@ written by data_pipelines/convert.py; set data.source/path/root/manifest as for 
 
 import ml_collections
 
-from experiments import label_fraction_sweep
+from configs.sweeps import common as sweep_common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  config = label_fraction_sweep.default_sweep_config()
+  config = sweep_common.default_sweep_config()
   config.base = "configs/finetune.py:r50x1"
   config.label_fractions = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
   config.seeds = (0, 1, 2)

@@ -28,7 +28,7 @@ stem, untuned). Baseline: scratch on 100%; the MedMNIST v2 ResNet-18 numbers (AU
 import ml_collections
 
 from configs.sweeps import pneumoniamnist_recipes
-from experiments import label_fraction_sweep
+from configs.sweeps import common as sweep_common
 
 # Chosen in configs/sweeps/pneumoniamnist_recipes.py on validation (a tie with head_first and
 # head_first_200ep; scores: experiments/results/pneumoniamnist_recipes/README.md).
@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   pneumoniamnist_recipes.RECIPES and .ENCODERS): scratch, and SimCLR with that recipe and
   encoder, e.g. ':head_first@steps_1500' for the exploratory table."""
   simclr = parse_arg(arg)
-  config = label_fraction_sweep.default_sweep_config()
+  config = sweep_common.default_sweep_config()
   config.base = "configs/finetune.py:pneumoniamnist"
   config.label_fractions = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
   config.seeds = (0, 1, 2)

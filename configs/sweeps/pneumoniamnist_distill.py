@@ -48,7 +48,7 @@ import ml_collections
 
 from configs.sweeps import pneumoniamnist, pneumoniamnist_input_recipes
 from configs.sweeps import pneumoniamnist_recipes
-from remedis_jax import storage
+from data_pipelines import storage
 
 RECIPES_SWEEP = "workdirs/pneumoniamnist_recipes"
 # The workdir of configs/sweeps/pneumoniamnist.py:head_first@steps_1500 (the teachers).

@@ -35,7 +35,7 @@ superseded exploratory rounds: experiments/results/pneumoniamnist_recipes/README
 
 import ml_collections
 
-from experiments import label_fraction_sweep
+from configs.sweeps import common as sweep_common
 
 PRETRAINED = "workdirs/simclr_pneumoniamnist"
 # The SimCLR pretraining runs compared in configs/sweeps/pneumoniamnist_encoders.py:
@@ -76,7 +76,7 @@ def validation_sweep(inits: dict[str, str], init_overrides: dict[str, dict], *,
   The recipe rounds share it (this file, pneumoniamnist_input_recipes.py,
   pneumoniamnist_encoders.py): the test split is never read by these sweeps.
   """
-  config = label_fraction_sweep.default_sweep_config()
+  config = sweep_common.default_sweep_config()
   config.base = "configs/finetune.py:pneumoniamnist"
   config.label_fractions = label_fractions
   config.seeds = seeds

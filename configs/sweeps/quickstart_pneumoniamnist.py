@@ -27,7 +27,7 @@ says whether SimCLR is ahead. A demonstration at CPU scale, not the study's evid
 import ml_collections
 
 from data_pipelines import download
-from experiments import label_fraction_sweep
+from configs.sweeps import common as sweep_common
 
 PRETRAIN_CONFIG = "configs/pretrain_simclr.py:pneumoniamnist"
 # 500 steps of batch 128 are 14 epochs of the official file's 4708 training images.
@@ -59,7 +59,7 @@ def pretrain_overrides(data_path: str) -> dict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The fine-tuning sweep; `arg` 'scratch' sweeps scratch only (no pretraining needed)."""
-  config = label_fraction_sweep.default_sweep_config()
+  config = sweep_common.default_sweep_config()
   config.base = "configs/finetune.py:pneumoniamnist"
   config.label_fractions = LABEL_FRACTIONS
   config.seeds = SEEDS

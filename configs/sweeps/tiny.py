@@ -13,17 +13,17 @@ with
 Without pretraining, `--config=configs/sweeps/tiny.py:scratch` sweeps scratch only.
 
 The REMEDIS paper's grid (1, 2, 5, 10, 25, 50, 100%, 3+ seeds) is the default of
-experiments/label_fraction_sweep.default_sweep_config(); this file trades it for CPU minutes,
+experiments/sweep_common.default_sweep_config(); this file trades it for CPU minutes,
 so its numbers are a smoke-level demonstration, not evidence.
 """
 
 import ml_collections
 
-from experiments import label_fraction_sweep
+from configs.sweeps import common as sweep_common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  config = label_fraction_sweep.default_sweep_config()
+  config = sweep_common.default_sweep_config()
   config.base = "configs/finetune.py:tiny"
   config.label_fractions = (0.02, 0.1, 1.0)
   config.seeds = (0, 1)

@@ -23,7 +23,7 @@ import numpy as np
 from data_pipelines import decode
 from data_pipelines.errors import BadRecordError
 from data_pipelines.sources.base import Source, check_index
-from remedis_jax import storage
+from data_pipelines import storage
 
 FORMAT_VERSION = 1
 _SHARD_SUFFIX = re.compile(r"\.array_record-\d{5}-of-\d{5}$")

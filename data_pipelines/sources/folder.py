@@ -51,7 +51,7 @@ from PIL import Image
 
 from data_pipelines import decode
 from data_pipelines.errors import BadRecordError
-from remedis_jax import storage
+from data_pipelines import storage
 from data_pipelines.sources.base import (IndexView, Source, as_hwc, check_index, log_skipped,
                                          to_channels)
 

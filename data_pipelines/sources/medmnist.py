@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.errors import BadRecordError
-from remedis_jax import storage
+from data_pipelines import storage
 from data_pipelines.sources.base import (Source, check_index, class_names_or_default,
                                          log_skipped)
 

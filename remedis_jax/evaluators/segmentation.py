@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from remedis_jax import storage
+from data_pipelines import storage
 
 EMPTY_SCORE = 1.0
 DEFAULT_THRESHOLD = 0.5

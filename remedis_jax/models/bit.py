@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from remedis_jax import storage
+from data_pipelines import storage
 
 Array = jax.Array
 Dtype = Any

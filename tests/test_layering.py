@@ -1,0 +1,43 @@
+"""Imports run one way: experiments -> configs -> trainers (remedis_jax) -> data_pipelines.
+
+Read from the source (every import statement, module level or inside a function), so a new
+import against the direction fails here before it makes a cycle.
+"""
+
+import ast
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def imported_packages(folder):
+  """{file: top-level packages it imports}, for every .py file under `folder`."""
+  out = {}
+  for root, _, names in os.walk(os.path.join(REPO, folder)):
+    for name in names:
+      if not name.endswith(".py"):
+        continue
+      path = os.path.join(root, name)
+      with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+      found = set()
+      for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+          found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+          found.add(node.module.split(".")[0])
+      out[os.path.relpath(path, REPO)] = found
+  return out
+
+
+@pytest.mark.parametrize("folder, forbidden", [
+    ("data_pipelines", {"remedis_jax", "experiments", "configs"}),
+    ("remedis_jax", {"experiments", "configs"}),
+    ("configs", {"experiments"}),
+])
+def test_imports_run_one_way(folder, forbidden):
+  wrong = {path: sorted(found & forbidden) for path, found in imported_packages(folder).items()
+           if found & forbidden}
+  assert not wrong, f"{folder} imports what depends on it: {wrong}"
