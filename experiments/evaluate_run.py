@@ -4,12 +4,12 @@ r"""Scores a finished fine-tuning run on any dataset: another hospital's, or a s
     --data.path=FILE.npz --data.split=test --out=DIR
 
 `--data.<key>` names the dataset as a config's data block would (keys in
-train_finetune.OTHER_DATASET_KEYS, plus `source` and `split`); a key not given is the run's own,
+test_sets.OTHER_DATASET_KEYS, plus `source` and `split`); a key not given is the run's own,
 so `--data.split=val` alone scores the run's validation split, and
 `--data.source=folder --data.manifest=/d/x/labels.csv --data.split_column= --data.split=all`
 every row of another hospital's CSV. The images are read as the run reads its own: its image
 size, channels and eval ops (config.json). Before the model runs, the dataset is checked
-against the run (train_finetune.check_other_dataset): labels outside the run's classes, colour
+against the run (test_sets.check_other_dataset): labels outside the run's classes, colour
 images for a one-channel run, or images its eval ops cannot bring to its input size are errors
 naming the file and the field. A run without results.json (preempted, still running, failed)
 is an error, not a half evaluation.
@@ -45,9 +45,9 @@ import numpy as np
 from data_pipelines import sources as data_sources
 from data_pipelines import storage
 from remedis_jax import checkpointing, distillation, export, models, sharding
-from remedis_jax import supervised, train_finetune
+from remedis_jax import supervised, test_sets, train_finetune
 from remedis_jax.evaluators import classification
-from remedis_jax.pretraining import put_host_tree
+from remedis_jax.train_state import put_host_tree
 
 PREDICTIONS_DIR = "predictions"
 
@@ -87,26 +87,26 @@ def read_finished_run(workdir: str) -> FinishedRun:
 
 
 def dataset_test_set(config: ml_collections.ConfigDict, data: Mapping[str, Any], split: str,
-                     name: str = "") -> train_finetune.TestSet:
+                     name: str = "") -> test_sets.TestSet:
   """`--data.<key>` values given (without split) -> the TestSet they name.
 
   Nothing given: `split` of the run's own data. Otherwise another dataset
-  (train_finetune.other_dataset); `source` defaults to the run's, and with it the location
+  (test_sets.other_dataset); `source` defaults to the run's, and with it the location
   (and a folder's root) when those are not given either.
 
   Raises:
-    ValueError: what train_finetune.other_dataset refuses.
+    ValueError: what test_sets.other_dataset refuses.
   """
   data = dict(data)
   if not data:
-    return train_finetune.TestSet(name or split, split)
+    return test_sets.TestSet(name or split, split)
   data.setdefault("source", config.data.source)
-  location_key = train_finetune.OTHER_DATASET_LOCATION.get(data["source"])
+  location_key = test_sets.OTHER_DATASET_LOCATION.get(data["source"])
   if data["source"] == config.data.source and location_key and location_key not in data:
     data[location_key] = config.data[location_key]
     if data["source"] == "folder":
       data.setdefault("root", config.data.root)
-  return train_finetune.other_dataset(name, split, data, what="--data")
+  return test_sets.other_dataset(name, split, data, what="--data")
 
 
 def _predictions_csv(ids: list[str], labels: np.ndarray, probs: np.ndarray, multi_label: bool,
@@ -164,13 +164,13 @@ def evaluate_run(run: str, data: Mapping[str, Any], *, split: str, out: str,
   if storage.exists(storage.join(out, supervised.RESULTS_FILE)):
     raise FileExistsError(f"--out={out} already holds a {supervised.RESULTS_FILE}; choose a new "
                           "folder")
-  task = train_finetune.Task(run_results["task"]["num_classes"],
+  task = test_sets.Task(run_results["task"]["num_classes"],
                              run_results["task"]["multi_label"],
                              list(run_results["task"]["class_names"]))
 
   # ---- the dataset, checked against the run before any model runs
-  source = train_finetune.check_eval_records(
-      config, train_finetune.build_test_source(config, test_set, task))
+  source = test_sets.check_eval_records(
+      config, test_sets.build_test_source(config, test_set, task))
 
   # ---- the best checkpoint, replicated over the mesh
   mesh = sharding.make_mesh(config.get("mesh"))
@@ -222,7 +222,7 @@ def data_flag_defaults() -> ml_collections.ConfigDict:
   defaults = data_sources.default_data_config()
   return ml_collections.ConfigDict(
       {"source": "", "split": "test",
-       **{key: defaults[key] for key in train_finetune.OTHER_DATASET_KEYS}})
+       **{key: defaults[key] for key in test_sets.OTHER_DATASET_KEYS}})
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,

@@ -835,7 +835,8 @@ def run_sweep(sweep_config: ml_collections.ConfigDict, workdir: str, *, parallel
     if todo and executor == "ray":
       from experiments import sweep_ray  # pylint: disable=g-import-not-at-top
       outcomes = sweep_ray.run(sweep_config, todo, workdir, parallel=int(parallel),
-                               address=ray_address, resources=ray_resources or sweep_ray.Resources(),
+                               address=ray_address,
+                               resources=ray_resources or sweep_ray.Resources(),
                                cache_dir=cache_dir, python=python, log=log)
     elif todo and parallel == 1:
       enable_compilation_cache(cache_dir)

@@ -13,31 +13,24 @@ identically whichever objective is trained:
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metrics as clu_metrics
 from clu import parameter_overview
 
 from data_pipelines import sources as data_sources
-from remedis_jax import checkpointing, initialization, loop, models, optimizers
 from data_pipelines import storage
+from remedis_jax import checkpointing, initialization, loop, models, optimizers
 from remedis_jax import run_config, sharding, workdir_lock, writers
+from remedis_jax.train_state import merge_metrics, put_host_tree
 from remedis_jax.evaluators import knn as knn_evaluator
 from remedis_jax.evaluators import linear_probe
-
-
-def normalize_images(images: jax.Array) -> jax.Array:
-  """uint8 pixels -> float32 in [-1, 1] (BiT convention); runs on the device."""
-  return images.astype(jnp.float32) * (1.0 / 127.5) - 1.0
 
 
 class TrainSetup(NamedTuple):
@@ -56,35 +49,6 @@ class TrainSetup(NamedTuple):
   # of a fresh run, every `every_steps` steps and at the last step); its values go to the
   # writer as logged.
   monitor: Any = None
-
-
-@jax.jit
-def merge_metrics(window):
-  """Merges one logging window's per-step metric collections in a single compiled call.
-
-  Merging eagerly after every step dispatches a few tiny device ops per metric per step, which
-  shows up as loop overhead when steps are short; this runs once per `log_every_steps`.
-  """
-  return functools.reduce(lambda a, b: a.merge(b), window)
-
-
-def make_metrics_cls(names):
-  """A clu Collection averaging every named per-step metric over the logging window."""
-  fields = {name: clu_metrics.Average.from_output(name) for name in names}
-  fields["nonfinite_steps"] = clu_metrics.Average.from_output("nonfinite_steps")
-  return clu_metrics.Collection.create(**fields)
-
-
-def keep_if_finite(new_state, old_state, total_loss, grads):
-  """`new_state` if the loss and every gradient are finite, else `old_state` (no host sync).
-
-  Returns:
-    (state, finite): the chosen state and the float32 scalar flag.
-  """
-  finite = jnp.isfinite(total_loss) & jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, old_state)
-  return state, finite.astype(jnp.float32)
 
 
 def steps_from_config(config, num_examples: int) -> tuple[int, int, int]:
@@ -121,14 +85,6 @@ def write_run_config(config, workdir: str) -> None:
   (remedis_jax/run_config.py: an architecture, resolution or objective change is refused before
   anything is written; other changes keep the earlier file as config.<UTC time>.json)."""
   run_config.write(config, workdir, run_config.PRETRAINING_INCOMPATIBLE)
-
-
-def put_host_tree(tree, shardings):
-  """Host numpy tree -> global jax.Arrays with `shardings` (the same values on every process)."""
-  def put(value, sharding_):
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
-  return jax.tree.map(put, tree, shardings)
 
 
 def _restore_or_init(config, setup: TrainSetup, manager, data_iterator, rng):

@@ -34,23 +34,18 @@ import numpy as np
 
 from data_pipelines import pipeline, presets
 from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, initialization, loop, models, optimizers, pretraining
+from remedis_jax import checkpointing, initialization, loop, models, optimizers
 from remedis_jax import sharding
 from data_pipelines import storage
 from remedis_jax import run_config, workdir_lock, writers
+from remedis_jax.train_state import (TrainState, apply_gradients, build_step, make_metrics_cls,
+                                     put_host_tree)
 
 BEST_DIR = "best"
 RESULTS_FILE = "results.json"  # written by the trainer when its final evaluation is done
 SUBSET_MANIFEST_FILE = "subset_manifest.json"  # ids of the labeled records the run used
 # BiT-HyperRule schedule by training-set size: (max examples, warm-up steps, total steps).
 HYPERRULE = ((20_000, 100, 500), (500_000, 500, 10_000), (math.inf, 500, 20_000))
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
 
 
 class TrainSetup(NamedTuple):
@@ -127,10 +122,7 @@ def build_setup(config: ml_collections.ConfigDict, mesh, model: nn.Module, *,
                              train=False)["params"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_shardings = sharding.param_shardings(abstract_state, mesh,
-                                             strategy=config.get("param_sharding", "replicate"))
-  metrics_cls = pretraining.make_metrics_cls(tuple(metric_names) + ("grad_norm", "param_norm"))
+  metrics_cls = make_metrics_cls(tuple(metric_names) + ("grad_norm", "param_norm"))
 
   def update_fn(state: TrainState, batch: dict[str, jax.Array]):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -138,9 +130,8 @@ def build_setup(config: ml_collections.ConfigDict, mesh, model: nn.Module, *,
     state, metrics = apply_gradients(state, tx, loss, grads, metrics)
     return state, metrics_cls.single_from_model_output(**metrics)
 
-  update_fn = jax.jit(update_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
+  abstract_state, state_shardings, update_fn = build_step(
+      init_state, update_fn, mesh, param_sharding=config.get("param_sharding", "replicate"))
   return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state, state_shardings,
                     update_fn, predict_fn, batch_keys=("image", target_key))
 
@@ -157,7 +148,7 @@ def load_encoder(config: ml_collections.ConfigDict, state: TrainState, setup: Tr
   if loaded is None:
     return state, None
   params = dict(state.params)
-  params["encoder"] = pretraining.put_host_tree(
+  params["encoder"] = put_host_tree(
       models.merge_params(loaded.encoder, setup.abstract_state.params["encoder"]),
       setup.state_shardings.params["encoder"])
   return state.replace(params=params), loaded
@@ -181,22 +172,6 @@ def check_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
     if config[key] % mesh.size or config[key] % jax.process_count():
       raise ValueError(f"config.{key}={config[key]} must be divisible by the number of devices "
                        f"({mesh.size}) and processes ({jax.process_count()})")
-
-
-def apply_gradients(state, tx: optax.GradientTransformation, loss: jax.Array, grads: Any,
-                    metrics: dict[str, jax.Array]):
-  """One optimiser update inside a jitted step, skipped if the loss or a gradient is not finite.
-
-  Returns:
-    (new state, metrics + nonfinite_steps, grad_norm, param_norm (before the update)).
-  """
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
-  new_state, finite = pretraining.keep_if_finite(new_state, state, loss, grads)
-  return new_state, {**metrics, "nonfinite_steps": 1.0 - finite,
-                     "grad_norm": optax.tree.norm(grads),
-                     "param_norm": optax.tree.norm(state.params)}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, check_config: Callable[[Any], Any],

@@ -39,16 +39,16 @@ import numpy as np
 import optax
 
 from data_pipelines import pipeline, presets, subset
-from remedis_jax import clustering, losses, models, pretraining, sharding
-from remedis_jax.pretraining import TrainSetup, normalize_images
+from remedis_jax import clustering, losses, models, pretraining
+from remedis_jax.pretraining import TrainSetup
 from remedis_jax.train_simclr import build_model
+from remedis_jax.train_state import (TrainState as CoreTrainState, apply_gradients, build_step,
+                                     make_metrics_cls, normalize_images)
 
 
 @flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
+class TrainState(CoreTrainState):
+  """The shared state plus the feature queue."""
   # (queue_size, projection_dim) past global-view projections, newest first; None without a
   # queue (Orbax cannot save a zero-size array).
   queue: jax.Array | None = None
@@ -185,19 +185,18 @@ def make_update_fn(model: nn.Module, prototypes: nn.Module, tx: optax.GradientTr
     # random (SwAV's freeze_prototypes_niters): zero gradient AND zero update (weight decay).
     grads = dict(grads)
     grads["prototypes"] = jax.tree.map(lambda g: jnp.where(frozen, 0.0, g), grads["prototypes"])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = dict(updates)
-    updates["prototypes"] = jax.tree.map(lambda u: jnp.where(frozen, 0.0, u),
-                                         updates["prototypes"])
-    params = optax.apply_updates(state.params, updates)
+
+    def freeze_prototypes(updates):
+      updates = dict(updates)
+      updates["prototypes"] = jax.tree.map(lambda u: jnp.where(frozen, 0.0, u),
+                                           updates["prototypes"])
+      return updates
+
     queue = state.queue
     if queue_size > 0:
       queue = clustering.update_queue(state.queue, new_rows.astype(state.queue.dtype))
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, queue=queue)
-    new_state, finite = pretraining.keep_if_finite(new_state, state, total, grads)
-    metrics["nonfinite_steps"] = 1.0 - finite
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["param_norm"] = optax.tree.norm(state.params)
+    new_state, metrics = apply_gradients(state, tx, total, grads, metrics,
+                                         transform_updates=freeze_prototypes, queue=queue)
     return new_state, metrics_cls.single_from_model_output(**metrics)
 
   return update_fn
@@ -255,12 +254,6 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), queue=queue)
 
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_shardings = sharding.param_shardings(abstract_state, mesh,
-                                             strategy=config.get("param_sharding", "replicate"))
-  # The queue is read whole by every device (it joins the global Sinkhorn): replicate it.
-  if abstract_state.queue is not None:
-    state_shardings = state_shardings.replace(queue=sharding.replicated(mesh))
   metric_names = ["loss", "contrastive_loss", "contrastive_accuracy", "contrastive_entropy",
                   "cluster_loss", "cluster_usage_entropy", "cluster_code_entropy",
                   "cluster_num_used", "grad_norm", "param_norm"]
@@ -272,10 +265,11 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
   update_fn = make_update_fn(
       model, prototypes, tx, config=config, global_batch=config.batch_size,
       classifier=classifier, probe=probe, multi_label=multi_label,
-      metrics_cls=pretraining.make_metrics_cls(metric_names))
-  update_fn = jax.jit(update_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
+      metrics_cls=make_metrics_cls(metric_names))
+  # The queue is read whole by every device (it joins the global Sinkhorn): replicated.
+  abstract_state, state_shardings, update_fn = build_step(
+      init_state, update_fn, mesh, param_sharding=config.get("param_sharding", "replicate"),
+      replicated_fields=("queue",))
   batch_keys = ["global_views"]
   if config.multicrop.num_local > 0:
     batch_keys.append("local_views")

@@ -32,7 +32,6 @@ import io
 import logging
 from typing import Any, Callable, Sequence
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,16 +43,11 @@ from data_pipelines import ops_masking, pipeline, sources
 from data_pipelines.subset import sample
 from data_pipelines import storage
 from remedis_jax import models, optimizers, pretraining, sharding
-from remedis_jax.pretraining import TrainSetup, normalize_images
+from remedis_jax.pretraining import TrainSetup
+from remedis_jax.train_state import (TrainState, apply_gradients, build_step, make_metrics_cls,
+                                     normalize_images, put_host_tree)
 
 GRID_FOLDER = "reconstructions"
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
 
 
 # ------------------------------------------------------------------------------------- model
@@ -171,15 +165,7 @@ def make_update_fn(model: GMMLModel, tx: optax.GradientTransformation, *,
 
   def update_fn(state: TrainState, batch: dict[str, jax.Array]):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    new_state, finite = pretraining.keep_if_finite(new_state, state, loss, grads)
-    metrics = dict(metrics)
-    metrics["loss"] = loss
-    metrics["nonfinite_steps"] = 1.0 - finite
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["param_norm"] = optax.tree.norm(state.params)
+    new_state, metrics = apply_gradients(state, tx, loss, grads, {**metrics, "loss": loss})
     metrics["weight_decay"] = jnp.asarray(
         weight_decay(state.step) if callable(weight_decay) else weight_decay, jnp.float32)
     return new_state, metrics_cls.single_from_model_output(**metrics)
@@ -214,14 +200,10 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, total_steps: 
     params = dict(variables["params"])
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_shardings = sharding.param_shardings(abstract_state, mesh,
-                                             strategy=config.get("param_sharding", "replicate"))
   update_fn = make_update_fn(model, tx, weight_decay=weight_decay,
-                             metrics_cls=pretraining.make_metrics_cls(METRIC_NAMES))
-  update_fn = jax.jit(update_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
+                             metrics_cls=make_metrics_cls(METRIC_NAMES))
+  abstract_state, state_shardings, update_fn = build_step(
+      init_state, update_fn, mesh, param_sharding=config.get("param_sharding", "replicate"))
   monitor = None
   if monitor_source is not None and config.gmml.monitor_every_steps > 0:
     monitor = ReconstructionMonitor(config, model, monitor_source, mesh,
@@ -304,7 +286,7 @@ class ReconstructionMonitor:
 
     self._evaluate = jax.jit(evaluate, in_shardings=(params_sharding, replicated),
                              out_shardings=replicated)
-    self._device_batch = pretraining.put_host_tree(
+    self._device_batch = put_host_tree(
         self.batch, jax.tree.map(lambda _: replicated, self.batch))
 
   def run(self, params: Any, step: int) -> dict[str, float]:

@@ -60,11 +60,11 @@ import optax
 
 from data_pipelines import sources as data_sources
 from data_pipelines import storage
-from remedis_jax import initialization, models, supervised
+from remedis_jax import initialization, models, supervised, train_state
 from remedis_jax.evaluators import segmentation as seg_metrics
 from remedis_jax.models import segmentation as seg_models
-from remedis_jax.train_finetune import TestSet, build_eval_sources, parse_test_sets
-from remedis_jax.pretraining import normalize_images
+from remedis_jax.test_sets import TestSet, build_eval_sources, parse_test_sets
+from remedis_jax.train_state import normalize_images
 
 RESULTS_FORMAT = "remedis-jax-segment-results/1"
 FIGURE_DIR = "predictions"
@@ -192,8 +192,8 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, total_steps: 
       metric_names=("loss", "bce", "soft_dice_loss", "dice"), predict_fn=make_predict_fn(model))
 
 
-def load_pretrained(config, state: supervised.TrainState,
-                    setup: supervised.TrainSetup) -> tuple[supervised.TrainState, str]:
+def load_pretrained(config, state: train_state.TrainState,
+                    setup: supervised.TrainSetup) -> tuple[train_state.TrainState, str]:
   """Fills the encoder from `config.model.init` (the decoder stays fresh); else keeps `state`."""
   state, loaded = supervised.load_encoder(config, state, setup)
   return state, "scratch" if loaded is None else loaded.description

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,14 +22,10 @@ import ml_collections
 import optax
 
 from data_pipelines import pipeline, presets
-from remedis_jax import losses, models, pretraining, sharding
-from remedis_jax.pretraining import TrainSetup, make_metrics_cls, normalize_images
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
+from remedis_jax import losses, models, pretraining
+from remedis_jax.pretraining import TrainSetup
+from remedis_jax.train_state import (TrainState, apply_gradients, build_step, make_metrics_cls,
+                                     normalize_images)
 
 
 # ------------------------------------------------------------------------------------- model
@@ -105,14 +100,7 @@ def make_update_fn(model: nn.Module, tx: optax.GradientTransformation, *, temper
     labels = batch.get("label")
     (total, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch["views"], labels, batch.get("site"))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    # Keep the last good state when anything is non-finite (cheap select, no host sync).
-    new_state, finite = pretraining.keep_if_finite(new_state, state, total, grads)
-    metrics["nonfinite_steps"] = 1.0 - finite
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["param_norm"] = optax.tree.norm(state.params)
+    new_state, metrics = apply_gradients(state, tx, total, grads, metrics)
     return new_state, metrics_cls.single_from_model_output(**metrics)
 
   return update_fn
@@ -143,9 +131,6 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
     params = init_params(model, probe, image_shape, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_shardings = sharding.param_shardings(abstract_state, mesh,
-                                             strategy=config.get("param_sharding", "replicate"))
   metric_names = ["loss", "contrastive_accuracy", "contrastive_entropy", "grad_norm",
                   "param_norm"]
   if probe is not None:
@@ -155,9 +140,8 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
   update_fn = make_update_fn(model, tx, temperature=config.loss.temperature, probe=probe,
                              multi_label=multi_label, site_metrics=site_metrics,
                              metrics_cls=make_metrics_cls(metric_names))
-  update_fn = jax.jit(update_fn, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)),
-                      donate_argnums=(0,))
+  abstract_state, state_shardings, update_fn = build_step(
+      init_state, update_fn, mesh, param_sharding=config.get("param_sharding", "replicate"))
   batch_keys = ("views",) + (("label",) if probe is not None else ()) + (
       ("site",) if site_metrics else ())
   return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state,

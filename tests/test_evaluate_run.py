@@ -13,7 +13,7 @@ from sklearn import metrics as sk_metrics
 
 from configs import common, finetune as finetune_config
 from experiments import evaluate_run
-from remedis_jax import train_finetune
+from remedis_jax import test_sets, train_finetune
 
 
 def _images(rng, labels, size, channels=1, contrast=100):
@@ -71,10 +71,10 @@ def finished_run(tmp_path_factory):
 
 # ------------------------------------------------------------------------ fast checks
 def test_test_set_forms_parse_and_errors_name_the_entry_and_the_forms():
-  parse = lambda *specs: train_finetune.parse_test_sets(specs, "medmnist")
+  parse = lambda *specs: test_sets.parse_test_sets(specs, "medmnist")
   test, adult = parse("test", "adult=test@medmnist:/d/adult_cxr.npz")
-  assert test == train_finetune.TestSet("test", "test", "")
-  assert adult == train_finetune.TestSet("adult", "test", "", (("path", "/d/adult_cxr.npz"),
+  assert test == test_sets.TestSet("test", "test", "")
+  assert adult == test_sets.TestSet("adult", "test", "", (("path", "/d/adult_cxr.npz"),
                                                                ("source", "medmnist")))
   # Default name: the file's stem and the split. A folder's root is the manifest's folder.
   (folder,) = parse("all@folder:/d/x/labels.csv;split_column=;label_columns=finding")
@@ -84,8 +84,8 @@ def test_test_set_forms_parse_and_errors_name_the_entry_and_the_forms():
   (shards,) = parse("test@array_record:/d/shards_b/")
   assert shards.name == "shards_b_test" and dict(shards.data)["path"] == "/d/shards_b/"
   # The synthetic sites still parse as before.
-  assert train_finetune.parse_test_sets(("b=test@B",), "synthetic")[0] == (
-      train_finetune.TestSet("b", "test", "B"))
+  assert test_sets.parse_test_sets(("b=test@B",), "synthetic")[0] == (
+      test_sets.TestSet("b", "test", "B"))
 
   for spec, match in [
       ("x=test@nifti:/d/x", r"'x=test@nifti:/d/x'.*source 'nifti'.*medmnist, folder"),
@@ -110,13 +110,13 @@ def test_images_the_eval_ops_cannot_take_name_the_file_and_field(tmp_path):
   small = _write_npz(tmp_path / "small.npz", 0, size=20, test=_binary(4, 0))
   config = run_config(small, ("test",))
   config.data.eval_ops = "central_crop(28)"  # no resize: a 20 px image cannot become 28 px
-  test_set = train_finetune.other_dataset("", "test", {"source": "medmnist", "path": small}, "x")
-  task = train_finetune.Task(2, False, ["normal", "pneumonia"])
+  test_set = test_sets.other_dataset("", "test", {"source": "medmnist", "path": small}, "x")
+  task = test_sets.Task(2, False, ["normal", "pneumonia"])
   with pytest.raises(ValueError, match=(rf"{small}: 'test_images': the run's eval ops "
                                         r".*cannot take an image of shape \(20, 20, 1\)")):
-    train_finetune.build_test_source(config, test_set, task)
+    test_sets.build_test_source(config, test_set, task)
   config.data.eval_ops = ""  # the preset's: resize, then crop
-  source = train_finetune.build_test_source(config, test_set, task)
+  source = test_sets.build_test_source(config, test_set, task)
   assert source.class_names == ["normal", "pneumonia"] and len(source) == 4
 
 

@@ -11,17 +11,15 @@ import numpy as np
 import pytest
 from sklearn.utils import class_weight
 
-from configs import common, finetune as finetune_config
+from configs import finetune as finetune_config
 from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, export, loop, models, supervised, train_finetune
+from remedis_jax import checkpointing, export, loop, models, supervised, test_sets, train_finetune
+from tests import fakes
 
 
 def smoke_config(**overrides):
-  """The `:smoke` config with dotted-key overrides, e.g. smoke_config(**{"model.init": p})."""
-  config = finetune_config.get_config("smoke")
-  # One device: fine-tuning on 8 devices runs in tests/test_gcs.py.
-  config.mesh.devices = 1
-  return common.override(config, overrides)
+  """The `:smoke` config on one device (fine-tuning on 8 devices runs in tests/test_gcs.py)."""
+  return fakes.smoke_config("finetune", **overrides)
 
 
 # ------------------------------------------------------------------------ fast checks
@@ -46,17 +44,17 @@ def test_bad_config_fails_before_anything_is_built(tmp_path, overrides, error, m
 
 def test_site_test_sets_are_the_same_patients_at_other_sites():
   config = smoke_config()
-  test_sets = train_finetune.parse_test_sets(config.test_sets, "synthetic")
-  assert test_sets == [train_finetune.TestSet("in_distribution", "test", "A"),
-                       train_finetune.TestSet("site_C", "test", "C")]
-  site_a, site_c = (train_finetune.build_test_source(config, t) for t in test_sets)
+  parsed = test_sets.parse_test_sets(config.test_sets, "synthetic")
+  assert parsed == [test_sets.TestSet("in_distribution", "test", "A"),
+                    test_sets.TestSet("site_C", "test", "C")]
+  site_a, site_c = (test_sets.build_test_source(config, t) for t in parsed)
   np.testing.assert_array_equal(site_a.labels, site_c.labels)
   assert set(site_a.record_sites) == {0} and set(site_c.record_sites) == {2}
   assert not np.array_equal(site_a[0]["image"], site_c[0]["image"])
-  assert train_finetune.parse_test_sets("test,val@B", "synthetic")[1] == (
-      train_finetune.TestSet("val_B", "val", "B"))
+  assert test_sets.parse_test_sets("test,val@B", "synthetic")[1] == (
+      test_sets.TestSet("val_B", "val", "B"))
   with pytest.raises(ValueError, match="synthetic source only"):
-    train_finetune.parse_test_sets(("x=test@B",), "medmnist")
+    test_sets.parse_test_sets(("x=test@B",), "medmnist")
 
 
 def test_schedule_follows_bit_hyperrule_by_dataset_size():

@@ -7,38 +7,13 @@ import pytest
 from sklearn.neighbors import NearestNeighbors
 
 from configs import pretrain_gmml, pretrain_simclr
-from data_pipelines.sources.base import IndexView, Source
+from data_pipelines.sources.base import IndexView
 from data_pipelines.subset import NO_FINDING, UNLABELED, sample, sample_counts, stratum_keys
 from remedis_jax import sharding, train_gmml, train_simclr
 from remedis_jax.evaluators import knn
+from tests import fakes
 
 
-class ArraySource(Source):
-  """A source that is just a label array (records are never read here)."""
-
-  def __init__(self, labels, multi_label=False, num_classes=None):
-    self._labels = np.asarray(labels)
-    self.multi_label = multi_label
-    self.num_classes = (self._labels.shape[1] if multi_label
-                        else num_classes or int(self._labels.max()) + 1)
-    self.class_names = [f"c{i}" for i in range(self.num_classes)]
-    self.name = "array"
-    self.num_channels = 1
-    self.skipped = []
-
-  @property
-  def labels(self):
-    return self._labels
-
-  @property
-  def ids(self):
-    return [f"r{i}" for i in range(len(self._labels))]
-
-  def __len__(self):
-    return len(self._labels)
-
-  def __getitem__(self, i):
-    return {"label": self._labels[i], "id": f"r{i}"}
 
 
 def _largest_remainder(sizes, n):
@@ -57,7 +32,7 @@ def test_sample_of_class_sorted_source_is_proportional_seeded_and_not_a_prefix()
   # Sorted by class like PneumoniaMNIST's training split: 700 of class 1, then 230 of class 0,
   # then 70 of class 2.
   labels = np.array([1] * 700 + [0] * 230 + [2] * 70, np.int32)
-  source = ArraySource(labels)
+  source = fakes.LabelSource(labels)
   for n in (10, 37, 100, 333):
     view = sample(source, n, seed=0)
     assert len(view) == n
@@ -73,13 +48,13 @@ def test_sample_of_class_sorted_source_is_proportional_seeded_and_not_a_prefix()
   assert sample(source, 40, seed=4).ids != view.ids
   # The classes in another order (interleaved, or normal first): the same class counts.
   for order in (np.random.default_rng(0).permutation(len(labels)), np.argsort(labels)):
-    other = sample(ArraySource(labels[order]), 40, seed=3)
+    other = sample(fakes.LabelSource(labels[order]), 40, seed=3)
     assert sorted(other.labels.tolist()) == sorted(view.labels.tolist())
 
 
 def test_sample_every_stratum_gets_one_when_n_allows():
   labels = np.array([0] * 990 + [1] * 6 + [2] * 4, np.int32)
-  source = ArraySource(labels)
+  source = fakes.LabelSource(labels)
   # n = 5: quotas 4.95, 0.03, 0.02 -> 5, 0, 0; each missing class takes one from class 0.
   view = sample(source, 5, seed=1)
   assert [int((view.labels == c).sum()) for c in range(3)] == [3, 1, 1]
@@ -90,14 +65,14 @@ def test_sample_every_stratum_gets_one_when_n_allows():
 
 
 def test_sample_all_records_for_nonpositive_or_large_n():
-  source = ArraySource(np.array([1, 1, 0, 0, 0], np.int32))
+  source = fakes.LabelSource(np.array([1, 1, 0, 0, 0], np.int32))
   for n in (0, -1, 5, 50):
     assert sample(source, n, seed=7).indices.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_sample_unlabeled_records_form_their_own_stratum():
   labels = np.array([0] * 60 + [-1] * 30 + [1] * 10, np.int32)
-  source = ArraySource(labels, num_classes=2)
+  source = fakes.LabelSource(labels, num_classes=2)
   view = sample(source, 20, seed=0)
   # Quotas 12, 6, 2 of (class 0, unlabeled, class 1).
   assert [int((view.labels == c).sum()) for c in (0, -1, 1)] == [12, 6, 2]
@@ -109,7 +84,7 @@ def test_sample_multilabel_strata():
   # finding, 10 unlabeled (all -1), in blocks.
   labels = np.concatenate([np.tile([1, 0, 0], (40, 1)), np.tile([1, 0, 1], (30, 1)),
                            np.zeros((50, 3)), -np.ones((10, 3))]).astype(np.float32)
-  source = ArraySource(labels, multi_label=True)
+  source = fakes.LabelSource(labels, multi_label=True)
   keys = np.array(stratum_keys(labels, True, source.class_names))
   sizes = {key: int((keys == key).sum()) for key in ("c0", "c2", NO_FINDING, UNLABELED)}
   assert sizes == {"c0": 40, "c2": 30, NO_FINDING: 50, UNLABELED: 10}
@@ -237,7 +212,7 @@ def test_gmml_monitor_batch_is_a_stratified_sample_not_a_prefix(tmp_path):
 
 
 # ------------------------------------------------------------------------------ segmentation
-class _IndexedMaskSource(ArraySource):
+class _IndexedMaskSource(fakes.LabelSource):
   """Records whose constant 8 px image holds the record index; every record has a lung mask."""
 
   def __getitem__(self, i):

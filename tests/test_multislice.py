@@ -8,7 +8,6 @@ The multi-slice job puts 'fsdp' inside each process (its ICI) and data paralleli
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from remedis_jax import writers
+from tests import processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -35,30 +35,15 @@ print("LAYOUT", json.dumps({"shape": dict(mesh.shape),
 """
 
 
-def _env(devices):
-  env = dict(os.environ)
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if "xla_force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO
-  return env
-
-
-def _port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _pair(make_command, tmp_path, name):
   """Two processes (2 devices each); returns their outputs after both exit with status 0."""
-  port = _port()
+  port = processes.free_port()
   procs = []
   for i in range(2):
     log = open(tmp_path / f"{name}.{i}.log", "wb")  # pylint: disable=consider-using-with
-    procs.append((subprocess.Popen(make_command(f"127.0.0.1:{port}", i), cwd=REPO,
-                                   env=_env(2), stdout=log, stderr=subprocess.STDOUT), log))
+    process = subprocess.Popen(make_command(f"127.0.0.1:{port}", i), cwd=REPO,
+                               env=processes.cpu_env(2), stdout=log, stderr=subprocess.STDOUT)
+    procs.append((process, log))
   texts = []
   for proc, log in procs:
     proc.wait(timeout=300)
@@ -86,8 +71,8 @@ def test_two_slices_train_like_one_slice_with_the_same_devices(tmp_path):
   reference = str(tmp_path / "reference")
   out = subprocess.run([sys.executable, "-m", "remedis_jax.main", *FLAGS,
                         f"--workdir={reference}", "--config.mesh.data=2",
-                        "--config.mesh.fsdp=2"], cwd=REPO, env=_env(4), capture_output=True,
-                       text=True, timeout=300)
+                        "--config.mesh.fsdp=2"], cwd=REPO, env=processes.cpu_env(4),
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
 
   def losses(workdir):

@@ -17,7 +17,6 @@ step differently from a process that has two).
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 
 from remedis_jax import checkpointing, preemption, writers
+from tests import processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,26 +114,9 @@ def test_without_jax_distributed_sigterm_cannot_be_agreed_on(protocol, monkeypat
 TOTAL_STEPS = 16
 
 
-def _env(devices: int = 1) -> dict:
-  env = dict(os.environ)
-  # The session's XLA flags (conftest: -O0, the compilation cache), `devices` CPU devices.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if "xla_force_host_platform_device_count" not in f]
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = REPO
-  return env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start_pair(workdir, logs_prefix):
   """Two processes of one run; their stdout+stderr go to <logs_prefix>.<i>.log."""
-  port = _free_port()
+  port = processes.free_port()
   flags = [f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint_every_steps=100",
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2"]
   procs, logs = [], []
@@ -142,7 +125,7 @@ def _start_pair(workdir, logs_prefix):
     with open(logs[-1], "wb") as log:
       command = [sys.executable, "-m", "remedis_jax.main", f"--workdir={workdir}",
                  "--config=configs/pretrain_simclr.py:smoke", *flags, f"--process_id={i}"]
-      procs.append(subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log,
+      procs.append(subprocess.Popen(command, cwd=REPO, env=processes.cpu_env(), stdout=log,
                                     stderr=subprocess.STDOUT))
   return procs, logs
 
@@ -166,7 +149,7 @@ def _start_single(workdirs, log_path):
   """One process with two devices: the runs in `workdirs`, one after the other."""
   with open(log_path, "wb") as log:
     return subprocess.Popen([sys.executable, "-c", SINGLE_PROCESS_RUNS, *workdirs], cwd=REPO,
-                            env=_env(devices=2), stdout=log, stderr=subprocess.STDOUT)
+                            env=processes.cpu_env(devices=2), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _read(path):

@@ -5,41 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from data_pipelines.sources.base import Source
 from data_pipelines.subset import keep_count, read_manifest, stratum_keys, subset
+from tests import fakes
 
 
-class ArraySource(Source):
-  """A source that is just a label array (records are never read here)."""
-
-  def __init__(self, labels, multi_label=False, names=None):
-    self._labels = np.asarray(labels)
-    self.multi_label = multi_label
-    self.num_classes = self._labels.shape[1] if multi_label else int(self._labels.max()) + 1
-    self.class_names = names or [f"c{i}" for i in range(self.num_classes)]
-    self.name = "array"
-    self.num_channels = 1
-    self.skipped = []
-
-  @property
-  def labels(self):
-    return self._labels
-
-  @property
-  def ids(self):
-    return [f"r{i}" for i in range(len(self._labels))]
-
-  def __len__(self):
-    return len(self._labels)
-
-  def __getitem__(self, i):
-    return {"label": self._labels[i], "id": f"r{i}"}
 
 
 def _multiclass():
   # 3 classes with 900, 90 and 10 records, interleaved.
   labels = np.array([0] * 900 + [1] * 90 + [2] * 10, np.int32)
-  return ArraySource(np.random.default_rng(0).permutation(labels))
+  return fakes.LabelSource(np.random.default_rng(0).permutation(labels))
 
 
 def test_counts_match_hand_computation():
@@ -82,7 +57,7 @@ def test_multilabel_rarest_finding_strata_and_one_positive_per_class():
   labels = (rng.random((2000, 4)) < [0.3, 0.1, 0.02, 0.0]).astype(np.float32)
   labels[7, 3] = 1  # One single positive of class 3, co-occurring with others.
   labels[7, :3] = 1
-  source = ArraySource(labels, multi_label=True, names=["a", "b", "c", "d"])
+  source = fakes.LabelSource(labels, multi_label=True, names=["a", "b", "c", "d"])
   keys = stratum_keys(labels, True, source.class_names)
   # Hand computation of the key of record 7: rarest positive class is "d".
   assert keys[7] == "d"
@@ -110,7 +85,7 @@ def test_manifest_round_trip(tmp_path):
   again = read_manifest(str(path), source)
   assert again.ids == view.ids and again.fraction == 0.1 and again.seed == 2
   assert view.class_counts() == {"c0": 90, "c1": 9, "c2": 1, "unlabeled": 0}
-  other = ArraySource(np.zeros(5, np.int32))
+  other = fakes.LabelSource(np.zeros(5, np.int32))
   other.name = "other"
   with pytest.raises(ValueError, match="subset of source 'array', not 'other'"):
     read_manifest(str(path), other)

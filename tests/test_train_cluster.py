@@ -7,15 +7,15 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common, pretrain_cluster
+from configs import pretrain_cluster
 from remedis_jax import checkpointing, export, sharding, train_cluster, writers
-from remedis_jax.pretraining import normalize_images
+from remedis_jax.train_state import normalize_images
+from tests import fakes
 
 
 def smoke_config(variant="smoke", **overrides) -> ml_collections.ConfigDict:
-  config = pretrain_cluster.get_config(variant)
-  config.mesh.devices = 1  # runs on one device; sharding: the 8-device hybrid step test
-  return common.override(config, overrides)
+  """One device; sharding: the 8-device hybrid step test."""
+  return fakes.smoke_config("pretrain_cluster", variant, **overrides)
 
 
 def _batch(batch_size=16, num_local=2, seed=0, labeled=None):

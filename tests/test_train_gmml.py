@@ -9,14 +9,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common, pretrain_gmml
+from configs import pretrain_gmml
 from remedis_jax import optimizers, sharding, train_gmml, writers
+from tests import fakes
 
 
 def smoke_config(**overrides) -> ml_collections.ConfigDict:
-  config = pretrain_gmml.get_config("smoke")
-  config.mesh.devices = 1  # runs on one device; sharding: the 8-device step test
-  return common.override(config, overrides)
+  """One device; sharding: the 8-device step test."""
+  return fakes.smoke_config("pretrain_gmml", **overrides)
 
 
 # -------------------------------------------------------------------------------------- loss

@@ -16,7 +16,7 @@ import pytest
 
 from configs import common, pretrain_simclr
 from data_pipelines import sources as data_sources
-from remedis_jax import (checkpointing, export, initialization, pretraining, sharding,
+from remedis_jax import (checkpointing, export, initialization, pretraining, sharding, train_state,
                          train_simclr, writers)
 
 
@@ -109,7 +109,7 @@ def test_nonfinite_gradients_leave_state_unchanged(step_setups):
   for key in keys[:-1]:
     node = node[key]
   node[keys[-1]] = leaf
-  state = state.replace(params=pretraining.put_host_tree(poisoned, setup.state_shardings.params))
+  state = state.replace(params=train_state.put_host_tree(poisoned, setup.state_shardings.params))
   before = jax.device_get(state)
   state, metrics = _step(setup, mesh, state, host_batch)
   assert float(metrics.compute()["nonfinite_steps"]) == 1.0
@@ -176,14 +176,14 @@ def test_end_to_end_run_resume_export_and_init(tmp_path):
 
 
 def test_window_merge_equals_numpy_means():
-  metrics_cls = pretraining.make_metrics_cls(("loss", "accuracy"))
+  metrics_cls = train_state.make_metrics_cls(("loss", "accuracy"))
   rng = np.random.default_rng(0)
   losses, accuracies = rng.normal(size=7), rng.uniform(size=7)
   nonfinite = np.array([0, 0, 1, 0, 0, 0, 0], np.float32)
   window = tuple(metrics_cls.single_from_model_output(
       loss=jnp.float32(l), accuracy=jnp.float32(a), nonfinite_steps=jnp.float32(n))
                  for l, a, n in zip(losses, accuracies, nonfinite))
-  values = pretraining.merge_metrics(window).compute()
+  values = train_state.merge_metrics(window).compute()
   np.testing.assert_allclose(values["loss"], losses.mean(), rtol=1e-6)
   np.testing.assert_allclose(values["accuracy"], accuracies.mean(), rtol=1e-6)
   np.testing.assert_allclose(values["nonfinite_steps"], 1 / 7, rtol=1e-6)

@@ -9,6 +9,7 @@ import pytest
 
 from remedis_jax import models
 from remedis_jax.models import bit, vit
+from tests import fakes
 
 
 def _abstract_params(model, image_size=224, channels=3):
@@ -292,15 +293,11 @@ def test_dispatcher():
 
 # ------------------------------------------------------------------ fine-tuning and export
 def _smoke_config(**overrides):
-  from configs import common, finetune as finetune_config  # pylint: disable=g-import-not-at-top
-  config = finetune_config.get_config("smoke")
-  config.mesh.devices = 1  # the ViT's sharded steps: tests/test_train_gmml.py
-  config.model.name = "ViT-micro/4"
-  config.test_sets = ("test@A",)
-  config.robustness.perturbations = ()
-  # Validate and checkpoint once, at the last step: the same code paths, less time.
-  config.eval_every_steps = config.checkpoint_every_steps = config.log_every_steps = 4
-  return common.override(config, overrides)
+  """Fine-tuning's smoke config with a ViT (its sharded steps: tests/test_train_gmml.py),
+  validated and checkpointed once, at the last step: the same code paths, less time."""
+  return fakes.smoke_config("finetune", **{
+      "model.name": "ViT-micro/4", "test_sets": ("test@A",), "robustness.perturbations": (),
+      "eval_every_steps": 4, "checkpoint_every_steps": 4, "log_every_steps": 4, **overrides})
 
 
 def test_export_round_trip_then_linear_and_full_finetuning_from_it(tmp_path):
