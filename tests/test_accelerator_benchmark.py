@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.benchmarks import accelerator
+from experiments.benchmarks import accelerator, accelerator_common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PLAN = "jax:float32:4:off,jax:bfloat16:4:on,torch:4,grain:0"
@@ -213,9 +213,9 @@ def test_xla_flops_matches_a_hand_count():
   conv = jax.jit(lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))
   lowered = conv.lower(jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 3, 3, 4)))
-  assert accelerator.xla_flops(lowered) == 2 * (2 * 6 * 6 * 4) * (3 * 3 * 3)
+  assert accelerator_common.xla_flops(lowered) == 2 * (2 * 6 * 6 * 4) * (3 * 3 * 3)
   matmul = jax.jit(jnp.matmul).lower(jnp.zeros((16, 32)), jnp.zeros((32, 8)))
-  assert accelerator.xla_flops(matmul) == 2 * 16 * 32 * 8
+  assert accelerator_common.xla_flops(matmul) == 2 * 16 * 32 * 8
 
 
 @pytest.mark.parametrize("cost, expected", [
@@ -226,7 +226,7 @@ def test_xla_flops_takes_any_cost_analysis_shape(cost, expected):
     def cost_analysis(self):
       return cost
 
-  assert accelerator.xla_flops(Stage()) == expected
+  assert accelerator_common.xla_flops(Stage()) == expected
 
 
 def test_xla_flops_when_cost_analysis_raises():
@@ -234,4 +234,4 @@ def test_xla_flops_when_cost_analysis_raises():
     def cost_analysis(self):
       raise NotImplementedError("no cost analysis on this backend")
 
-  assert accelerator.xla_flops(Stage()) is None
+  assert accelerator_common.xla_flops(Stage()) is None

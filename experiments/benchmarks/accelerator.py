@@ -19,6 +19,9 @@ configuration does not end the run and the device's peak memory belongs to that 
           chest X-ray source, on this machine's CPU cores: images/s (views) against the step's
           demand (the images/s of the best JAX configuration).
 
+The items live in accelerator_jax.py, accelerator_torch.py and accelerator_grain.py; this module
+is the harness (the plan, one subprocess per item, the budget, the table).
+
 FLOPs are XLA's cost analysis of the lowered (unoptimised) HLO of the step WITHOUT remat (the
 model FLOPs, global over devices; a remat configuration recomputes the forward pass, which MFU
 does not count); `compiled_flops_per_step` is the compiled (per-device) program's count, remat
@@ -78,18 +81,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import json
-import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
+
+from experiments.benchmarks import accelerator_common, accelerator_grain, accelerator_jax
+from experiments.benchmarks import accelerator_torch
 
 RECORD_PREFIX = "@@accelerator-record@@ "
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -123,338 +124,12 @@ def _log(message: str) -> None:
   print(f"[accelerator] {message}", file=sys.stderr, flush=True)
 
 
-def xla_flops(stage) -> float | None:
-  """FLOPs from `Lowered.cost_analysis()` / `Compiled.cost_analysis()`, whatever the version.
-
-  Older JAX returns a list with one dict per program, newer a dict; either may be None,
-  empty, lack "flops" or raise (backend without cost analysis): then None.
-  """
-  try:
-    cost = stage.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or not hasattr(cost, "get"):
-    return None
-  flops = cost.get("flops")
-  try:
-    flops = float(flops)
-  except (TypeError, ValueError):
-    return None
-  return flops if flops > 0 and math.isfinite(flops) else None
-
-
-def _load_config(config_arg: str):
-  """'path/to/config.py:variant' -> ConfigDict (the configs/ files are importable modules)."""
-  path, _, variant = config_arg.partition(":")
-  module_name = os.path.splitext(os.path.normpath(path))[0].replace(os.sep, ".")
-  try:
-    module = importlib.import_module(module_name)
-  except ImportError:
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-  return module.get_config(variant or None)
-
-
 def _dtype_tag(dtype: str) -> str:
   return {"bfloat16": "bf16", "float32": "fp32"}.get(dtype, dtype)
 
 
-# --------------------------------------------------------------------------------- JAX worker
-def run_jax_item(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None:
-  """One configuration of the project's SimCLR update step: one record."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from experiments.benchmarks import train_step  # pylint: disable=g-import-not-at-top
-  from remedis_jax import sharding, train_simclr  # pylint: disable=g-import-not-at-top
-
-  config = _load_config(spec["config"])
-  devices = jax.device_count()
-  config.model.dtype = spec["dtype"]
-  config.model.remat = bool(spec["remat"])
-  config.batch_size = int(spec["batch"]) * devices
-  if spec.get("image_size"):
-    config.data.image_size = int(spec["image_size"])
-  device = jax.devices()[0]
-  record = {
-      "model": config.model.name, "stem": config.model.get("stem", "bit"),
-      "image_size": config.data.image_size, "dtype": config.model.dtype,
-      "remat": config.model.remat, "per_device_batch": int(spec["batch"]),
-      "global_batch": config.batch_size, "views": 2, "devices": devices,
-      "platform": device.platform, "device_kind": device.device_kind,
-      "jax_version": jax.__version__,
-      "optimizer": config.optimizer.name,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
-  with contextlib.suppress(Exception):  # a config attribute that may move between versions
-    record["default_matmul_precision"] = str(jax.config.jax_default_matmul_precision)
-
-  start = time.perf_counter()
-  mesh, setup, batch = train_step._setup(config)  # pylint: disable=protected-access
-  state = sharding.create_sharded(setup.init_state, jax.random.key(0),
-                                  shardings=setup.state_shardings)
-  jax.block_until_ready(state)
-  record["init_s"] = round(time.perf_counter() - start, 3)
-
-  start = time.perf_counter()
-  lowered = setup.update_fn.lower(state, batch)
-  record["lower_s"] = round(time.perf_counter() - start, 3)
-  start = time.perf_counter()
-  compiled = lowered.compile()
-  record["compile_s"] = round(time.perf_counter() - start, 3)
-
-  # Model FLOPs: the step without remat (recompute is not model work); global over devices.
-  model_flops = spec.get("model_flops_per_step")
-  flops_source = "plan: lowered HLO of the same step without remat"
-  if not model_flops:
-    if not config.model.remat:
-      model_flops, flops_source = xla_flops(lowered), "lowered HLO (no remat)"
-    else:
-      plain = config.copy_and_resolve_references()
-      plain.model.remat = False  # same parameters and state: lower it on this state and batch
-      plain_setup = train_simclr.create_train_setup(  # as train_step._setup builds it
-          plain, mesh, num_classes=0, multi_label=False, total_steps=1000, warmup_steps=10)
-      model_flops = xla_flops(plain_setup.update_fn.lower(state, batch))
-      flops_source = "lowered HLO of the same step without remat"
-  compiled_flops = xla_flops(compiled)
-  if not model_flops and compiled_flops and not config.model.remat:
-    model_flops, flops_source = compiled_flops * devices, "compiled HLO x devices"
-  record["flops_per_step"] = model_flops
-  record["flops_source"] = flops_source if model_flops else "unavailable"
-  record["compiled_flops_per_step"] = compiled_flops
-  record["flops_per_image"] = model_flops / (2 * config.batch_size) if model_flops else None
-  with contextlib.suppress(Exception):  # memory_analysis() may be missing on a backend
-    record.update({f"xla_{k}": v for k, v in
-                   train_step._memory(compiled).items()})  # pylint: disable=protected-access
-
-  for _ in range(max(int(spec["warmup"]), 1)):  # at least one: the first run loads the program
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(int(spec["steps"])):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - start)
-  del metrics
-  median = statistics.median(times)
-  record.update({
-      "steps": len(times), "median_step_s": median, "min_step_s": min(times),
-      "max_step_s": max(times), "images_per_s": 2 * config.batch_size / median,
-      "pairs_per_s": config.batch_size / median,
-      "state_step": int(jax.device_get(state.step)),
-  })
-  record["tflops_per_s"] = model_flops / median / 1e12 if model_flops else None
-  record["compiled_tflops_per_s"] = compiled_flops / median / 1e12 if compiled_flops else None
-  peak = float(spec.get("peak_tflops") or 0.0) or next(
-      (v for k, v in train_step.PEAK_TFLOPS.items() if k in device.device_kind), 0.0)
-  record["peak_tflops_per_device"] = peak or None
-  record["mfu"] = (record["tflops_per_s"] / (peak * devices)
-                   if peak and record["tflops_per_s"] else None)
-  record["hfu"] = (record["compiled_tflops_per_s"] / peak
-                   if peak and record["compiled_tflops_per_s"] else None)
-  stats = None
-  with contextlib.suppress(Exception):
-    stats = device.memory_stats()
-  stats = stats or {}
-  record["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
-  record["bytes_limit"] = stats.get("bytes_limit")
-  record["peak_bytes_scope"] = spec.get("peak_bytes_scope", "this item's process")
-  if record["peak_bytes_in_use"] is None:
-    record["peak_bytes_scope"] = f"unavailable (memory_stats() on {device.platform})"
-  del state, batch, compiled, lowered
-  emit(record)
-
-
-# ------------------------------------------------------------------------------- torch worker
-def run_torch_item(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None:
-  """The PyTorch peer step: eager, then torch.compile'd (when enabled); one record each."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    from torch import nn  # pylint: disable=g-import-not-at-top
-    from torch.nn import functional as F  # pylint: disable=g-import-not-at-top
-    import timm  # pylint: disable=g-import-not-at-top
-  except Exception as e:  # pylint: disable=broad-except
-    emit({"status": "skipped", "reason": f"torch/timm not importable: {e!r}"})
-    return
-  cuda = torch.cuda.is_available()
-  if not cuda and not spec.get("allow_cpu"):
-    emit({"status": "skipped", "torch_version": torch.__version__,
-          "reason": "no CUDA device (torch.cuda.is_available() is False)"})
-    return
-  device = torch.device("cuda" if cuda else "cpu")
-  torch.manual_seed(0)
-  if cuda:
-    torch.backends.cudnn.benchmark = True
-  batch, size = int(spec["batch"]), int(spec["image_size"])
-  hidden, projection = tuple(spec["head_hidden_dims"]), int(spec["projection_dim"])
-  temperature = float(spec["temperature"])
-
-  def layer_norm(width, bias=True):
-    try:
-      return nn.LayerNorm(width, bias=bias)
-    except TypeError:  # torch < 2.1: no `bias` argument
-      return nn.LayerNorm(width)
-
-  if hasattr(timm, "is_model") and not timm.is_model(spec["model"]):
-    emit({"status": "skipped", "reason": f"timm {timm.__version__} has no model "
-                                         f"{spec['model']!r}"})
-    return
-  layers = []
-  encoder = timm.create_model(spec["model"], pretrained=False, num_classes=0)
-  width = encoder.num_features
-  for h in hidden:  # the project's ProjectionHead: Dense(no bias) -> LayerNorm -> ReLU
-    layers += [nn.Linear(width, h, bias=False), layer_norm(h), nn.ReLU()]
-    width = h
-  layers += [nn.Linear(width, projection, bias=False), layer_norm(projection, bias=False)]
-  net = nn.Sequential(encoder, nn.Sequential(*layers)).to(device,
-                                                          memory_format=torch.channels_last)
-  params = list(net.parameters())
-  try:
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-6, fused=cuda)
-    optimizer_name = "SGD(momentum=0.9, fused)" if cuda else "SGD(momentum=0.9)"
-  except (TypeError, RuntimeError):
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-6)
-    optimizer_name = "SGD(momentum=0.9)"
-  # Two views per pair, interleaved (pair i: rows 2i, 2i+1), uint8 as the pipeline delivers.
-  views = torch.randint(0, 256, (2 * batch, 3, size, size), dtype=torch.uint8, device=device)
-  views = views.contiguous(memory_format=torch.channels_last)
-  targets = torch.cat([torch.arange(batch, 2 * batch), torch.arange(0, batch)]).to(device)
-  self_mask = torch.eye(2 * batch, dtype=torch.bool, device=device)
-
-  def loss_fn(images_u8):
-    images = images_u8.float() * (1.0 / 127.5) - 1.0  # the BiT [-1, 1] normalisation
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-      z = net(images)
-    z = z.float().view(batch, 2, -1)
-    z = F.normalize(torch.cat([z[:, 0], z[:, 1]]), dim=1)
-    logits = (z @ z.t()) / temperature
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    return F.cross_entropy(logits, targets)  # NT-Xent over the 2N anchors
-
-  def sync():
-    if cuda:
-      torch.cuda.synchronize()
-
-  base = {"model": spec["model"], "image_size": size, "dtype": "bfloat16 autocast",
-          "per_device_batch": batch, "global_batch": batch, "views": 2, "devices": 1,
-          "platform": device.type,
-          "device_kind": torch.cuda.get_device_name(0) if cuda else "cpu",
-          "torch_version": torch.__version__, "timm_version": timm.__version__,
-          "channels_last": True, "optimizer": optimizer_name}
-  for mode in spec["modes"]:
-    step_loss = torch.compile(loss_fn) if mode == "compile" else loss_fn
-
-    def step():
-      optimizer.zero_grad(set_to_none=True)
-      loss = step_loss(views)
-      loss.backward()
-      optimizer.step()
-      return loss
-
-    record = dict(base, mode=mode, name_suffix=mode)
-    try:
-      if cuda:
-        torch.cuda.reset_peak_memory_stats()
-      start = time.perf_counter()
-      loss = step()
-      sync()
-      record["compile_s"] = round(time.perf_counter() - start, 3)  # first step (+ compile)
-      for _ in range(max(int(spec["warmup"]), 1)):
-        step()
-      sync()
-      times = []
-      for _ in range(int(spec["steps"])):
-        start = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - start)
-      median = statistics.median(times)
-      record.update({
-          "status": "ok", "steps": len(times), "median_step_s": median,
-          "min_step_s": min(times), "max_step_s": max(times),
-          "images_per_s": 2 * batch / median, "pairs_per_s": batch / median,
-          "loss": float(loss.detach().float().cpu()),
-          "peak_bytes_in_use": int(torch.cuda.max_memory_allocated()) if cuda else None,
-          "peak_bytes_scope": ("torch.cuda.max_memory_allocated, reset per mode" if cuda
-                               else "unavailable (cpu)")})
-    except Exception as e:  # pylint: disable=broad-except
-      record.update({"status": "error", "reason": f"{type(e).__name__}: {e}"[:2000]})
-    emit(record)  # at once: a compile killed at the deadline keeps the eager number
-
-
-# ------------------------------------------------------------------------------- grain worker
-def _write_png_folder(folder: str, num_images: int, size: int) -> str:
-  """Grayscale PNGs rendered from the built-in synthetic CXR source + manifest.csv."""
-  import csv  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from data_pipelines.sources import SyntheticCXR  # pylint: disable=g-import-not-at-top
-  source = SyntheticCXR("unlabeled", num_examples=num_images, image_size=size)
-  os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-  paths = []
-  for index in range(num_images):
-    path = f"images/{index:05d}.png"
-    Image.fromarray(source[index]["image"][..., 0]).save(os.path.join(folder, path))
-    paths.append(path)
-  manifest = os.path.join(folder, "manifest.csv")
-  with open(manifest, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["path"])
-    writer.writerows([p] for p in paths)
-  return manifest
-
-
-def run_grain_item(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None:
-  """Images/s of the pretraining input pipeline on this host's CPU cores."""
-  from data_pipelines import pipeline, presets  # pylint: disable=g-import-not-at-top
-  from data_pipelines.sources import FolderSource  # pylint: disable=g-import-not-at-top
-  config = _load_config(spec["config"])
-  size = int(spec.get("image_size") or config.data.image_size)
-  source_size = int(spec.get("source_size") or round(size * 8 / 7))
-  workers = int(spec["workers"])
-  threads = int(spec.get("read_threads") or (1 if workers else max(os.cpu_count() or 1, 1)))
-  batch = int(spec["batch"])
-  record = {"image_size": size, "source_size": source_size, "num_images": spec["num_images"],
-            "preset": config.data.preset, "views": 2, "global_batch": batch,
-            "worker_count": workers, "read_threads": threads, "cpus": os.cpu_count(),
-            "source": "grayscale PNG folder (synthetic CXR renders), decoded by FolderSource",
-            "num_channels": config.data.num_channels}
-  with tempfile.TemporaryDirectory(prefix="accelerator_pngs_") as folder:
-    start = time.perf_counter()
-    manifest = _write_png_folder(folder, int(spec["num_images"]), source_size)
-    record["write_pngs_s"] = round(time.perf_counter() - start, 3)
-    source = FolderSource(folder, manifest, image_column="path", label_columns="",
-                          num_channels=1)
-    ops = presets.get_preset(config.data.preset, "pretrain", size)
-    dataset = pipeline.make_pretrain_dataset(
-        source, batch_size=batch, ops=ops, num_views=2, seed=0, shard_index=0, shard_count=1,
-        num_channels=config.data.num_channels, worker_count=workers, read_threads=threads)
-    iterator = iter(dataset)
-    start = time.perf_counter()
-    for _ in range(int(spec["warmup_batches"])):
-      views = next(iterator)["views"]
-    record["startup_s"] = round(time.perf_counter() - start, 3)
-    pairs, batches = 0, 0
-    cpu_start, start = time.process_time(), time.perf_counter()
-    while (time.perf_counter() - start < float(spec["seconds"])
-           or batches < int(spec["min_batches"])):
-      views = next(iterator)["views"]
-      pairs += views.shape[0]
-      batches += 1
-    elapsed = time.perf_counter() - start
-    record["main_process_cpu_s"] = round(time.process_time() - cpu_start, 3)
-    with contextlib.suppress(Exception):
-      iterator.close()
-  record.update({"status": "ok", "batches": batches, "elapsed_s": round(elapsed, 3),
-                 "views_shape": list(views.shape), "views_dtype": str(views.dtype),
-                 "pairs_per_s": pairs / elapsed, "images_per_s": 2 * pairs / elapsed})
-  with contextlib.suppress(Exception):
-    record["load_average_1m"] = round(os.getloadavg()[0], 2)
-  emit(record)
-
-
-WORKERS = {"jax": run_jax_item, "torch": run_torch_item, "grain": run_grain_item}
+WORKERS = {"jax": accelerator_jax.run_jax_item, "torch": accelerator_torch.run_torch_item,
+           "grain": accelerator_grain.run_grain_item}
 
 
 def _worker_main(kind: str, spec: dict[str, Any]) -> int:
@@ -634,7 +309,7 @@ def _defaults(args) -> None:
 
 def _config_facts(config_arg: str) -> dict[str, Any]:
   """Model name, image size and head of the config, read without importing JAX."""
-  config = _load_config(config_arg)
+  config = accelerator_common.load_config(config_arg)
   return {"model": config.model.name, "image_size": config.data.image_size,
           "head_hidden_dims": list(config.model.head_hidden_dims),
           "projection_dim": config.model.projection_dim,
