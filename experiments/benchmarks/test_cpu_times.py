@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(path):
       os.remove(path)
     env = dict(os.environ, **{OUT_ENV: path})
+    # As `make test` does: let Python cache bytecode, or every test process compiles JAX, Flax
+    # etc. again and the numbers are not the suite's.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "experiments.benchmarks.test_cpu_times",
                "-n", args.workers, "--dist", args.dist, "tests"]
     if args.dist in ("loadfile", "loadscope"):
