@@ -67,7 +67,7 @@ DEFAULT_BASELINE = "scratch"
 LOWER_IS_BETTER = ("ece",)
 CELL_COLUMNS = ("init", "label_fraction", "target", "n_planned", "n_finished", "n_reached",
                 "n_not_reached", "n_not_finished", "steps_to_target_mean", "steps_to_target_std",
-                "steps_to_target", "baseline_steps_to_target_mean", "reduction",
+                "steps_to_target_low", "steps_to_target_high", "steps_to_target", "baseline_steps_to_target_mean", "reduction",
                 "reduction_complete", "best_val_mean", "not_reached_runs", "not_finished_runs")
 RUN_COLUMNS = ("run_id", "init", "label_fraction", "seed", "status", "target", "reached",
                "steps_to_target", "best_val", "best_val_step", "last_step", "num_validations",
@@ -247,7 +247,8 @@ def analyse(runs: Sequence[dict[str, Any]], targets: dict[float, dict[str, Any]]
         continue
       finished = [r for r in members if r["status"] == "finished"]
       reached = [r for r in finished if r["reached"]]
-      mean, std = _mean_std([r["steps_to_target"] for r in reached])
+      mean, std, low, high = sweep_results.mean_std_interval(
+          [r["steps_to_target"] for r in reached])
       cells.append({
           "init": init, "label_fraction": members[0]["label_fraction"],
           "target": targets[fraction]["target"], "n_planned": len(members),
@@ -255,6 +256,7 @@ def analyse(runs: Sequence[dict[str, Any]], targets: dict[float, dict[str, Any]]
           "n_not_reached": len(finished) - len(reached),
           "n_not_finished": len(members) - len(finished),
           "steps_to_target_mean": mean, "steps_to_target_std": std,
+          "steps_to_target_low": low, "steps_to_target_high": high,
           "steps_to_target": {str(r["seed"]): r["steps_to_target"] for r in finished},
           "best_val_mean": _mean_std([r["best_val"] for r in finished])[0],
           "not_reached_runs": [r["run_id"] for r in finished if not r["reached"]],
@@ -290,7 +292,8 @@ def format_table(cells: Sequence[dict[str, Any]], *, metric: str, baseline: str,
             f"{label} at that fraction")
   lines = [f"## Convergence: validation steps to reach the target ({label})", "",
            f"{rule}. Steps to target = first validated step with a value >= target; mean +- "
-           "std (ddof=1) over the seeds that reached it, with reached/finished seeds. Reduction "
+           "std (ddof=1) [95% Student-t interval of the mean] over the seeds that reached it, "
+           "with reached/finished seeds. Reduction "
            f"= 1 - mean steps(init) / mean steps(`{baseline}`) at the same fraction (the "
            "paper's \"x% faster convergence\"); * = some seed of either cell did not reach the "
            "target or did not finish. Resolution: the validation interval.", "",
@@ -303,6 +306,8 @@ def format_table(cells: Sequence[dict[str, Any]], *, metric: str, baseline: str,
         f"n/a ({source})"
     if cell["n_reached"]:
       steps = f"{cell['steps_to_target_mean']:.0f} +- {cell['steps_to_target_std']:.0f}"
+      if math.isfinite(cell["steps_to_target_low"]):
+        steps += f" [{cell['steps_to_target_low']:.0f}, {cell['steps_to_target_high']:.0f}]"
     elif not cell["n_finished"]:
       steps = "no finished run"
     elif not math.isfinite(cell["target"]):

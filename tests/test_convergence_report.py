@@ -13,6 +13,7 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+from scipy import stats
 
 from experiments import convergence_report as convergence
 from experiments import label_fraction_sweep as sweep
@@ -137,6 +138,9 @@ def test_default_target_is_095_of_the_baseline_best_and_steps_match_hand_values(
   assert scratch["steps_to_target"] == {"0": 500, "1": 600}
   assert scratch["steps_to_target_mean"] == 550
   assert scratch["steps_to_target_std"] == pytest.approx(np.std([500, 600], ddof=1))
+  # The 95% interval of the mean steps, checked against SciPy's Student-t interval.
+  want = stats.t.interval(0.95, 1, loc=550, scale=stats.sem([500, 600]))
+  assert (scratch["steps_to_target_low"], scratch["steps_to_target_high"]) == pytest.approx(want)
   assert (scratch["n_reached"], scratch["n_finished"], scratch["reduction"]) == (2, 2, 0.0)
   # simclr seed 0: 0.87 at 200; seed 1: 0.86 < target at 100, 0.87 at 200 (after the resume).
   simclr = cell(result, "simclr", 1.0)
@@ -167,7 +171,7 @@ def test_default_target_is_095_of_the_baseline_best_and_steps_match_hand_values(
   assert result["counts"] == {"finished": 7, "missing": 3, "failed": 1, "unfinished": 1}
 
   table = result["table"]
-  assert "| 100% | simclr | 0.864 | 200 +- 0 | 2/2 | 64% |" in table
+  assert "| 100% | simclr | 0.864 | 200 +- 0 [200, 200] | 2/2 | 64% |" in table
   assert "| 10% | simclr | 0.712 | 100 +- 0 | 1/1 | 67%* |" in table
   assert "| 10% | cluster | 0.712 | no finished run | 0/0 | n/a |" in table
   assert "1 finished run(s) never reached the target" in table
@@ -284,7 +288,7 @@ def test_cli_prints_the_table_and_writes_the_files(fake_sweep, tmp_path):
                          f"--workdir={fake_sweep}", "--target=0.8", f"--output_dir={out}"],
                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
-  assert "| 100% | simclr | 0.800 | 100 +- 0 | 2/2 | 71% |" in done.stdout
+  assert "| 100% | simclr | 0.800 | 100 +- 0 [100, 100] | 2/2 | 71% |" in done.stdout
   assert sorted(os.listdir(out)) == sorted([convergence.CSV_FILE, convergence.RUNS_CSV_FILE,
                                             convergence.JSON_FILE, convergence.TABLE_FILE,
                                             convergence.PLOT_FILE])
