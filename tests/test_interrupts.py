@@ -228,7 +228,10 @@ def test_ctrl_c_from_a_terminal_exits_75_without_tracebacks_or_leaked_shared_mem
   workdir = tmp_path / "run"
   command = [sys.executable, "-m", "remedis_jax.main", "--config=configs/pretrain_simclr.py:smoke",
              f"--workdir={workdir}", "--config.mesh.devices=1", "--config.knn.every_steps=0",
-             "--config.data.worker_count=1", "--config.total_steps=40",
+             "--config.data.worker_count=1",
+             # Far more steps than the Ctrl-C needs: on a loaded machine the signal may come
+             # seconds after step 2, and the run must still be running then.
+             "--config.total_steps=1000",
              "--config.optimizer.schedule=constant",
              "--config.checkpoint_every_steps=1000"]  # the update step compiled in-process above
   metrics = workdir / writers.METRICS_FILE
@@ -251,7 +254,7 @@ def test_ctrl_c_from_a_terminal_exits_75_without_tracebacks_or_leaked_shared_mem
     stdout, stderr = stdout.read(), stderr.read()
   assert process.returncode == preemption.EXIT_PREEMPTED, stderr[-3000:]
   saved = sorted(os.listdir(workdir / "checkpoints"))
-  assert len(saved) == 1 and 2 <= int(saved[0]) < 40, saved
+  assert len(saved) == 1 and 2 <= int(saved[0]) < 1000, saved
   assert "SimCLR pretraining preempted" in stdout
   for noise in ("Traceback", "KeyboardInterrupt", "leaked shared_memory", "Exception ignored"):
     assert noise not in stderr, stderr[-3000:]
