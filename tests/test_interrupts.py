@@ -236,8 +236,11 @@ def test_ctrl_c_from_a_terminal_exits_75_without_tracebacks_or_leaked_shared_mem
              "--config.checkpoint_every_steps=1000"]  # the update step compiled in-process above
   metrics = workdir / writers.METRICS_FILE
   with open(tmp_path / "stdout", "w+") as stdout, open(tmp_path / "stderr", "w+") as stderr:
+    # Its own process group, as in a shell; SIGINT at its default, as in a terminal (a suite
+    # started in the background of a non-interactive shell inherits SIGINT ignored).
     process = subprocess.Popen(command, cwd=REPO, stdout=stdout, stderr=stderr,
-                               start_new_session=True)  # its own process group, as in a shell
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
       deadline = time.monotonic() + 300
       while time.monotonic() < deadline and process.poll() is None:
