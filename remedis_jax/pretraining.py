@@ -182,6 +182,7 @@ def _run(config, workdir, source, *, title, make_dataset, create_setup, dataset)
 
   # ---- mesh
   mesh = sharding.make_mesh(config.get("mesh"))
+  logging.info("Mesh: %s", sharding.describe_mesh(mesh))
   batch_sharding = sharding.batch_sharding(mesh)
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the number of "

@@ -13,6 +13,7 @@ Everything is global `jax.Array`s under `jax.jit` with `NamedSharding` (no
 pmap, no per-device code), as in big_vision and the flax examples.
 """
 
+import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union
@@ -149,6 +150,14 @@ def make_mesh(mesh_config: Optional[Mapping[str, int]] = None) -> Mesh:
   # default Explicit types would make every jnp op reason about shardings.
   return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
                        devices=devices)
+
+
+def describe_mesh(mesh: Mesh) -> str:
+  """One line for the log: axis sizes, devices, and which process holds each device of the mesh
+  (a multi-slice mesh shows one slice's processes per 'data' block)."""
+  processes = json.dumps(np.vectorize(lambda d: d.process_index)(mesh.devices).tolist())
+  return (", ".join(f"{name}={size}" for name, size in mesh.shape.items())
+          + f" over {mesh.size} devices; process of each device: {processes}")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

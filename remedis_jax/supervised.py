@@ -209,6 +209,7 @@ def start(config: ml_collections.ConfigDict, workdir: str):
   writer = writers.create_writer(workdir, config.get("tensorboard_dir", ""))
   writer.write_hparams(writers.flatten_config(config.to_dict()))
   mesh = sharding.make_mesh(config.get("mesh"))
+  logging.info("Mesh: %s", sharding.describe_mesh(mesh))
   check_batch_sizes(config, mesh)
   return writer, mesh
 

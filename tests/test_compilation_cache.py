@@ -48,7 +48,15 @@ def test_a_second_start_loads_its_programs_from_the_cache(tmp_path):
   again = _start(tmp_path / "second", f"--config.compilation_cache_dir={cache}")
   assert again[0] >= misses and again[1] == 0, again
   assert again[2] < seconds, (again, seconds)
-  # "off": no cache, nothing written.
-  off = _start(tmp_path / "third", "--config.compilation_cache_dir=off")
-  assert off[0] == 0 and off[3] == "no persistent cache"
-  assert not os.path.exists(tmp_path / "third" / compilation_cache.SUBDIR)
+
+
+def test_off_turns_no_cache_on(tmp_path):
+  """In a process without a cache configured (this one has the suite's): none is turned on."""
+  code = ("import jax\n"
+          "from remedis_jax import compilation_cache\n"
+          f"assert compilation_cache.enable_for_run('off', {str(tmp_path)!r}) is None\n"
+          "assert not jax.config.jax_compilation_cache_dir\n"
+          f"assert compilation_cache.enable_for_run('', {str(tmp_path)!r}) == "
+          f"{str(tmp_path / compilation_cache.SUBDIR)!r}\n")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=120)
