@@ -1,9 +1,10 @@
 """A multi-slice mesh (`mesh.dcn_data`) in real processes: two processes on 127.0.0.1, each taken
-as a slice of two CPU devices, against one process with the same four devices in one slice.
+as a slice of two CPU devices, against four devices in one slice.
 
-The multi-slice job puts 'fsdp' inside each process (its ICI) and data parallelism across the two
-(DCN); the reference is the ('data': 2, 'fsdp': 2) mesh of one process. Same global batches
-(data_pipelines/pipeline.py), same global NT-Xent negatives: the logged losses must agree.
+The multi-slice job puts 'fsdp' inside each process (its ICI) and data parallelism across the
+two (DCN); the reference is the ('data': 2, 'fsdp': 2) mesh of four of this process's devices.
+Same global batches (data_pipelines/pipeline.py), same global NT-Xent negatives: the logged
+losses must agree.
 """
 
 import os
@@ -13,8 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from remedis_jax import writers
-from tests import processes
+from remedis_jax import train_simclr, writers
+from tests import fakes, processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -22,6 +23,8 @@ FLAGS = ["--config=configs/pretrain_simclr.py:smoke", f"--config.total_steps={ST
          "--config.log_every_steps=1", "--config.checkpoint_every_steps=100",
          "--config.knn.every_steps=0", "--config.linear_probe.enabled=False",
          "--config.data.worker_count=0"]
+
+
 def _pair(make_command, tmp_path, name):
   """Two processes (2 devices each); returns their outputs after both exit with status 0."""
   port = processes.free_port()
@@ -51,12 +54,13 @@ def test_two_slices_train_like_one_slice_with_the_same_devices(tmp_path):
   # 'data' = 2 slices x 1, 'fsdp' = 2 inside a slice: each mesh row is one process's devices.
   for text in logs:
     assert "Mesh: data=2, fsdp=2 over 4 devices; process of each device: [[0, 0], [1, 1]]" in text
+  # The reference in this process: 4 of its 8 simulated devices, one slice, data=2 x fsdp=2.
   reference = str(tmp_path / "reference")
-  out = subprocess.run([sys.executable, "-m", "remedis_jax.main", *FLAGS,
-                        f"--workdir={reference}", "--config.mesh.data=2",
-                        "--config.mesh.fsdp=2"], cwd=REPO, env=processes.cpu_env(4),
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
+  config = fakes.smoke_config("pretrain_simclr", devices=4, **{
+      "total_steps": STEPS, "log_every_steps": 1, "checkpoint_every_steps": 100,
+      "knn.every_steps": 0, "linear_probe.enabled": False, "data.worker_count": 0,
+      "mesh.data": 2, "mesh.fsdp": 2})
+  train_simclr.train_and_evaluate(config, reference)
 
   def losses(workdir):
     return {r["step"]: r["train/loss"] for r in writers.read_metrics(workdir) if "train/loss" in r}
