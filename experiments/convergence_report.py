@@ -50,11 +50,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from data_pipelines import storage
 from experiments import label_fraction_sweep as sweep
 from experiments import sweep_results
-from data_pipelines import storage
+from remedis_jax import run_files
 
-METRICS_FILE = "metrics.jsonl"  # remedis_jax.writers.METRICS_FILE, without importing JAX/TF
+METRICS_FILE = run_files.METRICS_FILE
 CSV_FILE = "convergence.csv"
 RUNS_CSV_FILE = "convergence_runs.csv"
 JSON_FILE = "convergence.json"

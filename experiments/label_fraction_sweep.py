@@ -94,7 +94,7 @@ from configs import common
 from configs.sweeps import common as sweep_configs
 from experiments import sweep_results
 from data_pipelines import storage
-from remedis_jax import compilation_cache, workdir_lock
+from remedis_jax import compilation_cache, run_files, workdir_lock
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("run", "plan", "joblist", "aggregate")
@@ -105,8 +105,8 @@ PLAN_FILE = "sweep_plan.json"
 JOBS_FILE = "jobs.txt"
 ERROR_FILE = "sweep_error.txt"
 LOG_FILE = "log.txt"
-RESULTS_FILE = "results.json"  # supervised.RESULTS_FILE, without importing JAX here
-EXIT_PREEMPTED = 75  # remedis_jax.preemption.EXIT_PREEMPTED (a run saved on SIGTERM), likewise
+RESULTS_FILE = run_files.RESULTS_FILE
+EXIT_PREEMPTED = run_files.EXIT_PREEMPTED  # a run saved on SIGTERM: the rerun resumes it
 CACHE_SUBDIR = ".jax_cache"
 # How often a URL workdir's log.txt is refreshed from a running subprocess's local log file.
 LOG_UPLOAD_INTERVAL_S = 60.0

@@ -42,8 +42,9 @@ import numpy as np
 from scipy import stats
 
 from data_pipelines import storage
+from remedis_jax import run_files
 
-RESULTS_FILE = "results.json"
+RESULTS_FILE = run_files.RESULTS_FILE
 CSV_FILE = "results.csv"
 JSON_FILE = "results.json"
 PLOT_FILE = "data_efficiency.png"

@@ -53,7 +53,7 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
-from remedis_jax import checkpointing
+from remedis_jax import checkpointing, run_files
 
 
 # The exit status of an entry point whose run was preempted (saved, not finished): sysexits.h's
@@ -62,7 +62,7 @@ from remedis_jax import checkpointing
 # `python -m remedis_jax.main ... && python -m experiments.label_fraction_sweep ...` stops
 # instead of fine-tuning a half-trained encoder. Used by remedis_jax/main.py and the
 # experiment scripts (quickstart, sweeps, OOD and segmentation studies).
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = run_files.EXIT_PREEMPTED
 
 
 class InterruptedWhileWaiting(Exception):

@@ -37,12 +37,12 @@ from data_pipelines import subset as subset_lib
 from remedis_jax import checkpointing, initialization, loop, models, optimizers
 from remedis_jax import sharding
 from data_pipelines import storage
-from remedis_jax import run_config, workdir_lock, writers
+from remedis_jax import run_config, run_files, workdir_lock, writers
 from remedis_jax.train_state import (TrainState, apply_gradients, build_step, make_metrics_cls,
                                      put_host_tree)
 
 BEST_DIR = "best"
-RESULTS_FILE = "results.json"  # written by the trainer when its final evaluation is done
+RESULTS_FILE = run_files.RESULTS_FILE
 SUBSET_MANIFEST_FILE = "subset_manifest.json"  # ids of the labeled records the run used
 # BiT-HyperRule schedule by training-set size: (max examples, warm-up steps, total steps).
 HYPERRULE = ((20_000, 100, 500), (500_000, 500, 10_000), (math.inf, 500, 20_000))

@@ -27,8 +27,9 @@ from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.summary.writer import record_writer
 
 from data_pipelines import storage
+from remedis_jax import run_files
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = run_files.METRICS_FILE
 EVENT_FILE_PREFIX = "events.out.tfevents"
 _event_file_counter = itertools.count()
 

@@ -326,7 +326,7 @@ with open(os.path.join(flags["workdir"], "results.json"), "w") as f:
 def test_a_subprocess_preempted_with_its_exit_status_is_interrupted_not_failed(tmp_path,
                                                                               monkeypatch):
   from remedis_jax import preemption  # pylint: disable=g-import-not-at-top
-  assert sweep.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED == 75  # the copy without JAX
+  assert sweep.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED == 75  # one name (run_files.py)
   python = tmp_path / "fake_python"
   python.write_text(FAKE_PYTHON.format(python=sys.executable, code=sweep.EXIT_PREEMPTED))
   python.chmod(python.stat().st_mode | stat.S_IEXEC)

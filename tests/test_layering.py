@@ -41,3 +41,20 @@ def test_imports_run_one_way(folder, forbidden):
   wrong = {path: sorted(found & forbidden) for path, found in imported_packages(folder).items()
            if found & forbidden}
   assert not wrong, f"{folder} imports what depends on it: {wrong}"
+
+
+def test_sweeps_studies_and_reports_load_no_jax():
+  """They plan, run runs as processes and read results: JAX loads in the runs, not here."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  modules = ["experiments.label_fraction_sweep", "experiments.sweep_results",
+             "experiments.sweep_ray", "experiments.study", "experiments.convergence_report",
+             "experiments.robustness_report", "remedis_jax.run_files"]
+  code = ("import importlib, json, sys\n"
+          f"for name in {modules!r}:\n"
+          "  importlib.import_module(name)\n"
+          "print(json.dumps(sorted(m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules)))\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True, timeout=120)
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == []
