@@ -68,8 +68,9 @@ DEFAULT_BASELINE = "scratch"
 LOWER_IS_BETTER = ("ece",)
 CELL_COLUMNS = ("init", "label_fraction", "target", "n_planned", "n_finished", "n_reached",
                 "n_not_reached", "n_not_finished", "steps_to_target_mean", "steps_to_target_std",
-                "steps_to_target_low", "steps_to_target_high", "steps_to_target", "baseline_steps_to_target_mean", "reduction",
-                "reduction_complete", "best_val_mean", "not_reached_runs", "not_finished_runs")
+                "steps_to_target_low", "steps_to_target_high", "steps_to_target",
+                "baseline_steps_to_target_mean", "reduction", "reduction_complete",
+                "best_val_mean", "not_reached_runs", "not_finished_runs")
 RUN_COLUMNS = ("run_id", "init", "label_fraction", "seed", "status", "target", "reached",
                "steps_to_target", "best_val", "best_val_step", "last_step", "num_validations",
                "run_dir")

@@ -229,7 +229,6 @@ def save_prediction_grid(samples: dict[str, np.ndarray], path: str, *, title: st
     title: figure title.
     threshold: probability threshold of the predicted mask.
   """
-  import os  # pylint: disable=g-import-not-at-top
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
