@@ -1,4 +1,13 @@
-"""Small pieces every train loop uses, whatever it trains.
+"""The train loop every trainer runs, and the small pieces it is made of.
+
+`train` is the one loop, pretraining and supervised alike: restore (own checkpoint, else the
+trainer's initialisation) -> per step: next batch (interruptible), the jitted update, the log
+window with its NaN stop, the hooks, the checkpoint -> preemption and clean-up. What differs
+between objectives plugs in as hooks (`Hook`: the kNN monitor, GMML's reconstruction monitor,
+validation with best-checkpoint keeping), the way big_vision loops over its evaluators.
+`start_run` is the start-up both kinds share (config.json, writer, mesh, batch-size checks).
+
+The pieces:
 
 - `RunAhead`: JAX dispatches steps asynchronously; without a bound the host runs ahead until
   something reads a value (the logging window's `float()`), and a SIGTERM handler only runs
@@ -22,13 +31,18 @@ import collections
 import json
 import logging
 import math
-from typing import Any, NamedTuple
+import time
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import ml_collections
+import numpy as np
 import optax
+from clu import parameter_overview
 
-from remedis_jax import checkpointing, preemption, profiling, progress, writers
+from remedis_jax import checkpointing, optimizers, preemption, profiling, progress
+from remedis_jax import run_config, sharding, writers
+from remedis_jax.train_state import TrainSetup, merge_metrics
 
 
 def epochs_to_steps(epochs: float, num_examples: int, batch_size: int) -> int:
@@ -211,3 +225,250 @@ def loop_tools(config: ml_collections.ConfigDict, workdir: str, manager, writer,
       divergence=DivergenceMonitor(float(param_norm(params))),
       skipped_records=int(checkpointing.read_counters(manager, start_step or None).get(
           "skipped_records", 0)))
+
+
+# ------------------------------------------------------------------------------ the loop
+def start_run(config: ml_collections.ConfigDict, workdir: str, incompatible,
+              batch_size_keys: Iterable[str] = ("batch_size",)):
+  """(writer, mesh): WORKDIR/config.json and the hyper-parameters written, the mesh made and
+  the batch sizes checked against it.
+
+  The config is checked against a run already in the workdir before anything is written
+  (remedis_jax/run_config.py refuses the `incompatible` changes, e.g. another architecture).
+
+  Raises:
+    run_config.IncompatibleRunConfigError: the workdir holds another kind of run.
+    ValueError: a batch size not divisible by the number of devices or processes.
+  """
+  run_config.write(config, workdir, incompatible)
+  writer = writers.create_writer(workdir, config.get("tensorboard_dir", ""))
+  writer.write_hparams(writers.flatten_config(config.to_dict()))
+  mesh = sharding.make_mesh(config.get("mesh"))
+  logging.info("Mesh: %s", sharding.describe_mesh(mesh))
+  for key in batch_size_keys:
+    if config[key] % mesh.size or config[key] % jax.process_count():
+      raise ValueError(f"config.{key}={config[key]} must be divisible by the number of devices "
+                       f"({mesh.size}) and processes ({jax.process_count()})")
+  return writer, mesh
+
+
+class Hook:
+  """Periodic work beside the update step; the loop calls, in this order:
+
+  - `start(step, state)` once before the first step of this run (`step` 0: a fresh run; else
+    the step it resumed from);
+  - after every step, `run(step, state)` when `due(step, is_last)`, after the log window and
+    before the checkpoint, its wall time counted as `name` in the progress report;
+  - `end(step, state)` once after the last step, unless the run was preempted.
+  A hook reads `state`; it never changes what is trained.
+  """
+  name = "hook"
+
+  def start(self, step: int, state: Any) -> None:
+    pass
+
+  def due(self, step: int, is_last: bool) -> bool:
+    return is_last
+
+  def run(self, step: int, state: Any) -> None:
+    pass
+
+  def end(self, step: int, state: Any) -> None:
+    pass
+
+
+class PeriodicEvaluation(Hook):
+  """Writes `evaluate(params, step)` every `every_steps` steps and at the last step.
+
+  Args:
+    name: its name in the progress report (and the log).
+    every_steps: the interval.
+    evaluate: `(params, step) -> {name: float}`.
+    writer: the run's metric writer.
+    prefix: put before every name written ("knn/").
+    at_start: also evaluate the initial parameters at step 0 of a fresh run.
+  """
+
+  def __init__(self, name: str, every_steps: int, evaluate: Callable[[Any, int], Any],
+               writer, *, prefix: str = "", at_start: bool = False):
+    self.name, self.every_steps, self.evaluate = name, int(every_steps), evaluate
+    self.writer, self.prefix, self.at_start = writer, prefix, at_start
+
+  def start(self, step: int, state: Any) -> None:
+    if self.at_start and step == 0:
+      values = self._write(0, state)
+      logging.info("%s at initialisation: %s", self.name, values)
+
+  def due(self, step: int, is_last: bool) -> bool:
+    return step % self.every_steps == 0 or is_last
+
+  def run(self, step: int, state: Any) -> None:
+    self._write(step, state)
+
+  def _write(self, step: int, state: Any) -> dict[str, float]:
+    values = dict(self.evaluate(state.params, step))
+    self.writer.write_scalars(step, {f"{self.prefix}{k}": v for k, v in values.items()})
+    return values
+
+
+class LoopResult(NamedTuple):
+  """How the loop ended, and what the run summary reports."""
+  state: Any  # the state after the last step run
+  steps: int
+  total_steps: int
+  start_step: int  # the step this run began at (0, or the checkpoint it resumed from)
+  preempted: bool
+  last_loss: float  # the last logged window's mean loss (NaN: no window logged)
+  skipped_records: int  # bad records in the batches trained on, resumes included
+  input_wait_ms_per_step: float  # after the first batch (pipeline start-up kept apart)
+  first_batch_s: float | None
+  checkpoint: str  # the newest checkpoint
+  initialisation: str  # "resumed from ...", "scratch", or what the trainer's init loaded
+  divergence_warnings: list[str]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, setup: TrainSetup, mesh, writer,
+          data_iterator, total_steps: int,
+          init: Callable[[Any], tuple[Any, str]], hooks: Iterable[Hook] = ()) -> LoopResult:
+  """Trains `setup.update_fn` to `total_steps`, resuming the run in `workdir` if there is one.
+
+  Args:
+    config: the run config (seed, batch_size, log_every_steps, checkpoint_every_steps,
+      keep_checkpoints, async_checkpointing, progress_every_secs, profile).
+    workdir: checkpoints go here; metrics.jsonl is the writer's.
+    setup: the trainer's TrainSetup.
+    mesh: the device mesh.
+    writer: the run's metric writer.
+    data_iterator: a Grain iterator of host batches (restored in place on resume; closed at
+      the end).
+    total_steps: the run's length.
+    init: `fresh state -> (state, description)`: the trainer's initialisation of a run that has
+      no checkpoint yet (pretrained weights; `(state, "scratch")` for none).
+    hooks: periodic work (`Hook`), run in the given order.
+
+  Returns:
+    A LoopResult.
+
+  Raises:
+    FloatingPointError: non-finite loss or gradients in a logging window (those updates were
+      skipped; the last good checkpoint is kept and named).
+  """
+  hooks = tuple(hooks)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ---- restore: own checkpoint -> the trainer's init
+  manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
+                                       asynchronous=config.get("async_checkpointing", True))
+  restored = checkpointing.restore_latest(
+      manager, checkpointing.abstract_with_shardings(setup.abstract_state, setup.state_shardings),
+      data_iterator)
+  if restored is not None:
+    state, start_step = restored
+    initialisation = f"resumed from {manager.directory}/{start_step}"
+  else:
+    start_step = 0
+    state = sharding.create_sharded(setup.init_state, jax.random.key(config.seed),
+                                    shardings=setup.state_shardings)
+    state, initialisation = init(state)
+  logging.info("Initialisation: %s", initialisation)
+  if jax.process_index() == 0:
+    parameter_overview.log_parameter_overview(state.params)
+    logging.info("Optimiser masks:\n%s",
+                 optimizers.describe_masks(state.params, setup.optimizer_config))
+
+  # ---- loop
+  report_progress, watcher, run_ahead, profiler, divergence, skipped_records = loop_tools(
+      config, workdir, manager, writer, total_steps=total_steps, start_step=start_step,
+      params=state.params)
+  window_metrics = []  # per-step metric collections of the current logging window
+  window_start, window_steps, input_wait = time.monotonic(), 0, 0.0
+  # Run totals for the summary; the first batch (pipeline and worker start-up) is kept apart.
+  run_input_wait, run_waited_steps, first_batch_wait = 0.0, 0, None
+  step = start_step
+  last_loss = float("nan")
+  preempted = False
+  try:
+    for hook in hooks:
+      with report_progress.timed(hook.name):
+        hook.start(start_step, state)
+    while step < total_steps:
+      wait_start = time.monotonic()
+      host_batch, position = next_batch(data_iterator, watcher)
+      if host_batch is None:  # SIGTERM or Ctrl-C while waiting for input
+        preempted = True
+        save_at_interrupt(manager, step, state, position, {"skipped_records": skipped_records})
+        break
+      waited = time.monotonic() - wait_start
+      input_wait += waited
+      if first_batch_wait is None:
+        first_batch_wait = waited
+      else:
+        run_input_wait += waited
+        run_waited_steps += 1
+      skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
+      batch = sharding.shard_host_batch({k: host_batch[k] for k in setup.batch_keys},
+                                        batch_sharding)
+      with profiler.step(step + 1):
+        state, step_metrics = setup.update_fn(state, batch)
+      run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
+      step += 1
+      profiler.after_step(step, step_metrics)
+      window_steps += 1
+      window_metrics.append(step_metrics)
+      report_progress(step)
+      preempted = watcher.reached(step)
+      is_last = step == total_steps
+
+      if step % config.log_every_steps == 0 or is_last or preempted:
+        values = {f"train/{k}": float(v)
+                  for k, v in merge_metrics(tuple(window_metrics)).compute().items()}
+        elapsed = time.monotonic() - window_start
+        values["train/learning_rate"] = float(setup.schedule(step - 1))
+        values["train/input_wait_ms_per_step"] = 1000.0 * input_wait / window_steps
+        values["train/input_wait_fraction"] = input_wait / max(elapsed, 1e-9)
+        values["train/skipped_records"] = float(skipped_records)
+        values["train/images_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
+        values["train/param_norm"] = float(param_norm(state.params))
+        writer.write_scalars(step, values)
+        last_loss = values["train/loss"]
+        divergence.update(step, last_loss, values["train/param_norm"])
+        if values["train/nonfinite_steps"] > 0:
+          raise FloatingPointError(
+              f"non-finite loss or gradients in the {window_steps} steps before step {step} "
+              f"(those updates were skipped). The last good checkpoint is kept: "
+              f"{manager.directory}/{manager.latest_step()}. Lower the learning rate "
+              "(config.optimizer.learning_rate), enable gradient clipping "
+              "(config.optimizer.grad_clip_norm) or check the input data.")
+        window_metrics, window_steps, input_wait = [], 0, 0.0
+        window_start = time.monotonic()
+
+      for hook in hooks:
+        if hook.due(step, is_last):
+          with report_progress.timed(hook.name):
+            hook.run(step, state)
+
+      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last,
+                           counters={"skipped_records": skipped_records})
+      if preempted:
+        logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
+        break
+    if not preempted:
+      for hook in hooks:
+        hook.end(step, state)
+  finally:
+    profiler.stop()
+    try:
+      manager.wait_until_finished()
+    finally:
+      data_iterator.close()  # Grain's worker processes and shared memory, now (not at exit)
+    watcher.close()
+    writer.flush()
+  checkpoint = f"{manager.directory}/{manager.latest_step()}"
+  manager.close()
+  return LoopResult(
+      state=state, steps=step, total_steps=total_steps, start_step=start_step,
+      preempted=preempted, last_loss=last_loss, skipped_records=skipped_records,
+      input_wait_ms_per_step=1000.0 * run_input_wait / max(run_waited_steps, 1),
+      first_batch_s=first_batch_wait, checkpoint=checkpoint, initialisation=initialisation,
+      divergence_warnings=divergence.warnings)

@@ -269,6 +269,26 @@ def make_weight_decay_schedule(config: Union[ml_collections.ConfigDict, dict],
 # The optimiser.
 
 
+def from_run_config(config: ml_collections.ConfigDict, *, total_steps: int, warmup_steps: int,
+                    frozen: Sequence[str] = ()):
+  """(tx, schedule, resolved optimiser config) for a run config, the warm-up given in steps.
+
+  The trainers convert durations once (epochs -> steps, by their data's size); this drops
+  `warmup_epochs`, sets `warmup_steps`, and adds the trainer's `frozen` regexes (a linear
+  probe's encoder) to `config.optimizer.frozen`.
+  """
+  opt_config = config.optimizer.copy_and_resolve_references()
+  with opt_config.unlocked():
+    opt_config.warmup_steps = warmup_steps
+    if "warmup_epochs" in opt_config:
+      del opt_config["warmup_epochs"]
+    if frozen:
+      opt_config.frozen = tuple(opt_config.get("frozen", ())) + tuple(frozen)
+  tx, schedule = make_optimizer(opt_config, total_steps=total_steps,
+                                batch_size=config.batch_size)
+  return tx, schedule, opt_config
+
+
 def make_optimizer(
     config: Union[ml_collections.ConfigDict, dict],
     *,

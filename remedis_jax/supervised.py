@@ -5,10 +5,10 @@ the model and update step, the evaluator and the final evaluation. This module o
 that resume, preemption, the NaN stop, validation and the best checkpoint behave the same in
 both:
 
-  restore (own checkpoint + best so far, else the trainer's init) -> loop (log window,
-  validation at `num_evaluations` evenly spaced steps, or every `eval_every_steps`, keeping the
-  best parameters in WORKDIR/best/,
-  checkpoints, preemption) -> the best state, for the trainer's final evaluation.
+  the shared loop (remedis_jax/loop.py: restore (own checkpoint, else the trainer's init), log
+  window, checkpoints, preemption) with validation as its hook (`BestCheckpoint`: at
+  `num_evaluations` evenly spaced steps, or every `eval_every_steps`, keeping the best
+  parameters in WORKDIR/best/) -> the best state, for the trainer's final evaluation.
 
 It also builds what both trainers build alike: the state and jitted update step around the
 trainer's loss (`build_setup`), the encoder from `config.model.init` (`load_encoder`), the
@@ -29,37 +29,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from clu import parameter_overview
-import numpy as np
 
-from data_pipelines import pipeline, presets
+from data_pipelines import pipeline, presets, storage
 from data_pipelines import subset as subset_lib
-from remedis_jax import checkpointing, initialization, loop, models, optimizers
-from remedis_jax import sharding
-from data_pipelines import storage
-from remedis_jax import run_config, run_files, workdir_lock, writers
-from remedis_jax.train_state import (TrainState, apply_gradients, build_step, make_metrics_cls,
-                                     put_host_tree)
+from remedis_jax import checkpointing, initialization, loop, models, optimizers, run_config
+from remedis_jax import run_files, sharding, workdir_lock
+from remedis_jax.train_state import (TrainSetup, TrainState, apply_gradients, build_step,
+                                     make_metrics_cls, put_host_tree)
 
 BEST_DIR = "best"
 RESULTS_FILE = run_files.RESULTS_FILE
 SUBSET_MANIFEST_FILE = "subset_manifest.json"  # ids of the labeled records the run used
 # BiT-HyperRule schedule by training-set size: (max examples, warm-up steps, total steps).
 HYPERRULE = ((20_000, 100, 500), (500_000, 500, 10_000), (math.inf, 500, 20_000))
-
-
-class TrainSetup(NamedTuple):
-  """Everything the loop needs besides data: built by a trainer's `create_train_setup`."""
-  model: nn.Module
-  tx: optax.GradientTransformation
-  schedule: Callable[[int], float]
-  optimizer_config: ml_collections.ConfigDict
-  init_state: Callable[[jax.Array], TrainState]
-  abstract_state: TrainState
-  state_shardings: TrainState
-  update_fn: Callable  # jitted (state, batch) -> (state, metrics); donates `state`
-  predict_fn: Callable  # jitted (params, images uint8) -> the trainer's probabilities
-  batch_keys: tuple[str, ...]  # the host batch entries the update step reads
 
 
 def check_common_config(config: ml_collections.ConfigDict, init_hint: str) -> str:
@@ -108,12 +90,8 @@ def build_setup(config: ml_collections.ConfigDict, mesh, model: nn.Module, *,
     A TrainSetup; its update step skips a non-finite update and counts it in
     `nonfinite_steps`.
   """
-  opt_config = config.optimizer.copy_and_resolve_references()
-  with opt_config.unlocked():
-    opt_config.warmup_steps = warmup_steps
-    opt_config.frozen = tuple(opt_config.frozen) + tuple(frozen)
-  tx, schedule = optimizers.make_optimizer(opt_config, total_steps=total_steps,
-                                           batch_size=config.batch_size)
+  tx, schedule, opt_config = optimizers.from_run_config(
+      config, total_steps=total_steps, warmup_steps=warmup_steps, frozen=frozen)
   tx = wrap_optimizer(tx)
   image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
 
@@ -133,7 +111,7 @@ def build_setup(config: ml_collections.ConfigDict, mesh, model: nn.Module, *,
   abstract_state, state_shardings, update_fn = build_step(
       init_state, update_fn, mesh, param_sharding=config.get("param_sharding", "replicate"))
   return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state, state_shardings,
-                    update_fn, predict_fn, batch_keys=("image", target_key))
+                    update_fn, batch_keys=("image", target_key), predict_fn=predict_fn)
 
 
 def load_encoder(config: ml_collections.ConfigDict, state: TrainState, setup: TrainSetup):
@@ -167,13 +145,6 @@ def improved(value: float, best: float) -> bool:
   return math.isfinite(value) and (not math.isfinite(best) or value > best)
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict, mesh) -> None:
-  for key in ("batch_size", "eval_batch_size"):
-    if config[key] % mesh.size or config[key] % jax.process_count():
-      raise ValueError(f"config.{key}={config[key]} must be divisible by the number of devices "
-                       f"({mesh.size}) and processes ({jax.process_count()})")
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, check_config: Callable[[Any], Any],
         train_and_evaluate: Callable[..., dict[str, Any]]) -> dict[str, Any]:
   """A trainer's entry point: `checked = check_config(config)` before anything is built, then
@@ -205,13 +176,8 @@ def start(config: ml_collections.ConfigDict, workdir: str):
 
   The config is checked against a run already in the workdir before anything is written
   (remedis_jax/run_config.py: a change of model, data, labels or labeled subset is refused)."""
-  run_config.write(config, workdir, run_config.SUPERVISED_INCOMPATIBLE)
-  writer = writers.create_writer(workdir, config.get("tensorboard_dir", ""))
-  writer.write_hparams(writers.flatten_config(config.to_dict()))
-  mesh = sharding.make_mesh(config.get("mesh"))
-  logging.info("Mesh: %s", sharding.describe_mesh(mesh))
-  check_batch_sizes(config, mesh)
-  return writer, mesh
+  return loop.start_run(config, workdir, run_config.SUPERVISED_INCOMPATIBLE,
+                        batch_size_keys=("batch_size", "eval_batch_size"))
 
 
 class TrainingStream(NamedTuple):
@@ -276,16 +242,80 @@ class Outcome(NamedTuple):
   divergence_warnings: list[str]
 
 
+class BestCheckpoint(loop.Hook):
+  """Validation at the run's evaluation steps, keeping the best parameters in WORKDIR/best/.
+
+  Args:
+    workdir: the run's workdir.
+    setup: the trainer's setup (abstract state and shardings of the parameters).
+    mesh: the device mesh.
+    writer: the run's metric writer (`val/<name>` at each validation).
+    validate: params -> validation metrics ({name: value}, `best_metric` among them).
+    best_metric: the validation metric to maximise.
+    eval_at: the steps after which validation runs (and always the last).
+  """
+  name = "validation"
+
+  def __init__(self, workdir: str, *, setup: TrainSetup, mesh, writer,
+               validate: Callable[[Any], dict[str, float]], best_metric: str,
+               eval_at: frozenset[int]):
+    self.writer, self.validate, self.best_metric, self.eval_at = (writer, validate, best_metric,
+                                                                  eval_at)
+    self.manager = checkpointing.make_manager(storage.join(workdir, BEST_DIR), max_to_keep=1,
+                                              asynchronous=False, with_data=False)
+    self.abstract = checkpointing.abstract_with_shardings(
+        BestState(step=jax.ShapeDtypeStruct((), jnp.int32),
+                  value=jax.ShapeDtypeStruct((), jnp.float32),
+                  params=setup.abstract_state.params),
+        BestState(step=sharding.replicated(mesh), value=sharding.replicated(mesh),
+                  params=setup.state_shardings.params))
+    self.best_value, self.best_step = -math.inf, -1
+
+  def start(self, step: int, state) -> None:
+    if step > 0:  # resumed: the best so far (a fresh run starts over)
+      restored = checkpointing.restore_latest(self.manager, self.abstract)
+      if restored is not None:
+        self.best_value, self.best_step = float(restored[0].value), int(restored[0].step)
+
+  def due(self, step: int, is_last: bool) -> bool:
+    return step in self.eval_at or is_last
+
+  def run(self, step: int, state) -> None:
+    values = dict(self.validate(state.params))
+    self.writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
+    value = values[self.best_metric]
+    if improved(value, self.best_value) or self.best_step < 0:
+      self.best_value, self.best_step = value, step
+      best = BestState(step=jnp.asarray(step, jnp.int32), value=jnp.asarray(value, jnp.float32),
+                       params=state.params)
+      checkpointing.save(self.manager, step, best, force=True)
+      self.manager.wait_until_finished()
+      logging.info("Step %d: best validation %s so far, %.4f (kept in %s)", step,
+                   self.best_metric, value, self.manager.directory)
+
+  def end(self, step: int, state) -> None:
+    if self.best_step < 0:  # resumed at the last step before any best was kept
+      self.run(step, state)
+
+  def restore(self) -> BestState:
+    """The best parameters kept (after a run that was not preempted)."""
+    best, _ = checkpointing.restore_latest(self.manager, self.abstract)
+    return best
+
+  def close(self) -> None:
+    self.manager.close()
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, setup: TrainSetup, mesh, writer,
           stream: TrainingStream, init: Callable[[Any], tuple[Any, str]],
           validate: Callable[[Any], dict[str, float]], best_metric: str) -> Outcome:
-  """Trains `setup.update_fn` for `stream.total_steps`, keeping the best validation checkpoint.
+  """Trains `setup.update_fn` for `stream.total_steps` in the shared loop (remedis_jax/loop.py),
+  keeping the best validation checkpoint.
 
   Args:
     config: the run config (batch_size, log/eval/checkpoint intervals, keep_checkpoints, seed).
     workdir: checkpoints/ and best/ go here; an existing run there is resumed.
-    setup: the trainer's setup (abstract_state, state_shardings, init_state, update_fn,
-      batch_keys, schedule, optimizer_config).
+    setup: the trainer's setup.
     mesh: the device mesh.
     writer: the run's metric writer.
     stream: the training stream: its iterator of host batches (restored in place on resume)
@@ -300,132 +330,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, setup: TrainSetup,
   Raises:
     FloatingPointError: non-finite loss or gradients in a logging window.
   """
-  data_iterator, total_steps = stream.data_iterator, stream.total_steps
-  batch_keys = setup.batch_keys
-  abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
-  batch_sharding = sharding.batch_sharding(mesh)
-
-  # ---- restore: own checkpoint (and the best so far) -> the trainer's init
-  manager = checkpointing.make_manager(workdir, max_to_keep=config.keep_checkpoints,
-                                       asynchronous=config.get("async_checkpointing", True))
-  best_manager = checkpointing.make_manager(storage.join(workdir, BEST_DIR), max_to_keep=1,
-                                            asynchronous=False, with_data=False)
-  abstract_best = checkpointing.abstract_with_shardings(
-      BestState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                value=jax.ShapeDtypeStruct((), jnp.float32), params=abstract_state.params),
-      BestState(step=sharding.replicated(mesh), value=sharding.replicated(mesh),
-                params=state_shardings.params))
-  restored = checkpointing.restore_latest(
-      manager, checkpointing.abstract_with_shardings(abstract_state, state_shardings),
-      data_iterator)
-  best_value, best_step = -math.inf, -1
-  if restored is not None:
-    state, start_step = restored
-    initialisation = f"resumed from {manager.directory}/{start_step}"
-    best_restored = checkpointing.restore_latest(best_manager, abstract_best)
-    if best_restored is not None:
-      best_value, best_step = float(best_restored[0].value), int(best_restored[0].step)
-  else:
-    start_step = 0
-    state = sharding.create_sharded(setup.init_state, jax.random.key(config.seed),
-                                    shardings=state_shardings)
-    state, initialisation = init(state)
-  logging.info("Initialisation: %s", initialisation)
-  if jax.process_index() == 0:
-    parameter_overview.log_parameter_overview(state.params)
-    if getattr(setup, "optimizer_config", None) is not None:
-      logging.info("Optimiser masks:\n%s",
-                   optimizers.describe_masks(state.params, setup.optimizer_config))
-
-  def validate_and_keep_best(step: int) -> None:
-    nonlocal best_value, best_step
-    values = dict(validate(state.params))
-    writer.write_scalars(step, {f"val/{k}": v for k, v in values.items()})
-    value = values[best_metric]
-    if improved(value, best_value) or best_step < 0:
-      best_value, best_step = value, step
-      best = BestState(step=jnp.asarray(step, jnp.int32), value=jnp.asarray(value, jnp.float32),
-                       params=state.params)
-      checkpointing.save(best_manager, step, best, force=True)
-      best_manager.wait_until_finished()
-      logging.info("Step %d: best validation %s so far, %.4f (kept in %s)", step, best_metric,
-                   value, best_manager.directory)
-
-  # ---- loop
-  report_progress, watcher, run_ahead, profiler, divergence, skipped_records = loop.loop_tools(
-      config, workdir, manager, writer, total_steps=total_steps, start_step=start_step,
-      params=state.params)
-  eval_at = loop.evaluation_steps(total_steps, config.get("num_evaluations", 0),
-                                 config.eval_every_steps)
-  train_metrics = None
-  window_start, window_steps = time.monotonic(), 0
-  step = start_step
-  preempted = False
+  eval_at = loop.evaluation_steps(stream.total_steps, config.get("num_evaluations", 0),
+                                  config.eval_every_steps)
+  best_checkpoint = BestCheckpoint(workdir, setup=setup, mesh=mesh, writer=writer,
+                                   validate=validate, best_metric=best_metric, eval_at=eval_at)
   try:
-    while step < total_steps:
-      host_batch, position = loop.next_batch(data_iterator, watcher)
-      if host_batch is None:  # SIGTERM while waiting for input
-        preempted = True
-        loop.save_at_interrupt(manager, step, state, position,
-                               {"skipped_records": skipped_records})
-        break
-      skipped_records += int(np.sum(host_batch.get("skipped_records", 0)))
-      batch = sharding.shard_host_batch({k: host_batch[k] for k in batch_keys}, batch_sharding)
-      with profiler.step(step + 1):
-        state, step_metrics = setup.update_fn(state, batch)
-      run_ahead.dispatched(step_metrics)  # waits for step - 1: at most 2 steps in flight
-      step += 1
-      profiler.after_step(step, step_metrics)
-      window_steps += 1
-      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-      report_progress(step)
-      preempted = watcher.reached(step)
-      is_last = step == total_steps
-
-      if step % config.log_every_steps == 0 or is_last or preempted:
-        values = {f"train/{k}": float(v) for k, v in train_metrics.compute().items()}
-        elapsed = time.monotonic() - window_start
-        values["train/learning_rate"] = float(setup.schedule(step - 1))
-        values["train/images_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
-        values["train/skipped_records"] = float(skipped_records)
-        values["train/param_norm"] = float(loop.param_norm(state.params))
-        writer.write_scalars(step, values)
-        divergence.update(step, values["train/loss"], values["train/param_norm"])
-        if values["train/nonfinite_steps"] > 0:
-          raise FloatingPointError(
-              f"non-finite loss or gradients in the {window_steps} steps before step {step} "
-              f"(those updates were skipped); the last good checkpoint is "
-              f"{manager.directory}/{manager.latest_step()}. Lower config.optimizer."
-              "learning_rate or set config.optimizer.grad_clip_norm.")
-        train_metrics, window_steps, window_start = None, 0, time.monotonic()
-
-      if step in eval_at or is_last:
-        with report_progress.timed("validation"):
-          validate_and_keep_best(step)
-
-      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-        checkpointing.save(manager, step, state, data_iterator, force=preempted or is_last,
-                           counters={"skipped_records": skipped_records})
-      if preempted:
-        logging.warning("Preempted: saved step %d; rerun the same command to resume.", step)
-        break
-    if not preempted and best_step < 0:
-      validate_and_keep_best(step)  # resumed at the last step before any best was kept
+    result = loop.train(config, workdir, setup=setup, mesh=mesh, writer=writer,
+                        data_iterator=stream.data_iterator, total_steps=stream.total_steps,
+                        init=init, hooks=[best_checkpoint])
+    best = None if result.preempted else best_checkpoint.restore()
   finally:
-    profiler.stop()
-    try:
-      manager.wait_until_finished()
-    finally:
-      data_iterator.close()  # Grain's worker processes and shared memory, now (not at exit)
-    watcher.close()
-    writer.flush()
-  manager.close()
-  best = None
-  if not preempted:
-    best, _ = checkpointing.restore_latest(best_manager, abstract_best)
-  best_manager.close()
-  return Outcome(steps=step, total_steps=total_steps, preempted=preempted, best=best,
-                 initialisation=initialisation, divergence_warnings=divergence.warnings)
+    best_checkpoint.close()
+  return Outcome(steps=result.steps, total_steps=result.total_steps, preempted=result.preempted,
+                 best=best, initialisation=result.initialisation,
+                 divergence_warnings=result.divergence_warnings)
 
 
 def preempted_results(outcome: Outcome) -> dict[str, Any]:

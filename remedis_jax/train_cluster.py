@@ -39,11 +39,10 @@ import numpy as np
 import optax
 
 from data_pipelines import pipeline, presets, subset
-from remedis_jax import clustering, losses, models, pretraining
-from remedis_jax.pretraining import TrainSetup
+from remedis_jax import clustering, losses, models, optimizers, pretraining
 from remedis_jax.train_simclr import build_model
-from remedis_jax.train_state import (TrainState as CoreTrainState, apply_gradients, build_step,
-                                     make_metrics_cls, normalize_images)
+from remedis_jax.train_state import (TrainSetup, TrainState as CoreTrainState, apply_gradients,
+                                     build_step, make_metrics_cls, normalize_images)
 
 
 @flax.struct.dataclass
@@ -229,8 +228,8 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
                         name="classifier") if hybrid else None
   probe = nn.Dense(num_classes, name="probe") if (
       config.probe.enabled and num_classes > 0) else None
-  tx, schedule, opt_config = pretraining.make_optimizer(config, total_steps=total_steps,
-                                                        warmup_steps=warmup_steps)
+  tx, schedule, opt_config = optimizers.from_run_config(config, total_steps=total_steps,
+                                                       warmup_steps=warmup_steps)
   size = config.data.image_size
   image_shape = (size, size, config.data.num_channels)
   projection_dim = config.model.projection_dim
@@ -276,7 +275,7 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
   if classifier is not None or probe is not None:
     batch_keys += ["label", "labeled"]
   return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state,
-                    state_shardings, update_fn, tuple(batch_keys))
+                    state_shardings, update_fn, batch_keys=tuple(batch_keys))
 
 
 # ------------------------------------------------------------------------------------ train

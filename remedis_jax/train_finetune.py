@@ -378,7 +378,7 @@ def scale_encoder_updates(tx: optax.GradientTransformation, *, multiplier: float
 def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: int,
                        multi_label: bool, total_steps: int, warmup_steps: int,
                        class_weights: np.ndarray | None = None,
-                       soft_targets: bool = False) -> supervised.TrainSetup:
+                       soft_targets: bool = False) -> train_state.TrainSetup:
   """Model, optimiser (frozen encoder in linear mode), sharded state init and jitted steps.
 
   Args:
@@ -411,7 +411,7 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
 
 
 def load_pretrained(config, state: train_state.TrainState,
-                    setup: supervised.TrainSetup) -> tuple[train_state.TrainState, str]:
+                    setup: train_state.TrainSetup) -> tuple[train_state.TrainState, str]:
   """Fills the encoder (and the first head layer) from `config.model.init`; else keeps `state`.
 
   Raises:

@@ -39,13 +39,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from data_pipelines import ops_masking, pipeline, sources
+from data_pipelines import pipeline, sources
 from data_pipelines.subset import sample
 from data_pipelines import storage
 from remedis_jax import models, optimizers, pretraining, sharding
-from remedis_jax.pretraining import TrainSetup
-from remedis_jax.train_state import (TrainState, apply_gradients, build_step, make_metrics_cls,
-                                     normalize_images, put_host_tree)
+from remedis_jax.train_state import (TrainSetup, TrainState, apply_gradients, build_step,
+                                     make_metrics_cls, normalize_images, put_host_tree)
 
 GRID_FOLDER = "reconstructions"
 
@@ -189,8 +188,8 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, total_steps: 
     monitor_source: source of the held-out reconstruction batch; None: no monitor.
   """
   model = build_model(config)
-  tx, schedule, opt_config = pretraining.make_optimizer(config, total_steps=total_steps,
-                                                        warmup_steps=warmup_steps)
+  tx, schedule, opt_config = optimizers.from_run_config(config, total_steps=total_steps,
+                                                       warmup_steps=warmup_steps)
   weight_decay = optimizers.make_weight_decay_schedule(opt_config, total_steps)
   size = config.data.image_size
   image_shape = (size, size, config.data.num_channels)
@@ -209,7 +208,8 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, total_steps: 
     monitor = ReconstructionMonitor(config, model, monitor_source, mesh,
                                     params_sharding=state_shardings.params)
   return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state,
-                    state_shardings, update_fn, ("clean", "corrupted", "mask"), monitor)
+                    state_shardings, update_fn, batch_keys=("clean", "corrupted", "mask"),
+                    monitor=monitor)
 
 
 # --------------------------------------------------------------------------------- monitor

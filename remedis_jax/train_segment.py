@@ -174,7 +174,7 @@ def make_predict_fn(model: seg_models.SegmentationModel) -> Callable:
 
 
 def create_train_setup(config: ml_collections.ConfigDict, mesh, *, total_steps: int,
-                       warmup_steps: int) -> supervised.TrainSetup:
+                       warmup_steps: int) -> train_state.TrainSetup:
   """Model, optimiser (frozen encoder if asked), sharded state init and jitted steps.
 
   Args:
@@ -193,7 +193,7 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, total_steps: 
 
 
 def load_pretrained(config, state: train_state.TrainState,
-                    setup: supervised.TrainSetup) -> tuple[train_state.TrainState, str]:
+                    setup: train_state.TrainSetup) -> tuple[train_state.TrainState, str]:
   """Fills the encoder from `config.model.init` (the decoder stays fresh); else keeps `state`."""
   state, loaded = supervised.load_encoder(config, state, setup)
   return state, "scratch" if loaded is None else loaded.description

@@ -22,10 +22,9 @@ import ml_collections
 import optax
 
 from data_pipelines import pipeline, presets
-from remedis_jax import losses, models, pretraining
-from remedis_jax.pretraining import TrainSetup
-from remedis_jax.train_state import (TrainState, apply_gradients, build_step, make_metrics_cls,
-                                     normalize_images)
+from remedis_jax import losses, models, optimizers, pretraining
+from remedis_jax.train_state import (TrainSetup, TrainState, apply_gradients, build_step,
+                                     make_metrics_cls, normalize_images)
 
 
 # ------------------------------------------------------------------------------------- model
@@ -123,8 +122,8 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
   """
   model = build_model(config)
   probe = nn.Dense(num_classes, name="probe") if num_classes > 0 else None
-  tx, schedule, opt_config = pretraining.make_optimizer(config, total_steps=total_steps,
-                                                        warmup_steps=warmup_steps)
+  tx, schedule, opt_config = optimizers.from_run_config(config, total_steps=total_steps,
+                                                       warmup_steps=warmup_steps)
   image_shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
 
   def init_state(rng):
@@ -145,7 +144,7 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
   batch_keys = ("views",) + (("label",) if probe is not None else ()) + (
       ("site",) if site_metrics else ())
   return TrainSetup(model, tx, schedule, opt_config, init_state, abstract_state,
-                    state_shardings, update_fn, batch_keys)
+                    state_shardings, update_fn, batch_keys=batch_keys)
 
 
 # ------------------------------------------------------------------------------------ train

@@ -7,6 +7,7 @@
   and the gradient and parameter norms.
 - `build_step`: the abstract state (`jax.eval_shape`), its shardings over the mesh, and the
   update step jitted with those shardings and the state donated.
+- `TrainSetup`: what a trainer hands the loop (remedis_jax/loop.py) besides its data.
 - `make_metrics_cls` / `merge_metrics`: per-step metrics averaged over a logging window.
 - `normalize_images` and `put_host_tree`: uint8 images to the model's range; host arrays to
   global, sharded arrays.
@@ -18,12 +19,14 @@ without the training loop.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 from clu import metrics as clu_metrics
 
@@ -35,6 +38,25 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+class TrainSetup(NamedTuple):
+  """Everything the loop needs besides data: built by a trainer's `create_train_setup`."""
+  model: nn.Module  # pretraining: encoder + projection head (the kNN monitor and export read it)
+  tx: optax.GradientTransformation
+  schedule: Callable[[int], float]  # step -> learning rate, for the log
+  optimizer_config: ml_collections.ConfigDict  # resolved (warm-up in steps), for the mask log
+  init_state: Callable[[jax.Array], Any]  # rng -> a fresh TrainState (or an extension)
+  abstract_state: Any  # jax.eval_shape of init_state: .step, .params (["encoder"], ...)
+  state_shardings: Any
+  update_fn: Callable  # jitted (state, batch) -> (state, metrics); donates `state`
+  batch_keys: tuple[str, ...]  # the host batch entries the update step reads
+  # Supervised trainers: their jitted (params, images uint8) -> probabilities.
+  predict_fn: Callable | None = None
+  # Optional objective-specific monitor (e.g. GMML's held-out reconstruction): an object with
+  # `every_steps` and `run(params, step) -> {name: float}`; the pretraining loop runs it at
+  # step 0 of a fresh run, every `every_steps` steps and at the last step.
+  monitor: Any = None
 
 
 def normalize_images(images: jax.Array) -> jax.Array:

@@ -43,6 +43,42 @@ def test_imports_run_one_way(folder, forbidden):
   assert not wrong, f"{folder} imports what depends on it: {wrong}"
 
 
+def imported_modules(path):
+  """The remedis_jax modules (`remedis_jax.x`) that one file imports."""
+  with open(os.path.join(REPO, path), encoding="utf-8") as f:
+    tree = ast.parse(f.read(), path)
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      found.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      found.add(node.module)
+      found.update(f"{node.module}.{alias.name}" for alias in node.names)
+  return {name for name in found if name.startswith("remedis_jax.")}
+
+
+TRAINERS = {"remedis_jax.pretraining", "remedis_jax.supervised", "remedis_jax.train_simclr",
+            "remedis_jax.train_cluster", "remedis_jax.train_gmml", "remedis_jax.train_finetune",
+            "remedis_jax.train_segment"}
+
+
+@pytest.mark.parametrize("path, forbidden", [
+    # The shared core: what every trainer calls; it calls no trainer.
+    ("remedis_jax/train_state.py", TRAINERS | {"remedis_jax.writers", "remedis_jax.loop"}),
+    ("remedis_jax/loop.py", TRAINERS),
+    ("remedis_jax/checkpointing.py", TRAINERS),
+    ("remedis_jax/optimizers.py", TRAINERS),
+    ("remedis_jax/sharding.py", TRAINERS),
+    # Supervised training does not reach into pretraining for shared pieces.
+    ("remedis_jax/supervised.py", {"remedis_jax.pretraining"}),
+    ("remedis_jax/train_finetune.py", {"remedis_jax.pretraining"}),
+    ("remedis_jax/train_segment.py", {"remedis_jax.pretraining", "remedis_jax.train_finetune"}),
+])
+def test_the_shared_core_imports_no_trainer(path, forbidden):
+  wrong = sorted(imported_modules(path) & forbidden)
+  assert not wrong, f"{path} imports {wrong}"
+
+
 def test_sweeps_studies_and_reports_load_no_jax():
   """They plan, run runs as processes and read results: JAX loads in the runs, not here."""
   import json  # pylint: disable=g-import-not-at-top
