@@ -332,7 +332,7 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     if other_topology is not None:
       # Saved by another number of processes: every process saved the same global stream
       # position, so any one file serves; the pipeline continues from that position
-      # (data_pipelines/pipeline.py) and logs how it adapted.
+      # (data_pipelines/stream.py) and logs how it adapted.
       logging.info("Checkpoint %s/%d was saved by another number of processes; continuing the "
                    "data stream from %s", manager.directory, step, other_topology)
       data_iterator.set_state(json.loads(other_topology.read_text()))

@@ -33,9 +33,8 @@ from typing import Any, Callable, NamedTuple
 import ml_collections
 import numpy as np
 
-from data_pipelines import pipeline
+from data_pipelines import bad_records, pipeline, storage, stream
 from data_pipelines.sources import base as sources_base
-from data_pipelines import storage
 from remedis_jax import checkpointing, export, supervised
 
 # What a finished fine-tuning run holds (remedis_jax/supervised.py writes them).
@@ -122,7 +121,7 @@ def gathered_indices(num_records: int, batch_size: int, process_count: int) -> n
   num_batches = pipeline.num_eval_batches(num_records, batch_size, process_count)
   rows = []
   for p in range(process_count):
-    shard = pipeline.shard_indices(num_records, p, process_count)
+    shard = stream.shard_indices(num_records, p, process_count)
     padded = np.full(num_batches * batch_size, -1, np.int64)
     padded[:len(shard)] = shard
     rows.append(padded.reshape(num_batches, batch_size))
@@ -192,11 +191,11 @@ def build_soft_targets(full_train: Any, labeled: Any, predict: Callable, *, ops:
   policy), then the SoftTargetSource with `labeled` (a label-fraction subset of it) on top.
 
   Without skip_bad_records the pass itself stops at the first bad record (BadRecordError
-  naming it); with it, every record is read once up front (pipeline.check_records) so that all
+  naming it); with it, every record is read once up front (bad_records.check_records) so that all
   processes leave out the same ones: a second full read, paid only when skipping is on."""
   readable = full_train
   if skip_bad_records:
-    readable = pipeline.check_records(full_train, skip_bad_records=True,
+    readable = bad_records.check_records(full_train, skip_bad_records=True,
                                       max_bad_record_share=max_bad_record_share)
   outputs = teacher_targets(predict, readable, ops=ops, batch_size=batch_size,
                             num_channels=num_channels, num_outputs=full_train.num_classes)

@@ -10,7 +10,7 @@ Ctrl-C (SIGINT) in one process is the same request: the first saves the current 
 exits with status 75, rather than losing every step since the last periodic checkpoint (up to
 `checkpoint_every_steps`) as a KeyboardInterrupt would. A second Ctrl-C stops at once without
 saving (the rerun resumes from the last checkpoint); after it Ctrl-C is a plain
-KeyboardInterrupt again. Grain's worker processes ignore SIGINT (data_pipelines/pipeline.py),
+KeyboardInterrupt again. Grain's worker processes ignore SIGINT (data_pipelines/stream.py),
 so the terminal's Ctrl-C reaches only the main process. A process started with SIGINT ignored
 (a background job of a script) keeps ignoring it. With several processes Ctrl-C keeps Python's
 default (KeyboardInterrupt): a terminal reaches the processes of one host only, and saving

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from data_pipelines import pipeline, presets, storage
+from data_pipelines import pipeline, presets, storage, stream
 from data_pipelines import subset as subset_lib
 from remedis_jax import checkpointing, initialization, loop, models, optimizers, run_config
 from remedis_jax import run_files, sharding, workdir_lock
@@ -213,10 +213,7 @@ def training_stream(config: ml_collections.ConfigDict, full_train, workdir: str,
   read = train_source if train_on is None else train_on(train_source)
   dataset = pipeline.make_train_dataset(
       read, batch_size=config.batch_size // jax.process_count(), ops=train_ops,
-      seed=config.seed, num_channels=config.data.num_channels,
-      skip_bad_records=config.data.skip_bad_records,
-      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
-      worker_count=config.data.get("worker_count", 0))
+      options=stream.StreamOptions.from_config(config))
   total_steps, warmup_steps, steps_per_epoch = schedule_from_config(config, len(read))
   logging.info("Schedule: %d total steps (%d warm-up), %.2f steps/epoch of the %d training "
                "records read (%.1f epochs); validation at %d steps.", total_steps, warmup_steps,

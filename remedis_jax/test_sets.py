@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from data_pipelines import pipeline
+from data_pipelines import bad_records, pipeline
 from data_pipelines import sources as data_sources
 from data_pipelines import storage
 from remedis_jax import supervised
@@ -301,10 +301,10 @@ def _check_image_size(source, config, file: str, image_field: str) -> None:
 def check_eval_records(config, source):
   """`source` with every record read once up front (`config.data.check_eval_splits`, default
   on): a bad one is an error naming it, or, with `data.skip_bad_records`, left out and counted
-  under `data.max_bad_record_share` (`data_pipelines.pipeline.check_records`)."""
+  under `data.max_bad_record_share` (`data_pipelines.bad_records.check_records`)."""
   if not config.data.get("check_eval_splits", True):
     return source
-  return pipeline.check_records(
+  return bad_records.check_records(
       source, skip_bad_records=config.data.skip_bad_records,
       max_bad_record_share=config.data.get("max_bad_record_share", 0.1))
 

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from data_pipelines import pipeline, presets, subset
+from data_pipelines import pipeline, presets, stream, subset
 from remedis_jax import clustering, losses, models, optimizers, pretraining
 from remedis_jax.train_simclr import build_model
 from remedis_jax.train_state import (TrainSetup, TrainState as CoreTrainState, apply_gradients,
@@ -296,11 +296,9 @@ def make_dataset(config: ml_collections.ConfigDict, source, local_batch_size: in
   hybrid = bool(config.loss.supervised_weight)
   return pipeline.make_multicrop_dataset(
       source, batch_size=local_batch_size, global_ops=global_ops, local_ops=local_ops,
-      num_global=2, num_local=config.multicrop.num_local, seed=config.seed,
-      labeled_indices=labeled_indices(config, source) if hybrid else None,
-      num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
-      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
-      worker_count=config.data.get("worker_count", 0))
+      options=stream.StreamOptions.from_config(config), num_global=2,
+      num_local=config.multicrop.num_local,
+      labeled_indices=labeled_indices(config, source) if hybrid else None)
 
 
 def create_setup_for_source(config: ml_collections.ConfigDict, mesh, source, *,

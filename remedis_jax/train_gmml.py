@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from data_pipelines import pipeline, sources
+from data_pipelines import pipeline, sources, stream
 from data_pipelines.subset import sample
 from data_pipelines import storage
 from remedis_jax import models, optimizers, pretraining, sharding
@@ -221,8 +221,7 @@ def gmml_dataset_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
       clean_ops=gmml.clean_ops.format(size=size), corrupt_ops=gmml.corrupt_ops.format(size=size),
       patch_size=models.create_model(config.model.name).patch_size,
       coverage=tuple(gmml.coverage), max_group_share=gmml.max_group_share,
-      fill_shares=tuple(gmml.fill_shares), noise=gmml.noise,
-      num_channels=config.data.num_channels)
+      fill_shares=tuple(gmml.fill_shares), noise=gmml.noise)
 
 
 def save_image_grid(path: str, rows: Sequence[np.ndarray], scale: int = 1) -> None:
@@ -268,9 +267,12 @@ class ReconstructionMonitor:
     self.grid_images = int(config.gmml.grid_images)
     self.workdir = None  # set by train_and_evaluate; None: no PNG
     self.held_out = sample(source, int(config.gmml.monitor_images), int(config.gmml.monitor_seed))
-    dataset = pipeline.make_gmml_dataset(
-        self.held_out, batch_size=len(self.held_out), seed=int(config.gmml.monitor_seed),
-        shard_index=0, shard_count=1, num_epochs=1, **gmml_dataset_kwargs(config))
+    # One pass on this process, no workers; a bad record here is an error, not a skip.
+    options = stream.StreamOptions.from_config(
+        config, seed=int(config.gmml.monitor_seed), shard_index=0, shard_count=1,
+        num_epochs=1, skip_bad_records=False, worker_count=0)
+    dataset = pipeline.make_gmml_dataset(self.held_out, batch_size=len(self.held_out),
+                                         options=options, **gmml_dataset_kwargs(config))
     batch = next(iter(dataset))
     self.batch = {k: np.asarray(batch[k]) for k in ("clean", "corrupted", "mask")}
     patch_size = model.encoder.patch_size
@@ -305,11 +307,9 @@ class ReconstructionMonitor:
 # ------------------------------------------------------------------------------------ train
 def make_dataset(config: ml_collections.ConfigDict, source, local_batch_size: int):
   """Clean + corrupted views per record (config.gmml)."""
-  return pipeline.make_gmml_dataset(
-      source, batch_size=local_batch_size, seed=config.seed,
-      skip_bad_records=config.data.skip_bad_records,
-      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
-      worker_count=config.data.get("worker_count", 0), **gmml_dataset_kwargs(config))
+  return pipeline.make_gmml_dataset(source, batch_size=local_batch_size,
+                                    options=stream.StreamOptions.from_config(config),
+                                    **gmml_dataset_kwargs(config))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from data_pipelines import pipeline, presets
+from data_pipelines import pipeline, presets, stream
 from remedis_jax import losses, models, optimizers, pretraining
 from remedis_jax.train_state import (TrainSetup, TrainState, apply_gradients, build_step,
                                      make_metrics_cls, normalize_images)
@@ -151,11 +151,9 @@ def create_train_setup(config: ml_collections.ConfigDict, mesh, *, num_classes: 
 def make_dataset(config: ml_collections.ConfigDict, source, local_batch_size: int):
   """Two augmented views per record (the modality preset's pretraining recipe)."""
   ops = presets.get_preset(config.data.preset, "pretrain", config.data.image_size)
-  return pipeline.make_pretrain_dataset(
-      source, batch_size=local_batch_size, ops=ops, num_views=2, seed=config.seed,
-      num_channels=config.data.num_channels, skip_bad_records=config.data.skip_bad_records,
-      max_bad_record_share=config.data.get("max_bad_record_share", 0.1),
-      worker_count=config.data.get("worker_count", 0))
+  return pipeline.make_pretrain_dataset(source, batch_size=local_batch_size, ops=ops,
+                                       options=stream.StreamOptions.from_config(config),
+                                       num_views=2)
 
 
 def create_setup_for_source(config: ml_collections.ConfigDict, mesh, source, *,

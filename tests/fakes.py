@@ -3,6 +3,7 @@
 - `LabelSource`: a source that is only a label array (records hold a label and an id), for
   subset sampling and evaluator banks.
 - `smoke_config`: a trainer config's `:smoke` variant on one device with dotted overrides.
+- `with_options`: pipeline-factory keyword arguments with the stream options gathered.
 """
 
 import importlib
@@ -49,3 +50,14 @@ def smoke_config(config_module: str, variant: str = "smoke", *, devices: int = 1
   module = importlib.import_module(f"configs.{config_module}")
   config = module.get_config(variant)
   return common.override(config, {"mesh.devices": devices, **overrides})
+
+
+def with_options(kwargs):
+  """A pipeline factory's keyword arguments with the `StreamOptions` fields among `kwargs`
+  (seed, shard_index, num_channels, skip_bad_records, ...) gathered into `options`."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from data_pipelines import stream  # pylint: disable=g-import-not-at-top
+  fields = {field.name for field in dataclasses.fields(stream.StreamOptions)}
+  options = {k: v for k, v in kwargs.items() if k in fields}
+  rest = {k: v for k, v in kwargs.items() if k not in fields}
+  return {**rest, "options": stream.StreamOptions(**options)}

@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from data_pipelines import pipeline
+from data_pipelines import bad_records, pipeline
+from tests.fakes import with_options
 from data_pipelines.errors import BadRecordError, TooManyBadRecordsError
 from data_pipelines.sources.folder import FolderSource
 
@@ -19,16 +20,16 @@ def test_check_records_before_training(caplog):
   source = MostlyGoodSource(50, bad={4, 30})
   with pytest.raises(BadRecordError, match=r"images/4.png: truncated PNG \(2 of the 50 records "
                      r"of tiny/train are bad"):
-    pipeline.check_records(source)
+    bad_records.check_records(source)
   with caplog.at_level(logging.WARNING):
-    view = pipeline.check_records(source, skip_bad_records=True)
+    view = bad_records.check_records(source, skip_bad_records=True)
   assert len(view) == 48 and 4 not in [int(view[i]["label"]) for i in range(48)]
   assert [r for r, _ in view.skipped] == ["images/4.png", "images/30.png"]
   assert any("2 of 50 records are bad and left out" in r.getMessage() for r in caplog.records)
   with pytest.raises(TooManyBadRecordsError, match=r"tiny/train: 2 of its 50 records are bad"):
-    pipeline.check_records(source, skip_bad_records=True, max_bad_record_share=0.02)
+    bad_records.check_records(source, skip_bad_records=True, max_bad_record_share=0.02)
   good = MostlyGoodSource(10)
-  assert pipeline.check_records(good) is good
+  assert bad_records.check_records(good) is good
 
 
 class MostlyGoodSource:
@@ -55,7 +56,7 @@ class MostlyGoodSource:
 def _iterate(source, **kwargs):
   defaults = dict(batch_size=4, ops=_OPS, seed=0, shard_index=0, shard_count=1,
                   skip_bad_records=True, read_threads=0, num_channels=1)
-  return iter(pipeline.make_train_dataset(source, **{**defaults, **kwargs}))
+  return iter(pipeline.make_train_dataset(source, **with_options({**defaults, **kwargs})))
 
 
 def test_all_bad_folder_manifest_stops_instead_of_spinning(tmp_path):

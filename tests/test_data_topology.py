@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import pipeline
+from tests.fakes import with_options
 from data_pipelines.errors import BadRecordError
 
 _OPS = "random_resized_crop(16, area=(0.3, 1.0))|flip_lr|color_jitter(brightness=0.4, contrast=0.4, p=0.8)"
@@ -47,17 +48,18 @@ class IndexSource:
 # One builder per training pipeline: (source, batch_size, shard_index, shard_count, **kwargs).
 _BUILDERS = {
     "pretrain": lambda source, **kw: pipeline.make_pretrain_dataset(
-        source, ops=_OPS, num_views=2, seed=7, **kw),
+        source, ops=_OPS, num_views=2, **with_options(dict(seed=7, **kw))),
     "train": lambda source, **kw: pipeline.make_train_dataset(
-        IndexSource(source.num_records, source.bad, with_mask=True), ops=_OPS, seed=7, **kw),
+        IndexSource(source.num_records, source.bad, with_mask=True), ops=_OPS,
+        **with_options(dict(seed=7, **kw))),
     "multicrop": lambda source, **kw: pipeline.make_multicrop_dataset(
-        source, global_ops=_OPS, local_ops=_LOCAL_OPS, num_global=2, num_local=2, seed=7,
-        labeled_indices=np.array([0, 3, 11, 21]), **kw),
+        source, global_ops=_OPS, local_ops=_LOCAL_OPS, num_global=2, num_local=2,
+        labeled_indices=np.array([0, 3, 11, 21]), **with_options(dict(seed=7, **kw))),
     # Noise and zero fills only: "other_image" fills take donors from the process batch (the
     # documented exception).
     "gmml": lambda source, **kw: pipeline.make_gmml_dataset(
         source, clean_ops="random_resized_crop(16, area=(0.5, 1.0))|flip_lr", corrupt_ops="",
-        patch_size=4, fill_shares=(1.0, 1.0, 0.0), seed=7, **kw),
+        patch_size=4, fill_shares=(1.0, 1.0, 0.0), **with_options(dict(seed=7, **kw))),
 }
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import common, pretrain_simclr
-from data_pipelines import pipeline, presets
+from data_pipelines import pipeline, presets, stream
 from data_pipelines.errors import BadRecordError
 from data_pipelines.sources.synthetic import SyntheticCXR
 from remedis_jax import loop, train_simclr, workdir_lock, writers
@@ -109,9 +109,9 @@ def test_sigterm_while_input_is_stuck_saves_the_current_step_and_exits(tmp_path)
   source = StuckAfter(WithBadRecords(SyntheticCXR(split="train", num_examples=96,
                                                   image_size=32), bad=range(0, 96, 8)), good=40)
   dataset = pipeline.make_pretrain_dataset(
-      source, batch_size=config.batch_size, seed=0, read_threads=1, prefetch_buffer_size=4,
-      ops=presets.get_preset("cxr", "pretrain", 32), skip_bad_records=True,
-      max_bad_record_share=0.5)
+      source, batch_size=config.batch_size, ops=presets.get_preset("cxr", "pretrain", 32),
+      options=stream.StreamOptions(seed=0, read_threads=1, prefetch_buffer_size=4,
+                                   skip_bad_records=True, max_bad_record_share=0.5))
   workdir = str(tmp_path / "run")
   sent = {}
 
@@ -149,7 +149,8 @@ def test_sigterm_while_input_is_stuck_saves_the_current_step_and_exits(tmp_path)
   config.total_steps = steps  # nothing left to train: the rerun only restores
   again = train_simclr.train_and_evaluate(config, workdir, dataset=pipeline.make_pretrain_dataset(
       WithBadRecords(SyntheticCXR(split="train", num_examples=96, image_size=32), bad=set()),
-      batch_size=config.batch_size, seed=0, ops=presets.get_preset("cxr", "pretrain", 32)))
+      batch_size=config.batch_size, ops=presets.get_preset("cxr", "pretrain", 32),
+      options=stream.StreamOptions(seed=0)))
   assert again["initialisation"].startswith("resumed")
   assert again["skipped_records"] == summary["skipped_records"]
   # The log window of the last step was written, with the parameter norm, which ran away.

@@ -15,7 +15,7 @@ import pytest
 
 from configs import common, finetune as finetune_configs
 from configs import pretrain_simclr
-from data_pipelines import convert, pipeline, presets
+from data_pipelines import convert, pipeline, presets, stream
 from data_pipelines import sources as data_sources
 from data_pipelines.sources.synthetic import SyntheticCXR
 from data_pipelines import storage
@@ -238,9 +238,9 @@ def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, 
     source = SyntheticCXR(split="train", num_examples=96, image_size=32)
     if sigterm_at_read:
       source = SigtermAfter(source, sigterm_at_read)
-    return pipeline.make_pretrain_dataset(source, batch_size=config.batch_size, seed=0,
-                                          read_threads=1, prefetch_buffer_size=2,
-                                          ops=presets.get_preset("cxr", "pretrain", 32))
+    return pipeline.make_pretrain_dataset(
+        source, batch_size=config.batch_size, ops=presets.get_preset("cxr", "pretrain", 32),
+        options=stream.StreamOptions(seed=0, read_threads=1, prefetch_buffer_size=2))
 
   # Preempted while reading the second batch: the run saves the step it reached in the bucket.
   summary = train_simclr.train_and_evaluate(config, workdir, dataset=dataset(config.batch_size + 2))

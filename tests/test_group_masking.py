@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import ops, ops_masking, pipeline
+from tests.fakes import with_options
 from data_pipelines.ops_masking import FILL_NOISE, FILL_OTHER_IMAGE, FILL_ZEROS
 
 
@@ -180,7 +181,7 @@ def _dataset(**overrides):
                 corrupt_ops="", patch_size=4, fill_shares=(1, 1, 1), seed=3,
                 shard_index=0, shard_count=1, num_channels=1)
   kwargs.update(overrides)
-  return pipeline.make_gmml_dataset(_Source(), **kwargs)
+  return pipeline.make_gmml_dataset(_Source(), **with_options(kwargs))
 
 
 def test_gmml_dataset_batches_views_masks_and_fills():

@@ -18,7 +18,7 @@ from orbax.checkpoint._src.serialization import serialization as orbax_serializa
 import pytest
 
 from configs import common, pretrain_simclr
-from data_pipelines import pipeline, presets
+from data_pipelines import pipeline, presets, stream
 from data_pipelines.sources.synthetic import SyntheticCXR
 from remedis_jax import checkpointing, preemption, train_simclr, writers
 
@@ -54,9 +54,9 @@ def _config(**overrides):
 
 def _dataset(config, source=None):
   source = source or SyntheticCXR(split="train", num_examples=96, image_size=32)
-  return pipeline.make_pretrain_dataset(source, batch_size=config.batch_size, seed=0,
-                                        read_threads=1, prefetch_buffer_size=2,
-                                        ops=presets.get_preset("cxr", "pretrain", 32))
+  return pipeline.make_pretrain_dataset(
+      source, batch_size=config.batch_size, ops=presets.get_preset("cxr", "pretrain", 32),
+      options=stream.StreamOptions(seed=0, read_threads=1, prefetch_buffer_size=2))
 
 
 # ---------------------------------------------------------------------------------- Ctrl-C

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from data_pipelines import pipeline
+from data_pipelines import pipeline, stream
+from tests.fakes import with_options
 from data_pipelines import presets
 from data_pipelines import subset
 from data_pipelines.errors import BadRecordError
@@ -46,7 +47,7 @@ class GradientSource:
 def _multicrop(source, **kwargs):
   defaults = dict(batch_size=4, global_ops=_GLOBAL, local_ops=_LOCAL, seed=0, shard_index=0,
                   shard_count=1)
-  return pipeline.make_multicrop_dataset(source, **{**defaults, **kwargs})
+  return pipeline.make_multicrop_dataset(source, **with_options({**defaults, **kwargs}))
 
 
 def _take(iterator, count):
@@ -181,7 +182,7 @@ def test_ghesu_multicrop_recipe_end_to_end_on_synthetic_radiographs():
   global_ops, local_ops = presets.get_multicrop_ops("ghesu", 24, 12)
   batch = next(iter(pipeline.make_multicrop_dataset(
       source, batch_size=4, global_ops=global_ops, local_ops=local_ops, num_global=2,
-      num_local=2, seed=0, shard_index=0, shard_count=1)))
+      num_local=2, options=stream.StreamOptions(seed=0, shard_index=0, shard_count=1))))
   assert batch["global_views"].shape == (4, 2, 24, 24, 3)
   assert batch["local_views"].shape == (4, 2, 12, 12, 3)
   assert batch["global_views"].std() > 10  # Not blanked by the intensity chain.

@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from data_pipelines import pipeline
+from data_pipelines import pipeline, stream
+from tests.fakes import with_options
 from data_pipelines.errors import BadRecordError
 
 _OPS = "random_resized_crop(16, area=(0.3, 1.0))|flip_lr|color_jitter(brightness=0.4, contrast=0.4, p=0.8)"
@@ -44,7 +45,7 @@ class TinySource:
 
 def _pretrain(source, **kwargs):
   defaults = dict(batch_size=4, ops=_OPS, seed=0, shard_index=0, shard_count=1)
-  return pipeline.make_pretrain_dataset(source, **{**defaults, **kwargs})
+  return pipeline.make_pretrain_dataset(source, **with_options({**defaults, **kwargs}))
 
 
 def _take(iterator, count):
@@ -78,8 +79,9 @@ def test_num_channels_one_keeps_grayscale_and_rgb_is_converted():
 
 
 def test_train_dataset_one_view_with_lung_mask():
-  dataset = pipeline.make_train_dataset(TinySource(9, with_mask=True), batch_size=3, ops=_OPS,
-                                        seed=1, shard_index=0, shard_count=1, num_epochs=1)
+  dataset = pipeline.make_train_dataset(
+      TinySource(9, with_mask=True), batch_size=3, ops=_OPS,
+      options=stream.StreamOptions(seed=1, shard_index=0, shard_count=1, num_epochs=1))
   batches = list(dataset)
   assert len(batches) == 3
   assert batches[0]["image"].shape == (3, 16, 16, 3)
@@ -128,16 +130,16 @@ def test_steps_per_epoch_do_not_depend_on_the_process_count():
                      r"of 12 \(6 per process x 2 processes\)"):
     _pretrain(TinySource(11), batch_size=6, shard_index=0, shard_count=2, num_epochs=1)
   # Evaluation keeps a strided split that keeps every record.
-  assert [len(pipeline.shard_indices(11, i, 2)) for i in range(2)] == [6, 5]
-  np.testing.assert_array_equal(pipeline.shard_indices(11, 1, 4), [1, 5, 9])
+  assert [len(stream.shard_indices(11, i, 2)) for i in range(2)] == [6, 5]
+  np.testing.assert_array_equal(stream.shard_indices(11, 1, 4), [1, 5, 9])
   with pytest.raises(ValueError, match="fewer than the 4"):
-    pipeline.shard_indices(3, 0, 4)
+    stream.shard_indices(3, 0, 4)
   with pytest.raises(ValueError, match="both shard_index and shard_count"):
-    pipeline.shard_indices(3, 0, None)
+    stream.shard_indices(3, 0, None)
 
 
 def test_default_shard_is_this_jax_process():
-  assert pipeline.resolve_shard(None, None) == (0, 1)  # One process in tests.
+  assert stream.resolve_shard(None, None) == (0, 1)  # One process in tests.
   batches = list(pipeline.make_eval_dataset(TinySource(5), batch_size=2, ops=_EVAL_OPS))
   assert len(batches) == 3 and int(np.sum([b["valid"] for b in batches])) == 5
 
@@ -333,8 +335,8 @@ def test_real_pneumoniamnist_through_the_cxr_presets(shared_data_dir):
   from data_pipelines import presets
   source = NpzSource(shared_data_dir / "pneumoniamnist.npz", 64)
   pretrain = next(iter(pipeline.make_pretrain_dataset(
-      source, batch_size=16, ops=presets.get_preset("cxr", "pretrain", 32), seed=0,
-      shard_index=0, shard_count=1)))
+      source, batch_size=16, ops=presets.get_preset("cxr", "pretrain", 32),
+      options=stream.StreamOptions(seed=0, shard_index=0, shard_count=1))))
   assert pretrain["views"].shape == (16, 2, 32, 32, 3) and pretrain["views"].dtype == np.uint8
   # Real radiographs keep a real dynamic range after augmentation (not blanked, not saturated).
   assert 40 < pretrain["views"].mean() < 220 and pretrain["views"].std() > 15

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from data_pipelines import pipeline
+from data_pipelines import pipeline, stream
 from remedis_jax.evaluators import segmentation as seg
 from remedis_jax.models import segmentation as seg_models
 
@@ -135,8 +135,9 @@ class _RectangleSource:
 
 
 def _batch(ops, source, seed=0):
-  dataset = pipeline.make_train_dataset(source, batch_size=len(source), ops=ops, seed=seed,
-                                        shard_index=0, shard_count=1, num_channels=1)
+  dataset = pipeline.make_train_dataset(
+      source, batch_size=len(source), ops=ops,
+      options=stream.StreamOptions(seed=seed, shard_index=0, shard_count=1, num_channels=1))
   return next(iter(dataset))
 
 

@@ -34,7 +34,7 @@ def _write_png_folder(folder: str, num_images: int, size: int) -> str:
 
 def run_grain_item(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> None:
   """Images/s of the pretraining input pipeline on this host's CPU cores."""
-  from data_pipelines import pipeline, presets  # pylint: disable=g-import-not-at-top
+  from data_pipelines import pipeline, presets, stream  # pylint: disable=g-import-not-at-top
   from data_pipelines.sources import FolderSource  # pylint: disable=g-import-not-at-top
   config = load_config(spec["config"])
   size = int(spec.get("image_size") or config.data.image_size)
@@ -54,9 +54,11 @@ def run_grain_item(spec: dict[str, Any], emit: Callable[[dict[str, Any]], None])
     source = FolderSource(folder, manifest, image_column="path", label_columns="",
                           num_channels=1)
     ops = presets.get_preset(config.data.preset, "pretrain", size)
-    dataset = pipeline.make_pretrain_dataset(
-        source, batch_size=batch, ops=ops, num_views=2, seed=0, shard_index=0, shard_count=1,
-        num_channels=config.data.num_channels, worker_count=workers, read_threads=threads)
+    options = stream.StreamOptions(seed=0, shard_index=0, shard_count=1,
+                                   num_channels=config.data.num_channels, worker_count=workers,
+                                   read_threads=threads)
+    dataset = pipeline.make_pretrain_dataset(source, batch_size=batch, ops=ops, options=options,
+                                             num_views=2)
     iterator = iter(dataset)
     start = time.perf_counter()
     for _ in range(int(spec["warmup_batches"])):

@@ -129,11 +129,12 @@ def build_benchmark_source(source_size: int) -> tuple[Any, str]:
 
 def time_pipeline(source: Any, ops: Any, seconds: float, seed: int) -> dict[str, float]:
   """Iterates a fresh pretraining pipeline for `seconds` after a warm-up; returns rates."""
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top
-  dataset = pipeline.make_pretrain_dataset(
-      source, batch_size=_BATCH_SIZE.value, ops=ops, num_views=_VIEWS.value, seed=seed,
-      shard_index=0, shard_count=1, worker_count=_WORKER_COUNT.value,
-      read_threads=_READ_THREADS.value)
+  from data_pipelines import pipeline, stream  # pylint: disable=g-import-not-at-top
+  options = stream.StreamOptions(seed=seed, shard_index=0, shard_count=1,
+                                 worker_count=_WORKER_COUNT.value,
+                                 read_threads=_READ_THREADS.value)
+  dataset = pipeline.make_pretrain_dataset(source, batch_size=_BATCH_SIZE.value, ops=ops,
+                                           options=options, num_views=_VIEWS.value)
   iterator = iter(dataset)
   for _ in range(_WARMUP_BATCHES.value):
     next(iterator)

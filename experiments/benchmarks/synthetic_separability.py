@@ -47,7 +47,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from data_pipelines import pipeline
+from data_pipelines import pipeline, stream
 from data_pipelines import presets
 
 _SOURCE_FILE = flags.DEFINE_string(
@@ -146,10 +146,11 @@ def partner_retrieval(source: Any, image_size: int, batch_size: int, num_batches
     euclidean / correlation top-1 partner retrieval, the chance level, and the share of views
     whose (Euclidean) nearest non-partner view is from the same site.
   """
+  options = stream.StreamOptions(seed=seed, shard_index=0, shard_count=1, num_epochs=1,
+                                 num_channels=1, worker_count=0, read_threads=1)
   dataset = pipeline.make_pretrain_dataset(
       source, batch_size=batch_size, ops=presets.get_preset("cxr", "pretrain", image_size),
-      num_views=2, seed=seed, shard_index=0, shard_count=1, num_epochs=1, num_channels=1,
-      worker_count=0, read_threads=1)
+      options=options, num_views=2)
   hits = {"euclidean": [], "correlation": []}
   same_site_neighbour = []
   for batch in dataset:
