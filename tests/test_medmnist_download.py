@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import download
-from experiments import quickstart
+from experiments import label_fraction_sweep, quickstart
 from experiments import sweep_plan
 from remedis_jax import export, train_simclr
 
