@@ -51,7 +51,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from data_pipelines import storage
-from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
+from experiments import sweep_run
 from experiments import sweep_results
 from remedis_jax import run_files
 
@@ -148,14 +149,14 @@ def collect_runs(workdir: str, metric: str = "macro_auc") -> tuple[dict[str, Any
     (finished runs only; [] otherwise), run_dir), in plan order.
 
   Raises:
-    FileNotFoundError: not a sweep folder (label_fraction_sweep.list_runs).
+    FileNotFoundError: not a sweep folder (sweep_plan.list_runs).
   """
   workdir = storage.absolute(workdir)
-  sweep_config, planned = sweep.list_runs(workdir)
+  sweep_config, planned = sweep_plan.list_runs(workdir)
   runs = []
   for run in planned:
-    status = sweep.run_status(workdir, run)
-    path = sweep.run_dir(workdir, run)
+    status = sweep_run.run_status(workdir, run)
+    path = sweep_run.run_dir(workdir, run)
     runs.append({"run_id": run.run_id, "init": run.init, "label_fraction": run.label_fraction,
                  "seed": run.seed, "status": status, "run_dir": path,
                  "curve": read_validation_curve(path, metric) if status == "finished" else []})

@@ -41,10 +41,12 @@ from typing import Any
 
 import ml_collections
 
-from experiments import label_fraction_sweep as sweep
 from configs.sweeps import common as sweep_configs
+from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
 from experiments import sweep_results
 from data_pipelines import storage
+from remedis_jax import run_files
 
 STEP1_DIR = "step1_site_{}"
 STEP2_DIR = "step2_site_{}"
@@ -92,11 +94,11 @@ def step_configs(ood_config: ml_collections.ConfigDict
   if ood_config.headline_init not in ood_config.inits:
     raise ValueError(f"OOD config headline_init={ood_config.headline_init!r} is not one of the "
                      f"inits ({', '.join(ood_config.inits.keys())}); unknown init")
-  shared = sweep.flatten(ood_config.overrides)
+  shared = sweep_plan.flatten(ood_config.overrides)
   keys = ("base", "seeds", "inits", "baseline", "metric", "match_tolerance", "finetune_mode")
 
   def make(fractions, baseline_fraction, overrides):
-    config = sweep.default_sweep_config()
+    config = sweep_configs.default_sweep_config()
     for key in keys:
       config[key] = ood_config[key]
     config.label_fractions = tuple(fractions)
@@ -214,8 +216,8 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
   log = print if verbose else (lambda *a, **k: None)
   step1, step2 = step_configs(ood_config)
   # Both steps are checked before either runs: a typo in step 2 must not cost step 1's time.
-  sweep.validate(step1, check_runs=mode != "aggregate")
-  sweep.validate(step2, check_runs=mode != "aggregate")
+  sweep_plan.validate(step1, check_runs=mode != "aggregate")
+  sweep_plan.validate(step2, check_runs=mode != "aggregate")
   workdir = storage.absolute(workdir)
   dir1 = storage.join(workdir, STEP1_DIR.format(ood_config.site_a))
   dir2 = storage.join(workdir, STEP2_DIR.format(ood_config.site_b))
@@ -247,8 +249,8 @@ def run_ood_study(ood_config: ml_collections.ConfigDict, workdir: str, *, parall
   metric = sweep_results.METRICS[ood_config.metric]
   inits = list(ood_config.inits.keys())
   sites = list(dict.fromkeys([ood_config.site_a, *ood_config.zero_shot_sites]))
-  rows1 = sweep_results.collect_rows(dir1, sweep.plan_runs(step1), summary1["failed"])
-  rows2 = sweep_results.collect_rows(dir2, sweep.plan_runs(step2), summary2["failed"])
+  rows1 = sweep_results.collect_rows(dir1, sweep_plan.plan_runs(step1), summary1["failed"])
+  rows2 = sweep_results.collect_rows(dir2, sweep_plan.plan_runs(step2), summary2["failed"])
   rows = ([dict(r, step=f"1_site_{ood_config.site_a}") for r in rows1]
           + [dict(r, step=f"2_site_{ood_config.site_b}") for r in rows2])
   matches = summary2["matches"]
@@ -301,7 +303,7 @@ def main(argv):
   if summary["failed"]:
     sys.exit(1)
   if summary["preempted"]:  # a run saved on SIGTERM; rerunning the same command resumes
-    sys.exit(sweep.EXIT_PREEMPTED)
+    sys.exit(run_files.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

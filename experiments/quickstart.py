@@ -42,8 +42,9 @@ from configs.sweeps import quickstart_pneumoniamnist
 from configs.sweeps import tiny as tiny_sweep
 from data_pipelines import download
 from experiments import label_fraction_sweep
+from experiments import sweep_plan
 from data_pipelines import storage
-from remedis_jax import export, train_simclr
+from remedis_jax import export, run_files, train_simclr
 
 DATASETS = ("pneumoniamnist", "synthetic")
 SYNTHETIC_NOTE = ("The numbers below come from the built-in synthetic chest X-rays: they show "
@@ -96,7 +97,7 @@ def pipeline_configs(data_file: str | None, workdir: str) -> dict:
             "workdir": workdir, "title": "quickstart: scratch vs REMEDIS (built-in data, CPU)",
             "data": "unlabeled images from all sites"}
   spec = quickstart_pneumoniamnist
-  pretrain = common.override(label_fraction_sweep.load_config_file(spec.PRETRAIN_CONFIG),
+  pretrain = common.override(sweep_plan.load_config_file(spec.PRETRAIN_CONFIG),
                              spec.pretrain_overrides(data_file))
   sweep = spec.get_config()
   sweep.overrides.data.path = data_file
@@ -167,7 +168,7 @@ def run(workdir: str, total_steps: int | None = None, sweep: bool = True,
     sweep_config = plan["sweep"]
     sweep_config.inits[plan["pretrained_init"]] = storage.absolute(export_dir)
     sweep_dir = storage.join(plan["workdir"], "sweep")
-    num_runs = len(label_fraction_sweep.plan_runs(sweep_config))
+    num_runs = len(sweep_plan.plan_runs(sweep_config))
     print(f"\n[3/{num_stages}] Label-fraction sweep: {', '.join(sweep_config.inits.keys())} x "
           f"{len(sweep_config.label_fractions)} fractions x {len(sweep_config.seeds)} seeds "
           f"({num_runs} fine-tuning runs of {sweep_config.base}) -> {sweep_dir}", flush=True)
@@ -207,7 +208,7 @@ def main(argv):
   if result["sweep"] is not None and result["sweep"].get("failed"):
     raise SystemExit(1)
   if result["preempted"]:  # saved; rerunning the same command resumes
-    raise SystemExit(label_fraction_sweep.EXIT_PREEMPTED)
+    raise SystemExit(run_files.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments import convergence_report
-from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
+from experiments import sweep_run
 from experiments import sweep_results
 from data_pipelines import storage
+from remedis_jax import run_files
 
 CSV_FILE = "robustness.csv"
 RUNS_CSV_FILE = "robustness_runs.csv"
@@ -117,16 +119,16 @@ def collect_rows(workdir: str, metric: str = "macro_auc"
     FileNotFoundError: not a sweep folder.
   """
   workdir = storage.absolute(workdir)
-  sweep_config, runs = sweep.list_runs(workdir)
+  sweep_config, runs = sweep_plan.list_runs(workdir)
   rows, counts, not_finished, without = [], {}, [], []
   for run in runs:
-    status = sweep.run_status(workdir, run)
+    status = sweep_run.run_status(workdir, run)
     counts[status] = counts.get(status, 0) + 1
-    path = sweep.run_dir(workdir, run)
+    path = sweep_run.run_dir(workdir, run)
     if status != "finished":
       not_finished.append(f"{run.run_id} ({status})")
       continue
-    results = storage.read_json(storage.join(path, sweep.RESULTS_FILE))
+    results = storage.read_json(storage.join(path, run_files.RESULTS_FILE))
     run_rows = rows_from_results(results, run_id=run.run_id, init=run.init,
                                  label_fraction=run.label_fraction, seed=run.seed, metric=metric,
                                  run_dir=path)

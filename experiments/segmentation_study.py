@@ -149,10 +149,10 @@ def run_study(workdir: str, *, gmml_init: str, fractions: Sequence[float], seeds
     and the study stopped after it)}.
   """
   from remedis_jax import train_segment  # pylint: disable=g-import-not-at-top
-  from experiments import label_fraction_sweep  # pylint: disable=g-import-not-at-top
+  from experiments import sweep_run  # pylint: disable=g-import-not-at-top
   workdir = storage.absolute(workdir)
   storage.makedirs(workdir)
-  label_fraction_sweep.enable_compilation_cache(label_fraction_sweep.compilation_cache_dir(workdir))
+  sweep_run.enable_compilation_cache(sweep_run.compilation_cache_dir(workdir))
   inits = {"scratch": ""}
   notes = []
   if gmml_available(gmml_init):

@@ -42,9 +42,13 @@ from typing import Any
 
 import ml_collections
 
+from configs.sweeps import common as sweep_configs
 from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
+from experiments import sweep_run
 from experiments import sweep_results
 from data_pipelines import storage
+from remedis_jax import run_files
 
 STAGES = ("pretrain", "tune", "select", "final", "distill", "report")
 PRETRAIN_DIR, TUNE_DIR, FINAL_DIR, DISTILL_DIR, REPORT_DIR = (
@@ -145,7 +149,7 @@ def _init_path(arm, workdir: str, study=None) -> str:
 def _sweep_config(study, *, inits: dict[str, str], init_overrides: dict[str, dict],
                   fractions, seeds, test_sets: tuple[str, ...], baseline: str,
                   reference_fraction: float | None = None) -> ml_collections.ConfigDict:
-  config = sweep.default_sweep_config()
+  config = sweep_configs.default_sweep_config()
   config.base = study.base
   config.label_fractions = tuple(float(f) for f in fractions)
   config.seeds = tuple(int(s) for s in seeds)
@@ -286,7 +290,7 @@ def pretrain_overrides(study) -> dict[str, Any]:
   "{source_data_path}" in a value (e.g. the split "train+train@medmnist:{source_data_path}")
   becomes config.source_data_path: the in-distribution dataset whose images join pretraining.
   """
-  overrides = sweep.flatten(merged(study.pretrain.overrides,
+  overrides = sweep_plan.flatten(merged(study.pretrain.overrides,
                                    {"data": {"path": storage.absolute(study.data_path)}}))
   for key, value in overrides.items():
     if isinstance(value, str) and "{source_data_path}" in value:
@@ -307,7 +311,7 @@ def run_pretraining(study, workdir: str, log) -> str:
     log(f"[pretrain] finished earlier: {path}")
     return path
   overrides = pretrain_overrides(study)
-  config = sweep.apply_overrides(sweep.load_config_file(study.pretrain.config),
+  config = sweep_plan.apply_overrides(sweep_plan.load_config_file(study.pretrain.config),
                                  overrides.items(), where="pretrain.overrides")
   log(f"[pretrain] {study.pretrain.config} with {overrides} -> {path}")
   start = time.time()
@@ -335,7 +339,7 @@ def _run(sweep_config, path: str, parallel: int, title: str, log) -> dict[str, A
 def _rows(sweep_config, path: str) -> list[dict[str, Any]]:
   if sweep_config is None:
     return []
-  return sweep_results.collect_rows(path, sweep.plan_runs(sweep_config))
+  return sweep_results.collect_rows(path, sweep_plan.plan_runs(sweep_config))
 
 
 def read_selection(workdir: str) -> dict[str, Any]:
@@ -508,7 +512,7 @@ def run_study(study: ml_collections.ConfigDict, workdir: str, *,
   storage.makedirs(workdir)
   # One persistent compilation cache for every stage: the tuning, final and student runs share
   # their programs (the sweeps would otherwise each start a cache of their own).
-  sweep.enable_compilation_cache(sweep.compilation_cache_dir(workdir))
+  sweep_run.enable_compilation_cache(sweep_run.compilation_cache_dir(workdir))
   out: dict[str, Any] = {}
   needs_pretraining = any(arm.init == "pretrain" for name, arm in study.arms.items()
                           if not arms or name in arms)
@@ -553,7 +557,7 @@ def main(argv):
               arms=tuple(a.strip() for a in flag_values.arms.split(",") if a.strip()))
   except InterruptedError as e:
     print(f"Interrupted: {e}", file=sys.stderr)
-    sys.exit(sweep.EXIT_PREEMPTED)
+    sys.exit(run_files.EXIT_PREEMPTED)
   except (RuntimeError, ValueError, FileNotFoundError) as e:
     print(f"Error: {e}", file=sys.stderr)
     sys.exit(1)

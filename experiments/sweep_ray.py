@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan, sweep_run
 from data_pipelines import storage
 from remedis_jax import workdir_lock
 
@@ -58,12 +58,6 @@ class Resources:
     return out
 
 
-def _repo_root() -> str:
-  """The repository root on the node that runs the task (its own copy under `ray job submit
-  --working-dir`, else the same path as the driver's)."""
-  return os.path.dirname(os.path.dirname(os.path.abspath(sweep.__file__)))
-
-
 def execute(args: Sequence[str], python: str, env_updates: dict[str, str], run_path: str
             ) -> dict[str, Any]:
   """The Ray task: one run's command, its log, and RUN_DIR/ray_task.json.
@@ -75,13 +69,13 @@ def execute(args: Sequence[str], python: str, env_updates: dict[str, str], run_p
     env_updates: variables for the run (the compilation cache).
     run_path: the run's folder (local or a URL).
   """
-  repo = _repo_root()
+  repo = sweep_plan.REPO_ROOT  # the node's own copy under `ray job submit --working-dir`
   python = python if os.path.exists(python) else sys.executable
   env = dict(os.environ)
   env.update(env_updates)
   env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
   storage.makedirs(run_path)
-  run_log = sweep.RunLog(storage.join(run_path, sweep.LOG_FILE))
+  run_log = sweep_run.RunLog(storage.join(run_path, sweep_run.LOG_FILE))
   record: dict[str, Any] = {"node": socket.gethostname(), "start": time.time()}
   process = subprocess.Popen([python, *args], cwd=repo, env=env, stdout=run_log.file,
                              stderr=subprocess.STDOUT)
@@ -117,7 +111,7 @@ def _start_ray(parallel: int, address: str, log) -> bool:
   if ray.is_initialized():
     return False
   # Tasks import this module on the workers: locally from this checkout.
-  runtime_env = {"env_vars": {"PYTHONPATH": _repo_root()}}
+  runtime_env = {"env_vars": {"PYTHONPATH": sweep_plan.REPO_ROOT}}
   if address:
     ray.init(address=address, runtime_env=None if address == "auto" else runtime_env,
              log_to_driver=False)
@@ -129,8 +123,9 @@ def _start_ray(parallel: int, address: str, log) -> bool:
   return True
 
 
-def run(sweep_config, runs: Sequence[sweep.Run], workdir: str, *, parallel: int, address: str,
-        resources: Resources, cache_dir: str, python: str, log) -> list[sweep.RunOutcome]:
+def run(sweep_config, runs: Sequence[sweep_plan.Run], workdir: str, *, parallel: int,
+        address: str, resources: Resources, cache_dir: str, python: str, log
+        ) -> list[sweep_run.RunOutcome]:
   """Runs `runs` as Ray tasks; returns their outcomes in the order of `runs`."""
   import ray  # pylint: disable=g-import-not-at-top
   started_here = _start_ray(parallel, address, log)
@@ -138,25 +133,25 @@ def run(sweep_config, runs: Sequence[sweep.Run], workdir: str, *, parallel: int,
   env_updates = {"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
                  or cache_dir,
                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-  refs: dict[Any, tuple[int, sweep.Run]] = {}
-  outcomes: dict[int, sweep.RunOutcome] = {}
+  refs: dict[Any, tuple[int, sweep_plan.Run]] = {}
+  outcomes: dict[int, sweep_run.RunOutcome] = {}
   try:
     for i, r in enumerate(runs):
-      path = sweep.run_dir(workdir, r)
+      path = sweep_run.run_dir(workdir, r)
       holder = workdir_lock.holder(path)
       if holder is not None:  # another sweep process holds it: not this sweep's to run
-        outcomes[i] = sweep.RunOutcome(r, "failed", 0.0, f"held by another process ({holder}); "
-                                       "rerun the sweep once it is done")
+        outcomes[i] = sweep_run.RunOutcome(r, "failed", 0.0, f"held by another process "
+                                           f"({holder}); rerun the sweep once it is done")
         log(f"[{i + 1}/{len(runs)}] {r.run_id}: {outcomes[i].error}")
         continue
-      command = sweep.run_command(sweep_config, r, workdir, python=python)
+      command = sweep_run.run_command(sweep_config, r, workdir, python=python)
       refs[task.remote(command[1:], command[0], env_updates, path)] = (i, r)
       log(f"[{i + 1}/{len(runs)}] {r.run_id}: queued ({resources})")
     pending = list(refs)
     while pending:
       done, pending = ray.wait(pending, num_returns=1)
       i, r = refs[done[0]]
-      path = sweep.run_dir(workdir, r)
+      path = sweep_run.run_dir(workdir, r)
       try:
         record = ray.get(done[0])
       except ray.exceptions.RayError as e:  # the task or its node was lost
@@ -176,25 +171,23 @@ def run(sweep_config, runs: Sequence[sweep.Run], workdir: str, *, parallel: int,
   return [outcomes[i] for i in sorted(outcomes)]
 
 
-def _outcome(r: sweep.Run, path: str, record: dict[str, Any]) -> sweep.RunOutcome:
+def _outcome(r: sweep_plan.Run, path: str, record: dict[str, Any]) -> sweep_run.RunOutcome:
   code = record.get("returncode")
   elapsed = max(float(record.get("end", 0.0)) - float(record.get("start", 0.0)), 0.0)
-  if code == 0 and sweep.is_finished(path):
-    sweep._clear_failure(path)  # pylint: disable=protected-access
-    return sweep.RunOutcome(r, "finished", elapsed)
-  if code in (0, sweep.EXIT_PREEMPTED):  # saved on SIGTERM, not finished: the rerun resumes
-    return sweep.RunOutcome(r, "interrupted", elapsed)
-  error = (f"exit status {code}; last lines of {sweep.LOG_FILE}:\n{record.get('tail', '')}"
+  outcome = sweep_run.exit_outcome(r, path, code, elapsed)
+  if outcome is not None:
+    return outcome
+  error = (f"exit status {code}; last lines of {sweep_run.LOG_FILE}:\n{record.get('tail', '')}"
            if code is not None else f"the Ray task was lost: {record.get('tail', '')}")
-  sweep._record_failure(path, error)  # pylint: disable=protected-access
-  return sweep.RunOutcome(r, "failed", elapsed, error.strip())
+  return sweep_run.failed_outcome(r, path, elapsed, error)
 
 
-def read_task_records(workdir: str, runs: Sequence[sweep.Run]) -> dict[str, dict[str, Any]]:
+def read_task_records(workdir: str, runs: Sequence[sweep_plan.Run]
+                      ) -> dict[str, dict[str, Any]]:
   """{run id: RUN_DIR/ray_task.json} of the runs that have one."""
   out = {}
   for r in runs:
-    path = storage.join(sweep.run_dir(workdir, r), TASK_FILE)
+    path = storage.join(sweep_run.run_dir(workdir, r), TASK_FILE)
     if storage.exists(path):
       out[r.run_id] = json.loads(storage.read_text(path))
   return out

@@ -20,9 +20,9 @@ Definitions (also written into the table header):
   seed present in both cells (init, f, test set) and (baseline, f, test set), init's value minus
   the baseline's. A seed draws the labeled subset (label_fraction_seed = seed), so both runs of
   a pair saw the same labels: the difference cancels what a lucky or unlucky subset does to
-  both runs alike, a spread that both cells' own intervals contain. Reported with the mean, std (ddof=1, 0 for one pair), the 95%
-  t-interval of the mean difference (as above, over the n pairs), n and the seeds used; a seed
-  finished on one side only is left out of the pairs.
+  both runs alike, a spread that both cells' own intervals contain. Reported with the mean,
+  std (ddof=1, 0 for one pair), the 95% t-interval of the mean difference (as above, over the n
+  pairs), n and the seeds used; a seed finished on one side only is left out of the pairs.
 * An init "matches" the baseline on a test set at fraction f when its cell mean at f is
   >= (baseline cell mean) - tolerance, where the baseline cell is (baseline init,
   baseline_fraction, that test set). The reported fraction is the SMALLEST such f in the grid
@@ -104,7 +104,7 @@ def collect_rows(workdir: str, runs: Iterable[Any], failed: dict[str, str] | Non
 
   Args:
     workdir: the sweep folder (runs live in workdir/<run_id>).
-    runs: objects with run_id, init, label_fraction, seed (label_fraction_sweep.Run).
+    runs: objects with run_id, init, label_fraction, seed (sweep_plan.Run).
     failed: run id -> error text of runs that failed in this call or before.
 
   Returns:

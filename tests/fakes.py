@@ -1,5 +1,7 @@
 """Fakes and config helpers the tests share.
 
+- `IndexSource`: in-memory records of random images whose label is the record index, for the
+  input pipelines (sharding, seeding, resume, bad records).
 - `LabelSource`: a source that is only a label array (records hold a label and an id), for
   subset sampling and evaluator banks.
 - `smoke_config`: a trainer config's `:smoke` variant on one device with dotted overrides.
@@ -12,7 +14,68 @@ import ml_collections
 import numpy as np
 
 from configs import common
+from data_pipelines.errors import BadRecordError
 from data_pipelines.sources.base import Source
+
+MASKS = (None, "top_half", "random")
+
+
+class IndexSource:
+  """In-memory records in the record format; label = record index, so every position of a
+  stream can be traced.
+
+  Record i: an image drawn from `np.random.default_rng(i)` of shape (size[0] + i % size_cycle[0],
+  size[1] + i % size_cycle[1], channels) (sizes vary per record), values in [0, 256) for uint8
+  and [0, 4096) otherwise; label i (-1 for the indices in `unlabeled`); id "r<i>"; site
+  i % num_sites. Records in `bad` raise BadRecordError; `raised` counts them (exact when read
+  in-process, read_threads=0).
+
+  Args:
+    num_records: how many records.
+    size: the smallest (height, width).
+    size_cycle: the height and width grow by i % size_cycle.
+    channels: image channels.
+    dtype: image dtype.
+    num_sites: site = i % num_sites.
+    bad: indices that raise BadRecordError("images/<i>.png", "truncated PNG").
+    unlabeled: indices whose label is -1.
+    mask: None; "top_half" (a lung_mask of ones in the top half); "random" (a lung_mask of
+      uniform draws > 0.5 from the record's generator, after the image).
+    name: the source's `name` (what the pipeline's messages call it); None: no such attribute.
+  """
+
+  def __init__(self, num_records, *, size=(20, 24), size_cycle=(7, 5), channels=1,
+               dtype=np.uint8, num_sites=3, bad=(), unlabeled=(), mask=None, name=None):
+    if mask not in MASKS:
+      raise ValueError(f"mask={mask!r}; expected one of {MASKS}")
+    self.num_records, self.size, self.size_cycle = num_records, tuple(size), tuple(size_cycle)
+    self.channels, self.dtype, self.num_sites = channels, dtype, num_sites
+    self.bad, self.unlabeled, self.mask = set(bad), set(unlabeled), mask
+    if name is not None:
+      self.name = name
+    self.raised = 0
+
+  def __len__(self):
+    return self.num_records
+
+  def __getitem__(self, index):
+    if index in self.bad:
+      self.raised += 1
+      raise BadRecordError(f"images/{index}.png", "truncated PNG")
+    rng = np.random.default_rng(index)
+    height = self.size[0] + index % self.size_cycle[0]
+    width = self.size[1] + index % self.size_cycle[1]
+    high = 256 if self.dtype == np.uint8 else 4096
+    record = {"image": rng.integers(0, high, (height, width, self.channels)).astype(self.dtype),
+              "label": np.int32(-1 if index in self.unlabeled else index), "id": f"r{index}",
+              "site": np.int32(index % self.num_sites)}
+    if self.mask == "top_half":
+      mask = np.zeros((height, width), np.uint8)
+      mask[: height // 2] = 1
+      record["lung_mask"] = mask
+    elif self.mask == "random":
+      record["lung_mask"] = (rng.random((height, width)) > 0.5).astype(np.uint8)
+    return record
 
 
 class LabelSource(Source):

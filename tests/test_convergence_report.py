@@ -16,7 +16,9 @@ import pytest
 from scipy import stats
 
 from experiments import convergence_report as convergence
-from experiments import label_fraction_sweep as sweep
+from configs.sweeps import common as sweep_configs
+from experiments import sweep_plan
+from experiments import sweep_run
 from remedis_jax import train_finetune, writers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,18 +30,18 @@ STEPS = (100, 200, 300, 400, 500, 600, 700, 800)
 def make_sweep(workdir, inits=("scratch", "simclr", "cluster"), fractions=(0.1, 1.0),
                seeds=(0, 1)):
   """A sweep folder with its plan (sweep_plan.json, as the sweep writes it) and no runs."""
-  config = sweep.default_sweep_config()
+  config = sweep_configs.default_sweep_config()
   config.inits = ml_collections.ConfigDict({name: "" for name in inits})
   config.label_fractions = tuple(fractions)
   config.seeds = tuple(seeds)
-  runs = sweep.plan_runs(config)
+  runs = sweep_plan.plan_runs(config)
   os.makedirs(workdir, exist_ok=True)
-  sweep._write_plan(config, runs, str(workdir))  # pylint: disable=protected-access
+  sweep_plan.write_plan(config, runs, str(workdir))  # pylint: disable=protected-access
   return config, runs
 
 
 def run_path(workdir, init, fraction, seed):
-  return os.path.join(workdir, sweep.run_id(init, fraction, seed))
+  return os.path.join(workdir, sweep_plan.run_id(init, fraction, seed))
 
 
 def write_curve(path, values, steps=STEPS, metric="macro_auc"):
@@ -93,7 +95,7 @@ def fake_sweep(tmp_path):
     finish(path, best_value=max(values))
   failed = run_path(workdir, "cluster", 0.1, 0)
   os.makedirs(failed)
-  with open(os.path.join(failed, sweep.ERROR_FILE), "w") as f:
+  with open(os.path.join(failed, sweep_run.ERROR_FILE), "w") as f:
     f.write("Traceback ...\nFloatingPointError: non-finite loss")
   # Unfinished (no results.json) but its partial curve would reach any target: must not count.
   write_curve(run_path(workdir, "cluster", 0.1, 1), [0.99, 0.99], steps=STEPS[:2])
@@ -267,16 +269,16 @@ def test_errors_name_the_problem(fake_sweep, tmp_path):
 
 
 def test_list_runs_with_and_without_a_plan(fake_sweep):
-  sweep_config, runs = sweep.list_runs(fake_sweep)
+  sweep_config, runs = sweep_plan.list_runs(fake_sweep)
   assert sweep_config["baseline"] == "scratch" and len(runs) == 12
-  assert [sweep.run_status(fake_sweep, r) for r in runs].count("missing") == 3
-  os.remove(os.path.join(fake_sweep, sweep.PLAN_FILE))
+  assert [sweep_run.run_status(fake_sweep, r) for r in runs].count("missing") == 3
+  os.remove(os.path.join(fake_sweep, sweep_plan.PLAN_FILE))
   os.makedirs(os.path.join(fake_sweep, "init=simclr", "frac=1", "seed=0", "checkpoints", "800"))
-  sweep_config, runs = sweep.list_runs(fake_sweep)
+  sweep_config, runs = sweep_plan.list_runs(fake_sweep)
   # Without the plan only the 9 folders that exist are found; never-started runs cannot be.
   assert sweep_config == {}
   assert sorted(r.run_id for r in runs) == sorted(
-      [sweep.run_id(*key) for key in CURVES] + ["init=cluster/frac=0.1/seed=0",
+      [sweep_plan.run_id(*key) for key in CURVES] + ["init=cluster/frac=0.1/seed=0",
                                                 "init=cluster/frac=0.1/seed=1"])
   result = convergence.convergence_report(fake_sweep, verbose=False)
   assert cell(result, "simclr", 1.0)["reduction"] == pytest.approx(1 - 200 / 550)

@@ -6,6 +6,7 @@ batch of step t (same records, same order, bit-identical views), and an iterator
 one topology must continue the same global stream on another. The real two-process run against
 one process with two devices is in tests/test_preemption_processes.py.
 """
+import functools
 import json
 import logging
 
@@ -13,8 +14,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import pipeline
+from tests import fakes
 from tests.fakes import with_options
-from data_pipelines.errors import BadRecordError
 
 _OPS = "random_resized_crop(16, area=(0.3, 1.0))|flip_lr|color_jitter(brightness=0.4, contrast=0.4, p=0.8)"
 _LOCAL_OPS = "random_resized_crop(8, area=(0.05, 0.3))|flip_lr"
@@ -22,27 +23,9 @@ _GLOBAL_BATCH = 8
 _NUM_RECORDS = 22  # not a multiple of the global batch: batches straddle epoch boundaries
 
 
-class IndexSource:
-  """label = record index, so every position of the stream can be traced; `bad` raise."""
-
-  name = "tiny/train"
-
-  def __init__(self, num_records=_NUM_RECORDS, bad=(), with_mask=False):
-    self.num_records, self.bad, self.with_mask = num_records, set(bad), with_mask
-
-  def __len__(self):
-    return self.num_records
-
-  def __getitem__(self, index):
-    if index in self.bad:
-      raise BadRecordError(f"images/{index}.png", "truncated PNG")
-    rng = np.random.default_rng(index)
-    height, width = 18 + index % 5, 20 + index % 3
-    record = {"image": rng.integers(0, 256, (height, width, 1)).astype(np.uint8),
-              "label": np.int32(index), "id": f"r{index}", "site": np.int32(index % 3)}
-    if self.with_mask:
-      record["lung_mask"] = (rng.random((height, width)) > 0.5).astype(np.uint8)
-    return record
+# label = record index, so every position of the stream can be traced; `bad` raise.
+_source = functools.partial(fakes.IndexSource, num_records=_NUM_RECORDS, size=(18, 20),
+                            size_cycle=(5, 3), name="tiny/train")
 
 
 # One builder per training pipeline: (source, batch_size, shard_index, shard_count, **kwargs).
@@ -50,7 +33,7 @@ _BUILDERS = {
     "pretrain": lambda source, **kw: pipeline.make_pretrain_dataset(
         source, ops=_OPS, num_views=2, **with_options(dict(seed=7, **kw))),
     "train": lambda source, **kw: pipeline.make_train_dataset(
-        IndexSource(source.num_records, source.bad, with_mask=True), ops=_OPS,
+        _source(num_records=source.num_records, bad=source.bad, mask="random"), ops=_OPS,
         **with_options(dict(seed=7, **kw))),
     "multicrop": lambda source, **kw: pipeline.make_multicrop_dataset(
         source, global_ops=_OPS, local_ops=_LOCAL_OPS, num_global=2, num_local=2,
@@ -64,7 +47,7 @@ _BUILDERS = {
 
 
 def _iterators(kind, shard_count, source=None, global_batch=_GLOBAL_BATCH, **kwargs):
-  source = source or IndexSource()
+  source = source or _source()
   return [iter(_BUILDERS[kind](source, batch_size=global_batch // shard_count,
                                shard_index=p, shard_count=shard_count, **kwargs))
           for p in range(shard_count)]
@@ -182,7 +165,7 @@ def test_a_skipped_bad_record_is_replaced_from_the_same_process_stream(caplog):
   bad_position = int(np.flatnonzero(positions == 5)[0])
   reader = (bad_position % _GLOBAL_BATCH) // 4  # which of the 2 processes (b = 4) reads it
   kwargs = dict(skip_bad_records=True, max_bad_record_share=1.0, read_threads=0)
-  iterators = _iterators("pretrain", 2, source=IndexSource(bad={5}), **kwargs)
+  iterators = _iterators("pretrain", 2, source=_source(bad={5}), **kwargs)
   per_process = [[next(it) for _ in range(6)] for it in iterators]
   for p in range(2):
     slice_positions = np.concatenate(
@@ -201,15 +184,15 @@ def test_a_skipped_bad_record_is_replaced_from_the_same_process_stream(caplog):
         np.concatenate([per_process[p][t]["views"] for p in range(2)]), clean[t]["views"])
   # Same topology: exact, the shift included. Another topology: restarts at the global
   # position, with a warning that the skipped positions are read again.
-  iterators = _iterators("pretrain", 2, source=IndexSource(bad={5}), **kwargs)
+  iterators = _iterators("pretrain", 2, source=_source(bad={5}), **kwargs)
   _global_batches(iterators, first_step + 1)
   states = [it.get_state() for it in iterators]
   expected = _global_batches(iterators, 3)
-  restored = _iterators("pretrain", 2, source=IndexSource(bad={5}), **kwargs)
+  restored = _iterators("pretrain", 2, source=_source(bad={5}), **kwargs)
   for it, state in zip(restored, states):
     it.set_state(state)
   _assert_same(_global_batches(restored, 3), expected)
-  one = _iterators("pretrain", 1, source=IndexSource(bad={5}), **kwargs)
+  one = _iterators("pretrain", 1, source=_source(bad={5}), **kwargs)
   with caplog.at_level(logging.WARNING):
     one[0].set_state(states[reader])
   assert any("had skipped 1 bad records" in r.getMessage() for r in caplog.records)
@@ -222,7 +205,7 @@ def test_worker_processes_do_not_change_the_batches_and_their_state_moves_to_no_
   # without: together still the one-process batches.
   reference = _global_batches(_iterators("pretrain", 1), 6)
   iterators = [_iterators("pretrain", 2)[0],
-               iter(_BUILDERS["pretrain"](IndexSource(), batch_size=4, shard_index=1,
+               iter(_BUILDERS["pretrain"](_source(), batch_size=4, shard_index=1,
                                           shard_count=2, worker_count=2))]
   try:
     _assert_same(_global_batches(iterators, 3), reference[:3])

@@ -25,7 +25,10 @@ import ml_collections
 import pytest
 
 from experiments import convergence_report as convergence
+from configs.sweeps import common as sweep_configs
 from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
+from experiments import sweep_run
 from experiments import ood_study
 from experiments import robustness_report as robustness
 from experiments import segmentation_study
@@ -51,11 +54,11 @@ def bucket(gcs, tmp_path, monkeypatch):
   """A fresh bucket URL; the test runs in an empty folder, checked for a local "gs:" after."""
   monkeypatch.chdir(tmp_path)
   yield gcs.bucket()
-  assert not _local_gs_folders(tmp_path, sweep.REPO_ROOT)
+  assert not _local_gs_folders(tmp_path, sweep_plan.REPO_ROOT)
 
 
 def smoke_sweep(inits, fractions=(0.5,), seeds=(0,), baseline_fraction=0.5, overrides=None):
-  config = sweep.default_sweep_config()
+  config = sweep_configs.default_sweep_config()
   config.base = "configs/finetune.py:smoke"
   config.inits = ml_collections.ConfigDict(dict(inits))
   config.label_fractions = tuple(fractions)
@@ -114,7 +117,7 @@ def test_gs_inits_are_checked_before_anything_is_written(bucket, monkeypatch):
   storage.write_text(f"{bucket}/folder.npz/x", "a folder named like weights")
   good = smoke_sweep({"scratch": "", "remedis": export_url, "simclr": pretrain,
                       "bit": f"{bucket}/weights/BiT-M-R50x1.npz"})
-  runs = sweep.validate(good, check_runs=False)
+  runs = sweep_plan.validate(good, check_runs=False)
   assert {r.init: r.init_path for r in runs} == {  # URLs are kept as they are
       "scratch": "", "remedis": export_url, "simclr": pretrain,
       "bit": f"{bucket}/weights/BiT-M-R50x1.npz"}
@@ -139,22 +142,24 @@ def test_sweep_failures_retries_job_list_and_reports_in_a_bucket(bucket, monkeyp
   workdir = f"{bucket}/sweep"
   summary = sweep.run_sweep(config, workdir, verbose=False)
   assert summary["workdir"] == workdir and len(trainer.calls) == 12
-  assert sorted(trainer.calls) == sorted(f"{workdir}/{r.run_id}" for r in sweep.plan_runs(config))
+  assert sorted(trainer.calls) == sorted(f"{workdir}/{r.run_id}"
+                                         for r in sweep_plan.plan_runs(config))
   assert summary["counts"] == {"finished": 8, "failed": 4}
-  error_file = f"{workdir}/init=other/frac=0.5/seed=1/{sweep.ERROR_FILE}"
+  error_file = f"{workdir}/init=other/frac=0.5/seed=1/{sweep_run.ERROR_FILE}"
   assert "ValueError: weights do not fit the model" in storage.read_text(error_file)
   for key, name in (("results_csv", "results.csv"), ("results_json", "results.json"),
                     ("plot", "data_efficiency.png"), ("table_file", "summary.md")):
     assert summary[key] == f"{workdir}/{name}"
   rows = list(csv.DictReader(io.StringIO(storage.read_text(summary["results_csv"]))))
   assert len(rows) == 8 + 4 and sum(r["status"] == "failed" for r in rows) == 4
-  assert {r["run_dir"] for r in rows} == {f"{workdir}/{r.run_id}" for r in sweep.plan_runs(config)}
+  assert {r["run_dir"] for r in rows} == {f"{workdir}/{r.run_id}"
+                                          for r in sweep_plan.plan_runs(config)}
   stored = storage.read_json(summary["results_json"])
   assert stored["format"] == sweep_results.FORMAT and stored["num_failed_runs"] == 4
   assert storage.read_bytes(summary["plot"]).startswith(PNG_MAGIC)
   assert storage.read_text(summary["table_file"]) == summary["table"] + "\n"
-  plan = storage.read_json(f"{workdir}/{sweep.PLAN_FILE}")
-  assert [r["run_id"] for r in plan["runs"]] == [r.run_id for r in sweep.plan_runs(config)]
+  plan = storage.read_json(f"{workdir}/{sweep_plan.PLAN_FILE}")
+  assert [r["run_id"] for r in plan["runs"]] == [r.run_id for r in sweep_plan.plan_runs(config)]
 
   # The failed runs are retried, the finished ones skipped; a run that then finishes loses its
   # error file.
@@ -166,32 +171,32 @@ def test_sweep_failures_retries_job_list_and_reports_in_a_bucket(bucket, monkeyp
   assert not storage.exists(error_file)
 
   # Aggregate-only reads every run's status back from the bucket.
-  failed_run = next(r for r in sweep.plan_runs(config) if r.init == "other")
+  failed_run = next(r for r in sweep_plan.plan_runs(config) if r.init == "other")
   storage.remove(f"{workdir}/{failed_run.run_id}/results.json")
-  storage.write_text(f"{workdir}/{failed_run.run_id}/{sweep.ERROR_FILE}", "exit status 1")
+  storage.write_text(f"{workdir}/{failed_run.run_id}/{sweep_run.ERROR_FILE}", "exit status 1")
   trainer.calls.clear()
   aggregated = sweep.run_sweep(config, workdir, mode="aggregate", verbose=False)
   assert not trainer.calls and aggregated["counts"] == {"finished": 11, "failed": 1}
   assert aggregated["failed"] == {failed_run.run_id: "exit status 1"}
-  assert sweep.run_status(workdir, failed_run) == "failed"
+  assert sweep_run.run_status(workdir, failed_run) == "failed"
 
   # Without the plan, the run folders in the bucket are found one level at a time.
-  storage.remove(f"{workdir}/{sweep.PLAN_FILE}")
-  sweep_config, listed = sweep.list_runs(workdir)
+  storage.remove(f"{workdir}/{sweep_plan.PLAN_FILE}")
+  sweep_config, listed = sweep_plan.list_runs(workdir)
   assert sweep_config == {} and sorted(r.run_id for r in listed) == sorted(
-      r.run_id for r in sweep.plan_runs(config))
+      r.run_id for r in sweep_plan.plan_runs(config))
   with pytest.raises(FileNotFoundError, match=f"sweep folder {bucket}/nothing does not exist"):
-    sweep.list_runs(f"{bucket}/nothing")
+    sweep_plan.list_runs(f"{bucket}/nothing")
 
   # The job list lives in the bucket and hands every run its URL unchanged; the default
   # compilation cache is WORKDIR/.jax_cache there too.
   jobs = sweep.run_sweep(config, workdir, mode="joblist", verbose=False)
-  assert jobs["jobs_file"] == f"{workdir}/{sweep.JOBS_FILE}"
+  assert jobs["jobs_file"] == f"{workdir}/{sweep_run.JOBS_FILE}"
   (line,) = storage.read_text(jobs["jobs_file"]).splitlines()  # only the failed run is left
   assert f"--workdir={workdir}/{failed_run.run_id} " in line
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
-  assert sweep.compilation_cache_dir(workdir) == f"{workdir}/.jax_cache"
-  assert "gcloud storage cat " + jobs["jobs_file"] in sweep.slurm_hint(
+  assert sweep_run.compilation_cache_dir(workdir) == f"{workdir}/.jax_cache"
+  assert "gcloud storage cat " + jobs["jobs_file"] in sweep_run.slurm_hint(
       jobs["jobs_file"], 1, "configs/sweeps/tiny.py", workdir)
 
 
@@ -283,7 +288,7 @@ def test_subprocess_logs_are_uploaded_to_a_bucket_workdir(bucket, tmp_path, monk
   local_tmp.mkdir()
   monkeypatch.setattr(tempfile, "tempdir", str(local_tmp))  # where the local logs go
   local_logs = lambda: [n for n in os.listdir(local_tmp) if n.startswith("remedis_sweep_log_")]
-  monkeypatch.setattr(sweep, "LOG_UPLOAD_INTERVAL_S", 0.0)  # upload at every poll
+  monkeypatch.setattr(sweep_run, "LOG_UPLOAD_INTERVAL_S", 0.0)  # upload at every poll
   monkeypatch.setenv("FAKE_FAIL_SEED", "1")
   config = smoke_sweep({"scratch": ""}, seeds=(0, 1))
   workdir = f"{bucket}/sweep"
@@ -292,9 +297,9 @@ def test_subprocess_logs_are_uploaded_to_a_bucket_workdir(bucket, tmp_path, monk
   run0, run1 = (f"{workdir}/init=scratch/frac=0.5/seed={s}" for s in (0, 1))
   # The subprocess got the run's URL, not a local path made from it.
   assert f"--workdir={run0}" in storage.read_json(f"{run0}/results.json")["argv"]
-  log0 = storage.read_text(f"{run0}/{sweep.LOG_FILE}")
+  log0 = storage.read_text(f"{run0}/{sweep_run.LOG_FILE}")
   assert f"of {run0}\n" in log0 and "a warning on stderr" in log0
-  error = storage.read_text(f"{run1}/{sweep.ERROR_FILE}")
+  error = storage.read_text(f"{run1}/{sweep_run.ERROR_FILE}")
   assert error.startswith("exit status 3; last lines of log.txt:")
   assert "Traceback: the run broke" in error
   assert summary["failed"]["init=scratch/frac=0.5/seed=1"] == error.strip()
@@ -304,9 +309,9 @@ def test_subprocess_logs_are_uploaded_to_a_bucket_workdir(bucket, tmp_path, monk
   monkeypatch.delenv("FAKE_FAIL_SEED")
   again = sweep.run_sweep(config, workdir, parallel=2, python=str(python), verbose=False)
   assert again["counts"] == {"skipped": 1, "finished": 1}
-  log1 = storage.read_text(f"{run1}/{sweep.LOG_FILE}")
+  log1 = storage.read_text(f"{run1}/{sweep_run.LOG_FILE}")
   assert log1.count(f"of {run1}\n") == 2 and log1.index("the run broke") < log1.rindex("attempt")
-  assert not storage.exists(f"{run1}/{sweep.ERROR_FILE}")
+  assert not storage.exists(f"{run1}/{sweep_run.ERROR_FILE}")
   assert not local_logs()
 
 
@@ -320,8 +325,8 @@ def test_compilation_cache_in_a_bucket_turns_on_after_a_first_compilation(bucket
             f"compilation_cache.enable('{bucket}/sweep/.jax_cache', 0.0)\n"
             "jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(5)).block_until_ready()\n")
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  env["PYTHONPATH"] = sweep.REPO_ROOT
-  subprocess.run([sys.executable, "-c", script], env=env, cwd=sweep.REPO_ROOT, check=True,
+  env["PYTHONPATH"] = sweep_plan.REPO_ROOT
+  subprocess.run([sys.executable, "-c", script], env=env, cwd=sweep_plan.REPO_ROOT, check=True,
                  timeout=300)
   cached = storage.listdir(f"{bucket}/sweep/.jax_cache")
   assert any(name.startswith("jit__lambda") for name in cached), cached

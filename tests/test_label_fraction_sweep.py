@@ -19,9 +19,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common, finetune as finetune_config
+from configs.sweeps import common as sweep_configs
 from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
+from experiments import sweep_run
 from experiments import sweep_results
-from remedis_jax import train_finetune, workdir_lock
+from remedis_jax import run_files, train_finetune, workdir_lock
 
 
 def write_fake_export(path, model_name="R_micro"):
@@ -33,7 +36,7 @@ def write_fake_export(path, model_name="R_micro"):
 
 
 def smoke_sweep(inits, fractions=(0.25, 0.5), seeds=(0,), baseline_fraction=0.5, **overrides):
-  config = sweep.default_sweep_config()
+  config = sweep_configs.default_sweep_config()
   config.base = "configs/finetune.py:smoke"
   config.inits = ml_collections.ConfigDict(dict(inits))
   config.label_fractions = tuple(fractions)
@@ -53,7 +56,7 @@ def test_plan_is_the_full_grid_plus_the_baseline_cell(tmp_path):
   bit = write_fake_export(tmp_path / "bit")
   config = smoke_sweep({"scratch": "", "bit": bit}, fractions=(0.1, 0.5), seeds=(0, 3),
                        baseline_fraction=1.0)
-  runs = sweep.plan_runs(config)
+  runs = sweep_plan.plan_runs(config)
   ids = [r.run_id for r in runs]
   expected = [f"init={i}/frac={f}/seed={s}" for i in ("bit", "scratch") for f in ("0.1", "0.5")
               for s in (0, 3)]
@@ -66,14 +69,14 @@ def test_plan_is_the_full_grid_plus_the_baseline_cell(tmp_path):
     assert overrides["label_fraction"] == run.label_fraction
     assert overrides["model.init"] == ("" if run.init == "scratch" else os.path.abspath(bit))
     assert overrides["test_sets"] == ("in_distribution=test@A", "site_C=test@C")
-  sweep.validate(config, runs)  # a good grid passes
+  sweep_plan.validate(config, runs)  # a good grid passes
 
 
 def test_relative_init_paths_become_absolute(tmp_path, monkeypatch):
   write_fake_export(tmp_path / "exports" / "remedis")
   monkeypatch.chdir(tmp_path)
   config = smoke_sweep({"scratch": "", "remedis": "exports/remedis"})
-  runs = sweep.validate(config)
+  runs = sweep_plan.validate(config)
   assert {r.init_path for r in runs} == {"", str(tmp_path / "exports" / "remedis")}
 
 
@@ -140,7 +143,7 @@ def write_results(path, results):
 
 def test_aggregation_matches_numpy_on_hand_made_results(tmp_path):
   config = smoke_sweep({"scratch": ""}, fractions=(0.1, 1.0), seeds=(0, 1, 2), baseline_fraction=1.0)
-  runs = sweep.plan_runs(config)
+  runs = sweep_plan.plan_runs(config)
   rng = np.random.default_rng(0)
   values = {}
   for run in runs:
@@ -154,7 +157,7 @@ def test_aggregation_matches_numpy_on_hand_made_results(tmp_path):
   cells = sweep_results.summarize(rows)
   assert len(cells) == 2 * 2  # fractions x test sets
   for cell in cells:
-    ids = [sweep.run_id("scratch", cell["label_fraction"], s) for s in (0, 1, 2)]
+    ids = [sweep_plan.run_id("scratch", cell["label_fraction"], s) for s in (0, 1, 2)]
     for column, key in (("auc", "macro_auc"), ("accuracy", "accuracy"), ("ece", "ece")):
       x = np.array([values[i][cell["test_set"]][key] for i in ids])
       assert cell[f"{column}_mean"] == pytest.approx(np.mean(x), abs=1e-12)
@@ -232,9 +235,9 @@ def test_finished_runs_are_skipped_and_failures_are_recorded(tmp_path, monkeypat
   assert len(fake.calls) == summary["num_runs"] == 12
   assert summary["counts"] == {"finished": 8, "failed": 4}
   assert sorted(summary["failed"]) == sorted(
-      sweep.run_id("other", f, s) for f in (0.25, 0.5) for s in (0, 1))
+      sweep_plan.run_id("other", f, s) for f in (0.25, 0.5) for s in (0, 1))
   assert "weights do not fit the model" in summary["failed"]["init=other/frac=0.5/seed=1"]
-  error_file = workdir / "init=other" / "frac=0.5" / "seed=1" / sweep.ERROR_FILE
+  error_file = workdir / "init=other" / "frac=0.5" / "seed=1" / sweep_run.ERROR_FILE
   assert "ValueError: weights do not fit the model" in error_file.read_text()
   # Failed runs are rows of the CSV (status failed, error kept), not silently dropped.
   with open(summary["results_csv"]) as f:
@@ -282,19 +285,20 @@ def test_job_list_reproduces_the_in_process_configs(tmp_path):
   config = smoke_sweep({"scratch": "", "remedis": write_fake_export(tmp_path / "export")},
                        seeds=(0, 1))
   workdir = tmp_path / "sweep"
-  runs = sweep.plan_runs(config)
+  runs = sweep_plan.plan_runs(config)
   write_results(workdir / runs[0].run_id, fake_results({"a": {"macro_auc": 0.5}}))
   summary = sweep.run_sweep(config, str(workdir), mode="joblist", verbose=False)
   lines = (workdir / "jobs.txt").read_text().splitlines()
   assert summary["jobs_file"] == str(workdir / "jobs.txt")
   assert len(lines) == len(runs) - 1  # the finished run is not listed
-  base = sweep.load_config_file(config.base)
+  base = sweep_plan.load_config_file(config.base)
   for line, run in zip(lines, runs[1:]):
-    assert line.startswith(f"cd {shlex.quote(sweep.REPO_ROOT)} && JAX_COMPILATION_CACHE_DIR=")
+    assert line.startswith(f"cd {shlex.quote(sweep_plan.REPO_ROOT)} && JAX_COMPILATION_CACHE_DIR=")
     parsed, run_workdir = parse_job_line(line)
     assert run_workdir == str(workdir / run.run_id)
-    assert parsed.to_dict() == sweep.build_run_config(config, run, base).to_dict()
-  assert json.loads((workdir / sweep.PLAN_FILE).read_text())["runs"][1]["run_id"] == runs[1].run_id
+    assert parsed.to_dict() == sweep_plan.build_run_config(config, run, base).to_dict()
+  plan = json.loads((workdir / sweep_plan.PLAN_FILE).read_text())
+  assert plan["runs"][1]["run_id"] == runs[1].run_id
 
 
 def test_dotted_overrides_are_strict_and_in_place():
@@ -326,9 +330,9 @@ with open(os.path.join(flags["workdir"], "results.json"), "w") as f:
 def test_a_subprocess_preempted_with_its_exit_status_is_interrupted_not_failed(tmp_path,
                                                                               monkeypatch):
   from remedis_jax import preemption  # pylint: disable=g-import-not-at-top
-  assert sweep.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED == 75  # one name (run_files.py)
+  assert run_files.EXIT_PREEMPTED == preemption.EXIT_PREEMPTED == 75  # one name (run_files.py)
   python = tmp_path / "fake_python"
-  python.write_text(FAKE_PYTHON.format(python=sys.executable, code=sweep.EXIT_PREEMPTED))
+  python.write_text(FAKE_PYTHON.format(python=sys.executable, code=run_files.EXIT_PREEMPTED))
   python.chmod(python.stat().st_mode | stat.S_IEXEC)
   monkeypatch.setenv("FAKE_PREEMPT_SEED", "1")
   config = smoke_sweep({"scratch": ""}, fractions=(0.5,), seeds=(0, 1))
@@ -336,7 +340,7 @@ def test_a_subprocess_preempted_with_its_exit_status_is_interrupted_not_failed(t
   summary = sweep.run_sweep(config, workdir, parallel=2, python=str(python), verbose=False)
   assert summary["counts"] == {"finished": 1, "interrupted": 1} and not summary["failed"]
   assert not os.path.exists(os.path.join(workdir, "init=scratch/frac=0.5/seed=1",
-                                         sweep.ERROR_FILE))
+                                         sweep_run.ERROR_FILE))
   # Any other non-zero status is a failure, with its error file.
   python.write_text(FAKE_PYTHON.format(python=sys.executable, code=3))
   again = sweep.run_sweep(config, workdir, parallel=2, python=str(python), verbose=False)
@@ -362,7 +366,7 @@ def test_a_preempted_run_stops_the_in_process_sweep_and_the_rerun_resumes(tmp_pa
   assert len(preempted) == 1 and not fake.calls
   assert summary["counts"] == {"interrupted": 1, "pending": 3}
   again = sweep.run_sweep(config, str(workdir), verbose=False)
-  assert sorted(fake.calls) == sorted(str(workdir / r.run_id) for r in sweep.plan_runs(config))
+  assert sorted(fake.calls) == sorted(str(workdir / r.run_id) for r in sweep_plan.plan_runs(config))
   assert again["counts"] == {"finished": 4}
 
 
@@ -383,7 +387,7 @@ def finish_when_probed_twice(monkeypatch, held_path, lock, results):
     return answer
 
   monkeypatch.setattr(workdir_lock, "holder", holder)
-  monkeypatch.setattr(sweep, "HELD_RUN_POLL_S", 0.01)
+  monkeypatch.setattr(sweep_run, "HELD_RUN_POLL_S", 0.01)
   return probes
 
 
@@ -397,15 +401,15 @@ def test_a_run_another_sweep_holds_is_waited_for_not_failed(tmp_path, monkeypatc
   monkeypatch.setattr(train_finetune, "train_and_evaluate", locked_trainer)
   config = smoke_sweep({"scratch": ""}, fractions=(0.5,), seeds=(0, 1))
   workdir = tmp_path / "sweep"
-  held = workdir / sweep.run_id("scratch", 0.5, 0)
+  held = workdir / sweep_plan.run_id("scratch", 0.5, 0)
   lock = workdir_lock.WorkdirLock(str(held)).acquire()  # the other sweep is running seed 0
   probes = finish_when_probed_twice(monkeypatch, held, lock,
                                     fake_results({"in_distribution": {"macro_auc": 0.6}}))
   summary = sweep.run_sweep(config, str(workdir))
   assert len(probes) == 2 and f"pid {os.getpid()}" in probes[0]
   assert summary["counts"] == {"finished": 2} and not summary["failed"]  # main() exits 0
-  assert fake.calls == [str(workdir / sweep.run_id("scratch", 0.5, 1))]  # not run twice
-  assert not (held / sweep.ERROR_FILE).exists()
+  assert fake.calls == [str(workdir / sweep_plan.run_id("scratch", 0.5, 1))]  # not run twice
+  assert not (held / sweep_run.ERROR_FILE).exists()
   out = capsys.readouterr().out
   assert f"{held.relative_to(workdir)}: running elsewhere (host" in out
   assert "finished by another process" in out and "FAILED" not in out
@@ -435,7 +439,7 @@ def test_a_parallel_sweep_that_loses_the_race_for_a_run_waits_for_it(tmp_path, m
   python.chmod(python.stat().st_mode | stat.S_IEXEC)
   config = smoke_sweep({"scratch": ""}, fractions=(0.5,), seeds=(0, 1))
   workdir = tmp_path / "sweep"
-  held = workdir / sweep.run_id("scratch", 0.5, 1)
+  held = workdir / sweep_plan.run_id("scratch", 0.5, 1)
   lock = workdir_lock.WorkdirLock(str(held)).acquire()
   probes = finish_when_probed_twice(monkeypatch, held, lock,
                                     fake_results({"in_distribution": {"macro_auc": 0.6}}))
@@ -453,5 +457,5 @@ def test_a_parallel_sweep_that_loses_the_race_for_a_run_waits_for_it(tmp_path, m
   monkeypatch.setattr(workdir_lock, "holder", late_holder)
   summary = sweep.run_sweep(config, str(workdir), parallel=2, python=str(python), verbose=False)
   assert summary["counts"] == {"finished": 2} and not summary["failed"]
-  assert len(probes) == 2 and not (held / sweep.ERROR_FILE).exists()
-  assert "WorkdirInUseError" in (held / sweep.LOG_FILE).read_text()
+  assert len(probes) == 2 and not (held / sweep_run.ERROR_FILE).exists()
+  assert "WorkdirInUseError" in (held / sweep_run.LOG_FILE).read_text()

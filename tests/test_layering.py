@@ -1,5 +1,8 @@
 """Imports run one way: experiments -> configs -> trainers (remedis_jax) -> data_pipelines.
 
+Within a label-fraction sweep too: the command (label_fraction_sweep) -> the Ray executor
+(sweep_ray) -> running (sweep_run) -> the plan (sweep_plan) -> the aggregation (sweep_results).
+
 Read from the source (every import statement, module level or inside a function), so a new
 import against the direction fails here before it makes a cycle.
 """
@@ -43,8 +46,8 @@ def test_imports_run_one_way(folder, forbidden):
   assert not wrong, f"{folder} imports what depends on it: {wrong}"
 
 
-def imported_modules(path):
-  """The remedis_jax modules (`remedis_jax.x`) that one file imports."""
+def imported_modules(path, package="remedis_jax"):
+  """The modules of `package` (`package.x`) that one file imports."""
   with open(os.path.join(REPO, path), encoding="utf-8") as f:
     tree = ast.parse(f.read(), path)
   found = set()
@@ -54,7 +57,7 @@ def imported_modules(path):
     elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
       found.add(node.module)
       found.update(f"{node.module}.{alias.name}" for alias in node.names)
-  return {name for name in found if name.startswith("remedis_jax.")}
+  return {name for name in found if name.startswith(package + ".")}
 
 
 TRAINERS = {"remedis_jax.pretraining", "remedis_jax.supervised", "remedis_jax.train_simclr",
@@ -79,13 +82,26 @@ def test_the_shared_core_imports_no_trainer(path, forbidden):
   assert not wrong, f"{path} imports {wrong}"
 
 
+# Each module of a sweep may import only those before it.
+SWEEP_MODULES = ("sweep_results", "sweep_plan", "sweep_run", "sweep_ray", "label_fraction_sweep")
+
+
+@pytest.mark.parametrize("index", range(len(SWEEP_MODULES)))
+def test_sweep_modules_import_one_way(index):
+  path = f"experiments/{SWEEP_MODULES[index]}.py"
+  later = {f"experiments.{name}" for name in SWEEP_MODULES[index + 1:]}
+  wrong = sorted(imported_modules(path, "experiments") & later)
+  assert not wrong, f"{path} imports what depends on it: {wrong}"
+
+
 def test_sweeps_studies_and_reports_load_no_jax():
   """They plan, run runs as processes and read results: JAX loads in the runs, not here."""
   import json  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  modules = ["experiments.label_fraction_sweep", "experiments.sweep_results",
-             "experiments.sweep_ray", "experiments.study", "experiments.convergence_report",
+  modules = ["experiments.label_fraction_sweep", "experiments.sweep_plan",
+             "experiments.sweep_run", "experiments.sweep_results", "experiments.sweep_ray",
+             "experiments.study", "experiments.ood_study", "experiments.convergence_report",
              "experiments.robustness_report", "remedis_jax.run_files"]
   code = ("import importlib, json, sys\n"
           f"for name in {modules!r}:\n"

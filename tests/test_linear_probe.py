@@ -71,4 +71,6 @@ def test_unlabeled_rows_are_left_out():
   expected = linear_probe.probe_auc(x[:200][keep_train], y[:200][keep_train],
                                     x[200:][keep_eval], y[200:][keep_eval], num_classes=2,
                                     multi_label=False)
-  assert auc == expected
+  # The same fit on the same rows, up to rounding (the rows are copied differently, and BLAS
+  # results can depend on memory alignment); counting an unlabeled row moves the AUC far more.
+  assert auc == pytest.approx(expected, rel=0, abs=1e-9)

@@ -20,6 +20,7 @@ import pytest
 
 from data_pipelines import download
 from experiments import label_fraction_sweep, quickstart
+from experiments import sweep_plan
 from remedis_jax import export, train_simclr
 
 
@@ -211,7 +212,7 @@ def test_quickstart_runs_the_pneumoniamnist_protocol(server, tmp_path, monkeypat
   assert dict(sweep.inits) == {"scratch": "", "simclr": result["export"]}
   assert sweep.init_overrides.simclr.encoder_frozen_fraction == 0.5
   # The grid is valid as planned: 12 runs, every override a key of the fine-tuning config.
-  runs = label_fraction_sweep.validate(sweep, check_runs=False)
+  runs = sweep_plan.validate(sweep, check_runs=False)
   assert len(runs) == 12 and {dict(r.overrides)["data.path"] for r in runs} == {str(data_file)}
   assert capsys.readouterr().out.rstrip().endswith(
       "SimCLR - scratch at 1% of the labels, test macro AUC paired over 3 seeds: +0.050 "

@@ -1,4 +1,6 @@
 """make_multicrop_dataset: global/local views, `labeled`, sharding, seeding and exact resume."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -6,29 +8,15 @@ from data_pipelines import pipeline, stream
 from tests.fakes import with_options
 from data_pipelines import presets
 from data_pipelines import subset
-from data_pipelines.errors import BadRecordError
 from data_pipelines.sources.synthetic import SyntheticCXR
+from tests import fakes
 
 _GLOBAL = "random_resized_crop(16, area=(0.3, 1.0))|flip_lr|linear_intensity(p=0.8)"
 _LOCAL = "random_resized_crop(8, area=(0.05, 0.3))|flip_lr|linear_intensity(p=0.8)"
 
 
-class IndexSource:
-  """Tiny in-memory source; label = record index (or -1 for `unlabeled`) so records can be traced."""
-
-  def __init__(self, num_records, unlabeled=(), bad=()):
-    self.num_records, self.unlabeled, self.bad = num_records, set(unlabeled), set(bad)
-
-  def __len__(self):
-    return self.num_records
-
-  def __getitem__(self, index):
-    if index in self.bad:
-      raise BadRecordError(f"images/{index}.png", "truncated PNG")
-    rng = np.random.default_rng(index)
-    image = rng.integers(0, 256, (20 + index % 5, 22 + index % 3, 1)).astype(np.uint8)
-    label = np.int32(-1 if index in self.unlabeled else index)
-    return {"image": image, "label": label, "id": f"r{index}", "site": np.int32(index % 2)}
+# Label = record index (or -1 for `unlabeled`) so records can be traced.
+_source = functools.partial(fakes.IndexSource, size=(20, 22), size_cycle=(5, 3), num_sites=2)
 
 
 class GradientSource:
@@ -63,7 +51,7 @@ def _assert_batches_equal(first, second):
 
 
 def test_batch_format_and_grey_to_rgb():
-  batch = next(iter(_multicrop(IndexSource(10), num_global=2, num_local=3)))
+  batch = next(iter(_multicrop(_source(10), num_global=2, num_local=3)))
   assert set(batch) == {"global_views", "local_views", "label", "labeled", "site",
                         "skipped_records"}
   assert batch["global_views"].shape == (4, 2, 16, 16, 3)
@@ -80,14 +68,14 @@ def test_batch_format_and_grey_to_rgb():
 
 
 def test_no_local_views_means_no_local_key():
-  batch = next(iter(_multicrop(IndexSource(8), local_ops=None, num_local=0, num_channels=1)))
+  batch = next(iter(_multicrop(_source(8), local_ops=None, num_local=0, num_channels=1)))
   assert set(batch) == {"global_views", "label", "labeled", "site", "skipped_records"}
   assert batch["global_views"].shape == (4, 2, 16, 16, 1)
 
 
 def test_labeled_matches_labeled_indices_exactly():
   labeled_indices = np.array([11, 0, 3, 3, 7])  # Unsorted, with a duplicate: both are fine.
-  batches = list(_multicrop(IndexSource(12), labeled_indices=labeled_indices, num_epochs=2))
+  batches = list(_multicrop(_source(12), labeled_indices=labeled_indices, num_epochs=2))
   labels = np.concatenate([b["label"] for b in batches])
   labeled = np.concatenate([b["labeled"] for b in batches])
   assert sorted(labels[:12].tolist()) == list(range(12))  # Every record seen (label = index).
@@ -109,7 +97,7 @@ def test_labeled_follows_a_label_fraction_subset_of_a_synthetic_source():
 
 
 def test_labeled_defaults_to_having_a_label():
-  batches = list(_multicrop(IndexSource(8, unlabeled={1, 4, 5}), num_epochs=1))
+  batches = list(_multicrop(_source(8, unlabeled={1, 4, 5}), num_epochs=1))
   labels = np.concatenate([b["label"] for b in batches])
   labeled = np.concatenate([b["labeled"] for b in batches])
   np.testing.assert_array_equal(labeled, (labels >= 0).astype(np.float32))
@@ -123,9 +111,9 @@ def test_labeled_defaults_to_having_a_label():
 
 
 def test_same_seed_same_batches_different_seed_different():
-  first = _take(iter(_multicrop(IndexSource(12), seed=3)), 4)
-  again = _take(iter(_multicrop(IndexSource(12), seed=3)), 4)
-  other = _take(iter(_multicrop(IndexSource(12), seed=4)), 4)
+  first = _take(iter(_multicrop(_source(12), seed=3)), 4)
+  again = _take(iter(_multicrop(_source(12), seed=3)), 4)
+  other = _take(iter(_multicrop(_source(12), seed=4)), 4)
   _assert_batches_equal(first, again)
   for key in ("global_views", "local_views"):
     assert not np.array_equal(np.stack([b[key] for b in first]), np.stack([b[key] for b in other]))
@@ -133,11 +121,11 @@ def test_same_seed_same_batches_different_seed_different():
 
 def test_resume_from_state_mid_epoch_is_exact():
   kwargs = dict(batch_size=3, labeled_indices=np.arange(0, 14, 3))
-  iterator = iter(_multicrop(IndexSource(14), **kwargs))
+  iterator = iter(_multicrop(_source(14), **kwargs))
   _take(iterator, 3)  # 9 of 14 records consumed.
   state = iterator.get_state()
   expected = _take(iterator, 5)  # Crosses into the next epochs.
-  restored = iter(_multicrop(IndexSource(14), **kwargs))
+  restored = iter(_multicrop(_source(14), **kwargs))
   restored.set_state(state)
   _assert_batches_equal(_take(restored, 5), expected)
 
@@ -145,7 +133,7 @@ def test_resume_from_state_mid_epoch_is_exact():
 def test_shards_are_disjoint_and_complete_and_labeled_uses_source_indices():
   seen = []
   for shard_index in range(2):
-    batches = list(_multicrop(IndexSource(16), batch_size=2, shard_index=shard_index,
+    batches = list(_multicrop(_source(16), batch_size=2, shard_index=shard_index,
                               shard_count=2, num_epochs=1, labeled_indices=np.array([1, 2, 9])))
     labels = np.concatenate([b["label"] for b in batches])
     labeled = np.concatenate([b["labeled"] for b in batches])
@@ -189,7 +177,7 @@ def test_ghesu_multicrop_recipe_end_to_end_on_synthetic_radiographs():
 
 
 def test_bad_records_are_skipped_and_counted():
-  batches = list(_multicrop(IndexSource(12, bad={2, 5}), skip_bad_records=True, read_threads=0,
+  batches = list(_multicrop(_source(12, bad={2, 5}), skip_bad_records=True, read_threads=0,
                             num_epochs=1, labeled_indices=np.array([2, 3])))
   labels = np.concatenate([b["label"] for b in batches])
   assert not {2, 5} & set(labels.tolist()) and len(batches) == 2  # 10 good records // 4.
@@ -200,12 +188,12 @@ def test_bad_records_are_skipped_and_counted():
 
 def test_argument_errors():
   with pytest.raises(ValueError, match="needs local_ops"):
-    _multicrop(IndexSource(4), local_ops=None)
+    _multicrop(_source(4), local_ops=None)
   with pytest.raises(ValueError, match="num_global must be >= 1"):
-    _multicrop(IndexSource(4), num_global=0)
+    _multicrop(_source(4), num_global=0)
   with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
-    _multicrop(IndexSource(4), labeled_indices=np.array([1, 4]))
+    _multicrop(_source(4), labeled_indices=np.array([1, 4]))
   with pytest.raises(ValueError, match="flatnonzero"):
-    _multicrop(IndexSource(4), labeled_indices=np.array([True, False, True, False]))
+    _multicrop(_source(4), labeled_indices=np.array([True, False, True, False]))
   with pytest.raises(ValueError, match="local_ops"):
-    _multicrop(IndexSource(4), local_ops="flip_lr")
+    _multicrop(_source(4), local_ops="flip_lr")

@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from configs.sweeps import ood_tiny
-from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
 from experiments import ood_study
 from remedis_jax import train_finetune
 
@@ -37,21 +37,21 @@ def smoke_ood(remedis_path, fractions=(0.25, 1.0), seeds=(0, 1)):
 def test_step_configs_train_at_site_a_then_site_b(tmp_path):
   config = smoke_ood(write_fake_export(tmp_path / "export"))
   step1, step2 = ood_study.step_configs(config)
-  runs1, runs2 = sweep.validate(step1), sweep.validate(step2)
+  runs1, runs2 = sweep_plan.validate(step1), sweep_plan.validate(step2)
   assert [r.run_id for r in runs1] == [f"init={i}/frac=1/seed={s}"
                                        for i in ("remedis", "scratch") for s in (0, 1)]
   assert len(runs2) == 2 * 2 * 2
-  base = sweep.load_config_file(config.base)
-  first = sweep.build_run_config(step1, runs1[0], base)
+  base = sweep_plan.load_config_file(config.base)
+  first = sweep_plan.build_run_config(step1, runs1[0], base)
   assert (first.data.sites.train, first.data.sites.val) == ("A", "A")
   assert tuple(first.test_sets) == ("site_A=test@A", "site_B=test@B", "site_C=test@C")
   assert first.label_fraction == 1.0 and tuple(first.robustness.perturbations) == ()
-  second = sweep.build_run_config(step2, runs2[0], base)
+  second = sweep_plan.build_run_config(step2, runs2[0], base)
   assert (second.data.sites.train, second.data.sites.val) == ("B", "B")
   assert tuple(second.test_sets) == ("site_B=test@B",)
   # The shipped quickstart-scale config plans 4 + 12 runs.
   tiny1, tiny2 = ood_study.step_configs(ood_tiny.get_config())
-  assert (len(sweep.plan_runs(tiny1)), len(sweep.plan_runs(tiny2))) == (4, 12)
+  assert (len(sweep_plan.plan_runs(tiny1)), len(sweep_plan.plan_runs(tiny2))) == (4, 12)
 
 
 @pytest.mark.parametrize("change, error, match", [

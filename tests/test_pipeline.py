@@ -11,36 +11,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from data_pipelines import pipeline, stream
-from tests.fakes import with_options
 from data_pipelines.errors import BadRecordError
+from tests import fakes
+from tests.fakes import with_options
 
 _OPS = "random_resized_crop(16, area=(0.3, 1.0))|flip_lr|color_jitter(brightness=0.4, contrast=0.4, p=0.8)"
 _EVAL_OPS = "resize_small(16)|central_crop(16)"
-
-
-class TinySource:
-  """In-memory source in the record format; label = record index so tests can track records."""
-
-  def __init__(self, num_records, channels=1, bad=(), dtype=np.uint8, with_mask=False):
-    self.num_records, self.channels, self.bad = num_records, channels, set(bad)
-    self.dtype, self.with_mask = dtype, with_mask
-
-  def __len__(self):
-    return self.num_records
-
-  def __getitem__(self, index):
-    if index in self.bad:
-      raise BadRecordError(f"images/{index}.png", "truncated PNG")
-    rng = np.random.default_rng(index)
-    height, width = 20 + index % 7, 24 + index % 5  # Sizes vary per record.
-    high = 256 if self.dtype == np.uint8 else 4096
-    record = {"image": rng.integers(0, high, (height, width, self.channels)).astype(self.dtype),
-              "label": np.int32(index), "id": f"r{index}", "site": np.int32(index % 3)}
-    if self.with_mask:
-      mask = np.zeros((height, width), np.uint8)
-      mask[: height // 2] = 1
-      record["lung_mask"] = mask
-    return record
 
 
 def _pretrain(source, **kwargs):
@@ -61,7 +37,7 @@ def _assert_batches_equal(first, second):
 
 
 def test_pretrain_batch_format():
-  batch = next(iter(_pretrain(TinySource(10), num_views=3)))
+  batch = next(iter(_pretrain(fakes.IndexSource(10), num_views=3)))
   assert set(batch) == {"views", "label", "site", "skipped_records"}
   assert batch["views"].shape == (4, 3, 16, 16, 3) and batch["views"].dtype == np.uint8
   assert batch["label"].dtype == np.int32 and batch["site"].dtype == np.int32
@@ -72,15 +48,15 @@ def test_pretrain_batch_format():
 
 
 def test_num_channels_one_keeps_grayscale_and_rgb_is_converted():
-  batch = next(iter(_pretrain(TinySource(8), num_channels=1)))
+  batch = next(iter(_pretrain(fakes.IndexSource(8), num_channels=1)))
   assert batch["views"].shape == (4, 2, 16, 16, 1)
-  batch = next(iter(_pretrain(TinySource(8, channels=3), num_channels=1)))
+  batch = next(iter(_pretrain(fakes.IndexSource(8, channels=3), num_channels=1)))
   assert batch["views"].shape[-1] == 1
 
 
 def test_train_dataset_one_view_with_lung_mask():
   dataset = pipeline.make_train_dataset(
-      TinySource(9, with_mask=True), batch_size=3, ops=_OPS,
+      fakes.IndexSource(9, mask="top_half"), batch_size=3, ops=_OPS,
       options=stream.StreamOptions(seed=1, shard_index=0, shard_count=1, num_epochs=1))
   batches = list(dataset)
   assert len(batches) == 3
@@ -90,27 +66,28 @@ def test_train_dataset_one_view_with_lung_mask():
 
 
 def test_uint16_source_is_windowed_to_uint8():
-  batch = next(iter(_pretrain(TinySource(8, dtype=np.uint16))))
+  batch = next(iter(_pretrain(fakes.IndexSource(8, dtype=np.uint16))))
   assert batch["views"].dtype == np.uint8 and batch["views"].max() > 200
 
 
 def test_epoch_covers_every_record_once_and_drops_the_remainder():
-  batches = list(_pretrain(TinySource(10), num_epochs=2))
+  batches = list(_pretrain(fakes.IndexSource(10), num_epochs=2))
   assert len(batches) == 5  # 20 records / 4, nothing left over.
   labels = np.concatenate([b["label"] for b in batches])
   assert sorted(labels[:8]) != list(range(8))  # Shuffled...
   assert sorted(np.concatenate([labels[:10]])) == list(range(10))  # ...one epoch = every record.
-  assert len(list(_pretrain(TinySource(10), num_epochs=1))) == 2  # 10 // 4, remainder dropped.
+  # 10 // 4, remainder dropped.
+  assert len(list(_pretrain(fakes.IndexSource(10), num_epochs=1))) == 2
 
 
 def test_processes_read_disjoint_slices_of_the_same_epoch():
   # 18 records, global batch 4 over 2 processes: 4 steps (the epoch's last 2 positions are never
   # read); each process reads 2 positions of every step, the two together the one-process run.
-  one_process = np.concatenate([b["label"] for b in _pretrain(TinySource(18), num_epochs=1)])
+  one_process = np.concatenate([b["label"] for b in _pretrain(fakes.IndexSource(18), num_epochs=1)])
   assert len(one_process) == 16 and len(set(one_process.tolist())) == 16
   per_process = []
   for shard_index in range(2):
-    batches = list(_pretrain(TinySource(18), batch_size=2, shard_index=shard_index,
+    batches = list(_pretrain(fakes.IndexSource(18), batch_size=2, shard_index=shard_index,
                              shard_count=2, num_epochs=1))
     assert len(batches) == 4
     per_process.append(np.stack([b["label"] for b in batches]))  # (steps, 2)
@@ -123,12 +100,12 @@ def test_steps_per_epoch_do_not_depend_on_the_process_count():
   # topology (no record is left out of an epoch because of the process count).
   for shard_count in (1, 2, 4):
     for shard_index in range(shard_count):
-      batches = list(_pretrain(TinySource(11), batch_size=4 // shard_count, num_epochs=2,
+      batches = list(_pretrain(fakes.IndexSource(11), batch_size=4 // shard_count, num_epochs=2,
                                shard_index=shard_index, shard_count=shard_count))
       assert len(batches) == 5, (shard_index, shard_count)
   with pytest.raises(ValueError, match=r"1 epoch\(s\) of 11 records hold no whole global batch "
                      r"of 12 \(6 per process x 2 processes\)"):
-    _pretrain(TinySource(11), batch_size=6, shard_index=0, shard_count=2, num_epochs=1)
+    _pretrain(fakes.IndexSource(11), batch_size=6, shard_index=0, shard_count=2, num_epochs=1)
   # Evaluation keeps a strided split that keeps every record.
   assert [len(stream.shard_indices(11, i, 2)) for i in range(2)] == [6, 5]
   np.testing.assert_array_equal(stream.shard_indices(11, 1, 4), [1, 5, 9])
@@ -140,23 +117,24 @@ def test_steps_per_epoch_do_not_depend_on_the_process_count():
 
 def test_default_shard_is_this_jax_process():
   assert stream.resolve_shard(None, None) == (0, 1)  # One process in tests.
-  batches = list(pipeline.make_eval_dataset(TinySource(5), batch_size=2, ops=_EVAL_OPS))
+  batches = list(pipeline.make_eval_dataset(fakes.IndexSource(5), batch_size=2, ops=_EVAL_OPS))
   assert len(batches) == 3 and int(np.sum([b["valid"] for b in batches])) == 5
 
 
 def test_views_depend_on_the_global_position_not_on_the_process():
   # Process 1 of 2 reads positions 2-3 of step 0: the one-process run's records there, with
   # bit-identical views (the generator is keyed by the global position, not by the process).
-  one_process = next(iter(_pretrain(TinySource(8))))
-  second_half = next(iter(_pretrain(TinySource(8), batch_size=2, shard_index=1, shard_count=2)))
+  one_process = next(iter(_pretrain(fakes.IndexSource(8))))
+  second_half = next(iter(_pretrain(fakes.IndexSource(8), batch_size=2, shard_index=1,
+                                    shard_count=2)))
   for key in ("views", "label", "site"):
     np.testing.assert_array_equal(second_half[key], one_process[key][2:], err_msg=key)
 
 
 def test_same_seed_same_batches_different_seed_different():
-  first = _take(iter(_pretrain(TinySource(12), seed=3)), 4)
-  again = _take(iter(_pretrain(TinySource(12), seed=3)), 4)
-  other = _take(iter(_pretrain(TinySource(12), seed=4)), 4)
+  first = _take(iter(_pretrain(fakes.IndexSource(12), seed=3)), 4)
+  again = _take(iter(_pretrain(fakes.IndexSource(12), seed=3)), 4)
+  other = _take(iter(_pretrain(fakes.IndexSource(12), seed=4)), 4)
   _assert_batches_equal(first, again)
   assert not np.array_equal(np.stack([b["views"] for b in first]),
                             np.stack([b["views"] for b in other]))
@@ -164,23 +142,23 @@ def test_same_seed_same_batches_different_seed_different():
 
 def test_views_change_between_epochs():
   # One batch per epoch holding every record: epoch 2 re-augments the same records.
-  batches = list(_pretrain(TinySource(4), num_epochs=2))
+  batches = list(_pretrain(fakes.IndexSource(4), num_epochs=2))
   order = [np.argsort(b["label"]) for b in batches]
   assert not np.array_equal(batches[0]["views"][order[0]], batches[1]["views"][order[1]])
 
 
 def test_resume_from_state_mid_epoch_is_exact():
-  iterator = iter(_pretrain(TinySource(14), batch_size=3))
+  iterator = iter(_pretrain(fakes.IndexSource(14), batch_size=3))
   _take(iterator, 3)  # Mid-epoch: 9 of 14 records consumed.
   state = iterator.get_state()
   expected = _take(iterator, 5)  # Crosses into the next epochs.
-  restored = iter(_pretrain(TinySource(14), batch_size=3))
+  restored = iter(_pretrain(fakes.IndexSource(14), batch_size=3))
   restored.set_state(state)
   _assert_batches_equal(_take(restored, 5), expected)
 
 
 def test_resume_through_orbax_composite(tmp_path):
-  iterator = iter(_pretrain(TinySource(14), batch_size=3))
+  iterator = iter(_pretrain(fakes.IndexSource(14), batch_size=3))
   _take(iterator, 2)
   with ocp.CheckpointManager(tmp_path, item_names=("data", "step")) as manager:
     manager.save(2, args=ocp.args.Composite(
@@ -188,7 +166,7 @@ def test_resume_through_orbax_composite(tmp_path):
         step=ocp.args.JsonSave({"step": 2})))
     manager.wait_until_finished()
   expected = _take(iterator, 4)
-  restored = iter(_pretrain(TinySource(14), batch_size=3))
+  restored = iter(_pretrain(fakes.IndexSource(14), batch_size=3))
   with ocp.CheckpointManager(tmp_path, item_names=("data", "step")) as manager:
     manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored),
                                                step=ocp.args.JsonRestore()))
@@ -196,7 +174,7 @@ def test_resume_through_orbax_composite(tmp_path):
 
 
 def test_eval_pads_the_last_batch_and_masks_it():
-  source = TinySource(11, with_mask=True)
+  source = fakes.IndexSource(11, mask="top_half")
   per_shard = []
   for shard_index in range(2):
     batches = list(pipeline.make_eval_dataset(source, batch_size=4, ops=_EVAL_OPS,
@@ -216,14 +194,14 @@ def test_eval_pads_the_last_batch_and_masks_it():
 
 def test_eval_is_deterministic_and_in_order():
   kwargs = dict(batch_size=5, ops=_EVAL_OPS, shard_index=0, shard_count=1)
-  first = list(pipeline.make_eval_dataset(TinySource(7), **kwargs))
-  second = list(pipeline.make_eval_dataset(TinySource(7), **kwargs))
+  first = list(pipeline.make_eval_dataset(fakes.IndexSource(7), **kwargs))
+  second = list(pipeline.make_eval_dataset(fakes.IndexSource(7), **kwargs))
   _assert_batches_equal(first, second)
   np.testing.assert_array_equal(first[0]["label"], np.arange(5))
   np.testing.assert_array_equal(first[0]["id"], [f"r{i}" for i in range(5)])
   # The eval image is the resized source image (an independent PIL check).
   from PIL import Image
-  record = TinySource(7)[1]
+  record = fakes.IndexSource(7)[1]
   height, width = record["image"].shape[:2]
   scale = 16 / min(height, width)
   size = (max(16, round(width * scale)), max(16, round(height * scale)))
@@ -234,27 +212,12 @@ def test_eval_is_deterministic_and_in_order():
 
 def test_bad_record_propagates_by_default():
   with pytest.raises(BadRecordError, match=r"images/5.png: truncated PNG"):
-    list(_pretrain(TinySource(12, bad={5}), num_epochs=1))
-
-
-class CountingSource(TinySource):
-  """Counts the BadRecordErrors it raised (read in-process with read_threads=0, no read-ahead)."""
-
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.raised = 0
-
-  def __getitem__(self, index):
-    try:
-      return super().__getitem__(index)
-    except BadRecordError:
-      self.raised += 1
-      raise
+    list(_pretrain(fakes.IndexSource(12, bad={5}), num_epochs=1))
 
 
 def test_bad_records_are_skipped_counted_and_logged(caplog):
   bad = {2, 7, 8}
-  source = CountingSource(20, bad=bad)
+  source = fakes.IndexSource(20, bad=bad)
   with caplog.at_level(logging.WARNING):
     batches = _take(iter(_pretrain(source, skip_bad_records=True, read_threads=0,
                                    max_bad_record_share=1.0)), 10)
@@ -273,10 +236,11 @@ def test_skip_counts_are_exact_per_batch():
   # Only record 5 of 6 is good, batch_size 1: batch k counts the bad records read between the
   # (k-1)-th and k-th read of record 5. The record order comes from the same pipeline over an
   # all-good source (the shuffle does not depend on content).
-  order = [int(b["label"][0]) for b in _take(iter(_pretrain(TinySource(6), batch_size=1)), 24)]
+  order = [int(b["label"][0])
+           for b in _take(iter(_pretrain(fakes.IndexSource(6), batch_size=1)), 24)]
   positions = [order[6 * epoch:6 * epoch + 6].index(5) + 6 * epoch for epoch in range(4)]
   expected = np.diff([-1] + positions) - 1
-  source = CountingSource(6, bad={0, 1, 2, 3, 4})
+  source = fakes.IndexSource(6, bad={0, 1, 2, 3, 4})
   batches = _take(iter(_pretrain(source, batch_size=1, skip_bad_records=True, read_threads=0,
                                  max_bad_record_share=1.0)), 4)
   assert [int(b["label"][0]) for b in batches] == [5, 5, 5, 5]
@@ -286,7 +250,7 @@ def test_skip_counts_are_exact_per_batch():
 
 def test_ops_must_fix_the_size():
   with pytest.raises(ValueError, match="random_resized_crop, resize or central_crop"):
-    _pretrain(TinySource(4), ops="flip_lr")
+    _pretrain(fakes.IndexSource(4), ops="flip_lr")
 
 
 @pytest.mark.slow
@@ -294,7 +258,7 @@ def test_worker_processes_skip_count_and_resume():
   # batch_size 1 so that no worker drops a remainder: every good record arrives exactly once.
   kwargs = dict(batch_size=1, num_epochs=2, skip_bad_records=True, worker_count=2,
                 max_bad_record_share=1.0)
-  iterator = iter(_pretrain(TinySource(12, bad={3}), **kwargs))
+  iterator = iter(_pretrain(fakes.IndexSource(12, bad={3}), **kwargs))
   batches = list(iterator)
   iterator.close()
   assert sorted(np.concatenate([b["label"] for b in batches]).tolist()) == sorted(
@@ -304,12 +268,12 @@ def test_worker_processes_skip_count_and_resume():
   assert sum(b["skipped_records"] for b in batches) in (1, 2)
   # Resume with workers is exact too (the state holds every worker's position).
   kwargs = dict(batch_size=2, worker_count=2)
-  iterator = iter(_pretrain(TinySource(12), **kwargs))
+  iterator = iter(_pretrain(fakes.IndexSource(12), **kwargs))
   _take(iterator, 3)
   state = iterator.get_state()
   expected = _take(iterator, 4)
   iterator.close()
-  restored = iter(_pretrain(TinySource(12), **kwargs))
+  restored = iter(_pretrain(fakes.IndexSource(12), **kwargs))
   restored.set_state(state)
   _assert_batches_equal(_take(restored, 4), expected)
   restored.close()

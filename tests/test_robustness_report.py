@@ -18,7 +18,10 @@ import pytest
 from scipy import stats
 
 from experiments import convergence_report as convergence
+from configs.sweeps import common as sweep_configs
 from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
+from experiments import sweep_run
 from experiments import robustness_report as robustness
 from remedis_jax import train_finetune
 from remedis_jax.evaluators import robustness as robustness_evaluator
@@ -28,13 +31,13 @@ PERTURBATIONS = ("gamma(0.7)", "rotate(15)")
 
 
 def make_sweep(workdir, inits=("scratch", "simclr"), fractions=(0.1, 1.0), seeds=(0, 1)):
-  config = sweep.default_sweep_config()
+  config = sweep_configs.default_sweep_config()
   config.inits = ml_collections.ConfigDict({name: "" for name in inits})
   config.label_fractions = tuple(fractions)
   config.seeds = tuple(seeds)
-  runs = sweep.plan_runs(config)
+  runs = sweep_plan.plan_runs(config)
   os.makedirs(workdir, exist_ok=True)
-  sweep._write_plan(config, runs, str(workdir))  # pylint: disable=protected-access
+  sweep_plan.write_plan(config, runs, str(workdir))  # pylint: disable=protected-access
   return runs
 
 
@@ -42,7 +45,7 @@ def write_results(workdir, init, fraction, seed, clean, perturbed, site_b=0.6):
   """results.json (train_finetune schema) with clean test metrics for two test sets and the
   robustness of the first: clean = {metric: value}; perturbed = {perturbation: {metric: value}}
   (None: no robustness section)."""
-  path = os.path.join(workdir, sweep.run_id(init, fraction, seed))
+  path = os.path.join(workdir, sweep_plan.run_id(init, fraction, seed))
   os.makedirs(path, exist_ok=True)
   results = {
       "format": train_finetune.RESULTS_FORMAT, "finished": True, "steps": 800,
@@ -185,15 +188,15 @@ def test_no_robustness_results_is_a_clear_error(tmp_path):
 
 # ------------------------------------------------------------------------ the methods sweep
 def test_methods_sweep_config_plans_4x3x2_runs_and_validates(tmp_path):
-  config = sweep.load_config_file("configs/sweeps/methods_tiny.py")
+  config = sweep_plan.load_config_file("configs/sweeps/methods_tiny.py")
   assert dict(config.inits) == {"scratch": "", "simclr": "workdirs/methods/simclr",
                                 "cluster": "workdirs/methods/cluster",
                                 "hybrid": "workdirs/methods/hybrid"}
-  runs = sweep.plan_runs(config)
+  runs = sweep_plan.plan_runs(config)
   assert len(runs) == 4 * 3 * 2
   assert {(r.init, r.label_fraction, r.seed) for r in runs} == {
       (i, f, s) for i in config.inits for f in (0.02, 0.1, 1.0) for s in (0, 1)}
-  run_config = sweep.build_run_config(config, runs[0])
+  run_config = sweep_plan.build_run_config(config, runs[0])
   kinds = {p.kind for p in robustness_evaluator.parse_perturbations(
       run_config.robustness.perturbations)}
   assert kinds == set(robustness_evaluator.PERTURBATIONS)  # intensity, rotation and scale
@@ -203,14 +206,14 @@ def test_methods_sweep_config_plans_4x3x2_runs_and_validates(tmp_path):
   for name in ("simclr", "cluster", "hybrid"):
     os.makedirs(tmp_path / name / "checkpoints" / "300")
     config.inits[name] = str(tmp_path / name)
-  assert len(sweep.validate(config)) == 24
+  assert len(sweep_plan.validate(config)) == 24
   config.inits.hybrid = str(tmp_path / "not_pretrained_yet")
   with pytest.raises(FileNotFoundError, match="inits.hybrid="):
-    sweep.validate(config, check_runs=False)
-  subset = sweep.load_config_file("configs/sweeps/methods_tiny.py:simclr")
+    sweep_plan.validate(config, check_runs=False)
+  subset = sweep_plan.load_config_file("configs/sweeps/methods_tiny.py:simclr")
   assert list(subset.inits) == ["scratch", "simclr"]
   with pytest.raises(ValueError, match="unknown init"):
-    sweep.load_config_file("configs/sweeps/methods_tiny.py:moco")
+    sweep_plan.load_config_file("configs/sweeps/methods_tiny.py:moco")
 
 
 @pytest.mark.slow
@@ -220,7 +223,7 @@ def test_real_parallel_smoke_sweep_feeds_both_reports(tmp_path):
   both reports. One run: running several at once, their logs and failures are
   test_gcs_sweep's (fake runs); the in-process mode is test_gcs_sweep's real sweep;
   that a run's command line parses back to its config is test_sweep_init_overrides'."""
-  config = sweep.default_sweep_config()
+  config = sweep_configs.default_sweep_config()
   config.base = "configs/finetune.py:smoke"
   config.inits = ml_collections.ConfigDict({"scratch": ""})
   config.label_fractions = (0.5,)
@@ -233,7 +236,7 @@ def test_real_parallel_smoke_sweep_feeds_both_reports(tmp_path):
   summary = sweep.run_sweep(config, workdir, parallel=2, verbose=False)
   assert summary["counts"] == {"finished": 1}, summary["failed"]
   run = os.path.join(workdir, "init=scratch", "frac=0.5", "seed=0")
-  assert os.path.exists(os.path.join(run, sweep.LOG_FILE))
+  assert os.path.exists(os.path.join(run, sweep_run.LOG_FILE))
   assert os.path.exists(os.path.join(run, "results.json"))
   assert summary["cells"][0]["n"] == 1
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs.studies import pneumoniamnist as study_config
-from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
+from experiments import sweep_run
 from experiments import study
 
 
@@ -37,9 +38,9 @@ def write_npz(path, sizes=(("train", 64), ("val", 32), ("test", 32)), seed=0):
 
 
 def row(init, fraction, seed, value, test_set="validation", status="finished", best_val=0.5):
-  return {"run_id": sweep.run_id(init, fraction, seed), "init": init, "label_fraction": fraction,
-          "seed": seed, "test_set": test_set, "status": status, "auc": value,
-          "best_val": best_val}
+  return {"run_id": sweep_plan.run_id(init, fraction, seed), "init": init,
+          "label_fraction": fraction, "seed": seed, "test_set": test_set, "status": status,
+          "auc": value, "best_val": best_val}
 
 
 def full_config(tmp_path):
@@ -92,7 +93,7 @@ def test_tuning_reads_validation_only_and_final_runs_take_the_chosen_setups(tmp_
   config = full_config(tmp_path)
   config.zero_shot.path = str(write_npz(tmp_path / "other_site.npz", seed=1))
   workdir = str(tmp_path / "study")
-  tune_runs = sweep.plan_runs(study.tune_sweep(config, workdir))
+  tune_runs = sweep_plan.plan_runs(study.tune_sweep(config, workdir))
   assert len(tune_runs) == 2 * 8 * 2 * 2  # the same grid and budget for scratch and simclr
   for run in tune_runs:
     overrides = dict(run.overrides)
@@ -101,12 +102,12 @@ def test_tuning_reads_validation_only_and_final_runs_take_the_chosen_setups(tmp_
                                        os.path.join(workdir, "pretrain"))
   selection = {"scratch": {"setup": "ep300_lr3e-3_aug"}, "simclr": {"setup": "ep100_lr1e-3"}}
   final = {r.init: dict(r.overrides) for r in
-           sweep.plan_runs(study.final_sweep(config, workdir, selection))}
+           sweep_plan.plan_runs(study.final_sweep(config, workdir, selection))}
   assert set(final) == {"scratch", "simclr", "simclr_linear"}
   # A subset of the arms (another process runs scratch) plans and validates without scratch.
   subset = study.final_sweep(config, workdir, selection, arms=("simclr", "simclr_linear"))
   os.makedirs(os.path.join(workdir, "pretrain", "checkpoints", "1"))
-  assert {r.init for r in sweep.validate(subset, check_runs=False)} == {"simclr",
+  assert {r.init for r in sweep_plan.validate(subset, check_runs=False)} == {"simclr",
                                                                          "simclr_linear"}
   assert final["scratch"]["total_epochs"] == 300.0
   assert final["scratch"]["optimizer.learning_rate"] == 0.003
@@ -120,9 +121,9 @@ def test_tuning_reads_validation_only_and_final_runs_take_the_chosen_setups(tmp_
     test, zero_shot = overrides["test_sets"]
     assert test == "test" and zero_shot.startswith("adult_cxr=test@medmnist:")
   one = study.distill_sweep(config, workdir, selection, students=("scratch_distilled",))
-  assert {r.init for r in sweep.plan_runs(one)} == {"scratch_distilled"}
+  assert {r.init for r in sweep_plan.plan_runs(one)} == {"scratch_distilled"}
   students = {r.init: dict(r.overrides) for r in
-              sweep.plan_runs(study.distill_sweep(config, workdir, selection))}
+              sweep_plan.plan_runs(study.distill_sweep(config, workdir, selection))}
   assert students["scratch_distilled"]["model.init"] == ""
   assert students["simclr_distilled"]["model.init"] == os.path.join(workdir, "pretrain")
   for name, teacher in (("scratch_distilled", "scratch"), ("simclr_distilled", "simclr")):
@@ -159,8 +160,8 @@ def _write_results(path, test_sets):
 def _tuned(config, workdir):
   """Every tuning run written as finished (validation only) and the selection made."""
   tune = study.tune_sweep(config, workdir)
-  for run in sweep.plan_runs(tune):
-    _write_results(sweep.run_dir(os.path.join(workdir, "tune"), run), {"validation": 0.8})
+  for run in sweep_plan.plan_runs(tune):
+    _write_results(sweep_run.run_dir(os.path.join(workdir, "tune"), run), {"validation": 0.8})
   selection = study.select(config, study._rows(tune, os.path.join(workdir, "tune")))  # pylint: disable=protected-access
   with open(os.path.join(workdir, study.SELECTION_FILE), "w") as f:
     json.dump(selection, f)
@@ -173,8 +174,8 @@ def test_report_counts_the_test_reads_and_refuses_a_tuning_run_that_read_test(tm
   tune, selection = _tuned(config, workdir)
   for stage, sweep_config in (("final", study.final_sweep(config, workdir, selection)),
                               ("distill", study.distill_sweep(config, workdir, selection))):
-    for run in sweep.plan_runs(sweep_config):
-      _write_results(sweep.run_dir(os.path.join(workdir, stage), run),
+    for run in sweep_plan.plan_runs(sweep_config):
+      _write_results(sweep_run.run_dir(os.path.join(workdir, stage), run),
                      {"test": 0.7 + 0.1 * (run.init != "scratch")})
   out = study.run_study(config, workdir, stages=("report",), verbose=False)["report"]
   assert out["test_reads"] == 3  # scratch, simclr, scratch_distilled at one fraction and seed
@@ -185,8 +186,8 @@ def test_report_counts_the_test_reads_and_refuses_a_tuning_run_that_read_test(tm
   assert "| simclr | 0.800 (1); +0.100 (1) |" in summary
   assert "| scratch | 0.700 (1) |" in summary
   # A tuning run that scored test breaks the protocol: the report says so and stops.
-  run = sweep.plan_runs(tune)[0]
-  _write_results(sweep.run_dir(os.path.join(workdir, "tune"), run),
+  run = sweep_plan.plan_runs(tune)[0]
+  _write_results(sweep_run.run_dir(os.path.join(workdir, "tune"), run),
                  {"validation": 0.8, "test": 0.9})
   with pytest.raises(RuntimeError, match="tuning runs scored the test split"):
     study.run_study(config, workdir, stages=("report",), verbose=False)
@@ -267,7 +268,7 @@ def test_new_site_study_pretrains_on_both_sites_and_starts_from_the_source_encod
                        for arm in ("scratch", "simclr_source", "simclr_both")}
   assert "`ep300_lr3e-3_aug`, fixed before the study" in study.selection_table(
       selection, full.metric)
-  runs = sweep.plan_runs(study.final_sweep(full, workdir, selection))
+  runs = sweep_plan.plan_runs(study.final_sweep(full, workdir, selection))
   # Every arm at 1-10% of the labels; scratch also at 100% (final.baseline_fraction).
   cells = {(r.init, r.label_fraction) for r in runs}
   assert cells == {(arm, f) for arm in ("scratch", "simclr_source", "simclr_both")
@@ -298,12 +299,12 @@ def test_new_site_report_has_the_raw_pixel_row_and_the_matching_fraction(tmp_pat
   tune, selection = _tuned(config, workdir)
   # scratch 0.7 at 50% and 0.8 at 100% (its reference cell, run for scratch alone); the SimCLR
   # arm 0.85 at 50%: it matches there.
-  runs = sweep.plan_runs(study.final_sweep(config, workdir, selection))
+  runs = sweep_plan.plan_runs(study.final_sweep(config, workdir, selection))
   assert {(r.init, r.label_fraction) for r in runs} == {
       ("scratch", 0.5), ("scratch", 1.0), ("simclr_both", 0.5)}
   for run in runs:
     value = 0.85 if run.init == "simclr_both" else 0.7 + 0.1 * (run.label_fraction == 1.0)
-    _write_results(sweep.run_dir(os.path.join(workdir, "final"), run), {"test": value})
+    _write_results(sweep_run.run_dir(os.path.join(workdir, "final"), run), {"test": value})
   out = study.run_study(config, workdir, stages=("report",), verbose=False)["report"]
   assert out["test_reads"] == 3
   raw = [c for c in out["cells"] if c["init"] == "raw_pixels"]

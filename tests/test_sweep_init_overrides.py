@@ -12,14 +12,17 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs.sweeps import pneumoniamnist, pneumoniamnist_recipes
+from configs.sweeps import common as sweep_configs
 from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
+from experiments import sweep_run
 from remedis_jax import train_finetune
 
 VIT = "ViT-micro/4"
 
 
 def _sweep(init_overrides=None, inits=(("scratch", ""), ("vit", ""))):
-  config = sweep.default_sweep_config()
+  config = sweep_configs.default_sweep_config()
   config.base = "configs/finetune.py:smoke"
   config.inits = ml_collections.ConfigDict(dict(inits))
   config.label_fractions = (0.5,)
@@ -45,22 +48,22 @@ def _by_init(runs):
 
 def test_init_overrides_apply_to_that_init_only_and_win_over_shared_keys():
   config = _sweep(_vit_overrides(optimizer={"learning_rate": 0.01}))
-  runs = sweep.validate(config)
+  runs = sweep_plan.validate(config)
   assert len(runs) == 4
   per_init = _by_init(runs)
   assert per_init["vit"]["model.name"] == VIT
   assert per_init["vit"]["optimizer.learning_rate"] == 0.01
   assert "model.name" not in per_init["scratch"]
   assert per_init["scratch"]["optimizer.learning_rate"] == 0.05
-  base = sweep.load_config_file(config.base)
+  base = sweep_plan.load_config_file(config.base)
   for run in runs:
-    built = sweep.build_run_config(config, run, base)
+    built = sweep_plan.build_run_config(config, run, base)
     assert built.model.name == (VIT if run.init == "vit" else "R_micro")
     assert built.seed == built.label_fraction_seed == run.seed  # grid keys untouched
   # Plain dicts with dotted keys (the brief's spelling) mean the same.
   dotted = _sweep()
   dotted.init_overrides = ml_collections.ConfigDict()
-  dotted_runs = sweep.plan_runs(_PlainInitOverrides(
+  dotted_runs = sweep_plan.plan_runs(_PlainInitOverrides(
       dotted, {"vit": {"model.name": VIT, "optimizer.learning_rate": 0.01}}))
   assert [r.overrides for r in dotted_runs] == [r.overrides for r in runs]
 
@@ -79,13 +82,13 @@ class _PlainInitOverrides:
 
 
 def test_absent_or_empty_init_overrides_change_nothing():
-  with_empty = sweep.plan_runs(_sweep())
+  with_empty = sweep_plan.plan_runs(_sweep())
   legacy = _sweep()
   del legacy["init_overrides"]  # a sweep config written before the key existed
   assert "init_overrides" not in legacy
-  assert sweep.plan_runs(legacy) == with_empty
+  assert sweep_plan.plan_runs(legacy) == with_empty
   assert all("model.name" not in dict(r.overrides) for r in with_empty)
-  sweep.validate(legacy, check_runs=False)
+  sweep_plan.validate(legacy, check_runs=False)
 
 
 @pytest.mark.parametrize("init_overrides, error, match", [
@@ -132,14 +135,14 @@ def test_in_process_runs_and_job_list_get_the_init_model(tmp_path, monkeypatch):
   assert summary["counts"] == {"finished": 4}
   assert seen == {f"init={i}/frac=0.5/seed={s}": (VIT if i == "vit" else "R_micro")
                   for i in ("scratch", "vit") for s in (0, 1)}
-  plan = json.loads((tmp_path / "sweep" / sweep.PLAN_FILE).read_text())
+  plan = json.loads((tmp_path / "sweep" / sweep_plan.PLAN_FILE).read_text())
   assert {r["run_id"]: r["overrides"].get("model.name") for r in plan["runs"]} == {
       f"init={i}/frac=0.5/seed={s}": (VIT if i == "vit" else None)
       for i in ("scratch", "vit") for s in (0, 1)}
 
   # The subprocess command line of a ViT run parses back to the ViT config.
-  run = next(r for r in sweep.plan_runs(config) if r.init == "vit")
-  argv = sweep.run_command(config, run, str(tmp_path / "sweep"))
+  run = next(r for r in sweep_plan.plan_runs(config) if r.init == "vit")
+  argv = sweep_run.run_command(config, run, str(tmp_path / "sweep"))
   assert f"--config.model.name={VIT}" in argv
   main_args = shlex.split(shlex.join(argv[3:]))  # through a shell's quoting, as jobs.txt is
   flag_values = flags.FlagValues()
@@ -147,50 +150,50 @@ def test_in_process_runs_and_job_list_get_the_init_model(tmp_path, monkeypatch):
                                   sys_argv=["prog", *main_args])
   flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
   flag_values(["prog", *main_args])
-  assert flag_values.config.to_dict() == sweep.build_run_config(config, run).to_dict()
+  assert flag_values.config.to_dict() == sweep_plan.build_run_config(config, run).to_dict()
 
 
 def test_gmml_tiny_sweep_config(tmp_path, monkeypatch):
-  scratch_only = sweep.load_config_file("configs/sweeps/gmml_tiny.py:scratch")
+  scratch_only = sweep_plan.load_config_file("configs/sweeps/gmml_tiny.py:scratch")
   assert set(scratch_only.inits) == {"scratch", "vit_scratch"}
-  runs = sweep.validate(scratch_only, check_runs=False)
+  runs = sweep_plan.validate(scratch_only, check_runs=False)
   assert len(runs) == 2 * 3 * 2
   names = {r.init: dict(r.overrides).get("model.name") for r in runs}
   assert names == {"scratch": None, "vit_scratch": "ViT-tiny/4"}
 
-  full = sweep.load_config_file("configs/sweeps/gmml_tiny.py")
+  full = sweep_plan.load_config_file("configs/sweeps/gmml_tiny.py")
   assert full.inits.gmml_vit == "workdirs/gmml/pretrain"
   assert full.init_overrides.gmml_vit.model.name == "ViT-tiny/4"
   # The pretraining workdir is checked like any init: missing -> named, with the fix.
   monkeypatch.chdir(tmp_path)
   with pytest.raises(FileNotFoundError, match=r"inits.gmml_vit='.*workdirs/gmml/pretrain'"):
-    sweep.validate(full, check_runs=False)
+    sweep_plan.validate(full, check_runs=False)
   (tmp_path / "workdirs" / "gmml" / "pretrain" / "checkpoints" / "10").mkdir(parents=True)
-  runs = sweep.validate(full, check_runs=False)
+  runs = sweep_plan.validate(full, check_runs=False)
   gmml = [r for r in runs if r.init == "gmml_vit"]
   assert len(gmml) == 6 and all(
       dict(r.overrides)["model.init"] == str(tmp_path / "workdirs/gmml/pretrain") and
       dict(r.overrides)["model.name"] == "ViT-tiny/4" for r in gmml)
   with pytest.raises(ValueError, match="unknown argument 'vit'"):
-    sweep.load_config_file("configs/sweeps/gmml_tiny.py:vit")
+    sweep_plan.load_config_file("configs/sweeps/gmml_tiny.py:vit")
 
 
 def test_overrides_never_leak_into_the_base_or_later_runs():
   # Regression: ConfigDict(base) shares nested blocks, so a ViT run built first (gmml_vit sorts
   # before scratch) turned the later scratch runs of the same in-process sweep into ViTs.
   base = ml_collections.ConfigDict({"model": {"name": "R_micro", "init": ""}, "seed": 0})
-  vit = sweep.apply_overrides(base, [("model.name", VIT), ("model.init", "x")])
-  later = sweep.apply_overrides(base, [("seed", 1)])
+  vit = sweep_plan.apply_overrides(base, [("model.name", VIT), ("model.init", "x")])
+  later = sweep_plan.apply_overrides(base, [("seed", 1)])
   assert vit.model.name == VIT and base.model.name == "R_micro" and base.model.init == ""
   assert later.model.name == "R_micro" and later.model.init == ""
 
 
 def test_gmml_tiny_vit_inits_use_the_tiny_vit_recipe():
   from configs import finetune  # pylint: disable=g-import-not-at-top
-  config = sweep.load_config_file("configs/sweeps/gmml_tiny.py")
+  config = sweep_plan.load_config_file("configs/sweeps/gmml_tiny.py")
   variant = finetune.get_config("tiny_vit")
-  for run in sweep.plan_runs(config):
-    built = sweep.build_run_config(config, run)
+  for run in sweep_plan.plan_runs(config):
+    built = sweep_plan.build_run_config(config, run)
     if run.init == "scratch":
       assert built.model.name == "R_tiny" and built.optimizer.name == "sgd"
     else:
@@ -204,13 +207,13 @@ def test_pneumoniamnist_encoder_sweep_fine_tunes_every_encoder_alike(tmp_path, m
               "small_s2": "simclr_pneumoniamnist_small_s2", "r_small": "simclr_pneumoniamnist_r_small"}
   for name in workdirs.values():
     (tmp_path / "workdirs" / name / "checkpoints" / "1500").mkdir(parents=True)
-  config = sweep.load_config_file("configs/sweeps/pneumoniamnist_encoders.py")
-  runs = sweep.validate(config, check_runs=False)
+  config = sweep_plan.load_config_file("configs/sweeps/pneumoniamnist_encoders.py")
+  runs = sweep_plan.validate(config, check_runs=False)
   assert sorted({run.init for run in runs}) == sorted(workdirs)
   assert len(runs) == 4 * 2 * 3  # four encoders, 1% and 10%, seeds 0-2
   chosen = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
   for run in runs:
-    built = sweep.build_run_config(config, run)
+    built = sweep_plan.build_run_config(config, run)
     assert tuple(built.test_sets) == ("validation=val",)  # never the test split
     assert built.model.init.endswith("workdirs/" + workdirs[run.init])
     # The encoder's own keys on top of the recipe, which stays whole.
@@ -223,10 +226,10 @@ def test_pneumoniamnist_encoder_sweep_fine_tunes_every_encoder_alike(tmp_path, m
                                          {"model": {"stem": "small_s2"}})
   assert nested == {"model": {"from_head_layer": True, "stem": "small_s2"}, "seed": 1}
   # Round 2 (the input of fine-tuning) is scored on validation too.
-  config = sweep.load_config_file("configs/sweeps/pneumoniamnist_input_recipes.py")
-  runs = sweep.validate(config, check_runs=False)
+  config = sweep_plan.load_config_file("configs/sweeps/pneumoniamnist_input_recipes.py")
+  runs = sweep_plan.validate(config, check_runs=False)
   assert len(runs) == 4 * 3
-  assert all(tuple(sweep.build_run_config(config, run).test_sets) == ("validation=val",)
+  assert all(tuple(sweep_plan.build_run_config(config, run).test_sets) == ("validation=val",)
              for run in runs)
 
 
@@ -235,11 +238,11 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
   for name in ("simclr_pneumoniamnist", "simclr_pneumoniamnist_small_s2"):
     (tmp_path / "workdirs" / name / "checkpoints" / "1500").mkdir(parents=True)
   # The recipe search: one init per recipe, each with its own keys, scored on validation only.
-  search = sweep.load_config_file("configs/sweeps/pneumoniamnist_recipes.py")
-  runs = sweep.validate(search, check_runs=False)
+  search = sweep_plan.load_config_file("configs/sweeps/pneumoniamnist_recipes.py")
+  runs = sweep_plan.validate(search, check_runs=False)
   assert len(runs) == len(pneumoniamnist_recipes.RECIPES) * 2 * 3  # 1% and 10%, seeds 0-2
   for run in runs:
-    built = sweep.build_run_config(search, run)
+    built = sweep_plan.build_run_config(search, run)
     assert tuple(built.test_sets) == ("validation=val",)
     recipe = pneumoniamnist_recipes.RECIPES[run.init]
     assert built.encoder_lr_multiplier == recipe.get("encoder_lr_multiplier", 1.0)
@@ -249,13 +252,13 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     assert built.loss.class_weights == recipe.get("loss", {}).get("class_weights", "")
   # The headline sweep: the chosen encoder and recipe for the SimCLR init only; scratch keeps
   # the protocol (and BiT's stem).
-  headline = sweep.load_config_file("configs/sweeps/pneumoniamnist.py")
+  headline = sweep_plan.load_config_file("configs/sweeps/pneumoniamnist.py")
   chosen = pneumoniamnist_recipes.RECIPES[pneumoniamnist.SIMCLR_RECIPE]
   encoder_workdir, needs = pneumoniamnist_recipes.ENCODERS[pneumoniamnist.SIMCLR_ENCODER]
-  runs = sweep.validate(headline, check_runs=False)
+  runs = sweep_plan.validate(headline, check_runs=False)
   assert len(runs) == 7 * 3 * 2
   for run in runs:
-    built = sweep.build_run_config(headline, run)
+    built = sweep_plan.build_run_config(headline, run)
     assert tuple(built.test_sets) == ("test",)
     expected = chosen if run.init == "simclr" else {}
     if run.init == "simclr":
@@ -268,25 +271,25 @@ def test_pneumoniamnist_sweeps_choose_on_validation_and_apply_the_choice(tmp_pat
     assert built.encoder_frozen_fraction == expected.get("encoder_frozen_fraction", 0.0)
     assert built.total_epochs == expected.get("total_epochs", 100.0)
     assert built.loss.class_weights == expected.get("loss", {}).get("class_weights", "")
-  assert set(sweep.load_config_file("configs/sweeps/pneumoniamnist.py:scratch").inits) == {
+  assert set(sweep_plan.load_config_file("configs/sweeps/pneumoniamnist.py:scratch").inits) == {
       "scratch"}
   # ':RECIPE@ENCODER' fine-tunes that encoder with that recipe (the earlier study's table,
   # head_first@steps_1500); ':RECIPE' keeps SIMCLR_ENCODER.
-  table = sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first@steps_1500")
-  for run in sweep.validate(table, check_runs=False):
-    built = sweep.build_run_config(table, run)
+  table = sweep_plan.load_config_file("configs/sweeps/pneumoniamnist.py:head_first@steps_1500")
+  for run in sweep_plan.validate(table, check_runs=False):
+    built = sweep_plan.build_run_config(table, run)
     assert built.encoder_frozen_fraction == (0.5 if run.init == "simclr" else 0.0)
     assert built.total_epochs == 100.0
     assert built.model.stem == "bit"
     if run.init == "simclr":
       assert built.model.init.endswith("workdirs/simclr_pneumoniamnist")
-  recipe_only = sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first")
+  recipe_only = sweep_plan.load_config_file("configs/sweeps/pneumoniamnist.py:head_first")
   assert recipe_only.inits.simclr == encoder_workdir
   assert pneumoniamnist.parse_arg("head_first@small_s2") == ("head_first", "small_s2")
   with pytest.raises(ValueError, match="unknown argument 'head_first@steps_999'"):
-    sweep.load_config_file("configs/sweeps/pneumoniamnist.py:head_first@steps_999")
+    sweep_plan.load_config_file("configs/sweeps/pneumoniamnist.py:head_first@steps_999")
   with pytest.raises(ValueError, match="unknown argument 'simclr'"):
-    sweep.load_config_file("configs/sweeps/pneumoniamnist.py:simclr")
+    sweep_plan.load_config_file("configs/sweeps/pneumoniamnist.py:simclr")
 
 
 def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tmp_path,
@@ -295,11 +298,11 @@ def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tm
   from remedis_jax import distillation  # pylint: disable=g-import-not-at-top
   monkeypatch.chdir(tmp_path)
   (tmp_path / "workdirs" / "simclr_pneumoniamnist" / "checkpoints" / "1500").mkdir(parents=True)
-  config = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py")
-  runs = sweep.validate(config, check_runs=False)
+  config = sweep_plan.load_config_file("configs/sweeps/pneumoniamnist_distill.py")
+  runs = sweep_plan.validate(config, check_runs=False)
   assert len(runs) == 4 * 2 * 3  # the teacher and 3 students, 1% and 10%, seeds 0-2
   for run in runs:
-    built = sweep.build_run_config(config, run)
+    built = sweep_plan.build_run_config(config, run)
     assert tuple(built.test_sets) == ("validation=val",)  # never the test split
     assert built.encoder_frozen_fraction == 0.5 and built.model.init.endswith(
         "workdirs/simclr_pneumoniamnist")
@@ -314,8 +317,8 @@ def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tm
       assert built.data.path == ""  # the sweep's own key, kept beside the student's data keys
     else:
       assert built.distill.teacher == "" and built.total_epochs == 100.0
-  other = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:/elsewhere/recipes")
-  built = sweep.build_run_config(other, next(r for r in sweep.plan_runs(other)
+  other = sweep_plan.load_config_file("configs/sweeps/pneumoniamnist_distill.py:/elsewhere/recipes")
+  built = sweep_plan.build_run_config(other, next(r for r in sweep_plan.plan_runs(other)
                                              if r.init == "distilled"))
   assert distillation.teacher_path(built).startswith("/elsewhere/recipes/init=head_first/")
   # The test round: at 10%, the table's head_first runs (init=simclr) and their students.
@@ -323,12 +326,12 @@ def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tm
   # (or the one named).
   chosen = pneumoniamnist_distill.CHOSEN
   for arg, student in (("test@/table", chosen), ("test,distilled@/table", "distilled")):
-    test = sweep.load_config_file(f"configs/sweeps/pneumoniamnist_distill.py:{arg}")
-    runs = sweep.validate(test, check_runs=False)
+    test = sweep_plan.load_config_file(f"configs/sweeps/pneumoniamnist_distill.py:{arg}")
+    runs = sweep_plan.validate(test, check_runs=False)
     assert sorted(r.run_id for r in runs) == sorted(
         f"init={i}/frac=0.1/seed={s}" for i in (student, "simclr") for s in range(3))
     for run in runs:
-      built = sweep.build_run_config(test, run)
+      built = sweep_plan.build_run_config(test, run)
       assert tuple(built.test_sets) == ("test",) and built.encoder_frozen_fraction == 0.5
       if run.init == student:
         assert distillation.teacher_path(built) == f"/table/init=simclr/frac=0.1/seed={run.seed}"
@@ -336,15 +339,15 @@ def test_pneumoniamnist_distillation_sweep_points_each_student_at_its_teacher(tm
       else:
         assert built.distill.teacher == "" and built.total_epochs == 100.0
   with pytest.raises(ValueError, match="unknown student 'nope'"):
-    sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:test,nope")
+    sweep_plan.load_config_file("configs/sweeps/pneumoniamnist_distill.py:test,nope")
   # ':table': every fraction of the earlier study's table below 100%, each student with its
   # teacher (experiments/results/pneumoniamnist/).
-  table = sweep.load_config_file("configs/sweeps/pneumoniamnist_distill.py:table@/table")
-  runs = sweep.validate(table, check_runs=False)
+  table = sweep_plan.load_config_file("configs/sweeps/pneumoniamnist_distill.py:table@/table")
+  runs = sweep_plan.validate(table, check_runs=False)
   assert len(runs) == 2 * 6 * 3
   assert sorted({r.label_fraction for r in runs}) == [0.01, 0.02, 0.05, 0.1, 0.25, 0.5]
   for run in runs:
     if run.init == chosen:
-      built = sweep.build_run_config(table, run)
+      built = sweep_plan.build_run_config(table, run)
       assert distillation.teacher_path(built) == (
           f"/table/init=simclr/frac={run.label_fraction:g}/seed={run.seed}")

@@ -15,7 +15,11 @@ import sys
 import ml_collections
 import pytest
 
+from configs.sweeps import common as sweep_configs
 from experiments import label_fraction_sweep as sweep
+from experiments import sweep_plan
+from experiments import sweep_run
+from remedis_jax import run_files
 
 ray = pytest.importorskip("ray", reason="the Ray executor needs ray (the dev extra installs it)")
 from experiments import sweep_ray  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -27,13 +31,13 @@ NUM_CPUS = 2
 def local_ray():
   """One local Ray instance for the module (a start costs seconds); the sweeps reuse it."""
   ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False,
-           runtime_env={"env_vars": {"PYTHONPATH": sweep.REPO_ROOT}})
+           runtime_env={"env_vars": {"PYTHONPATH": sweep_plan.REPO_ROOT}})
   yield
   ray.shutdown()
 
 
 def tiny_sweep(seeds=(0, 1)):
-  config = sweep.default_sweep_config()
+  config = sweep_configs.default_sweep_config()
   config.base = "configs/finetune.py:smoke"
   config.inits = ml_collections.ConfigDict({"scratch": ""})
   config.label_fractions = (0.5,)
@@ -47,7 +51,7 @@ def tiny_sweep(seeds=(0, 1)):
 
 
 def sweep_results_json(run_dir):
-  with open(os.path.join(run_dir, sweep.RESULTS_FILE), encoding="utf-8") as f:
+  with open(os.path.join(run_dir, run_files.RESULTS_FILE), encoding="utf-8") as f:
     return json.load(f)
 
 
@@ -102,8 +106,8 @@ def test_ray_sweep_matches_the_in_process_sweep_and_resumes_a_killed_run(local_r
   assert summary["counts"] == {"failed": 1}
   killed = "init=scratch/frac=0.5/seed=0"
   assert summary["failed"][killed].startswith("exit status 137")
-  assert os.path.exists(os.path.join(workdir, killed, sweep.ERROR_FILE))
-  tasks = sweep_ray.read_task_records(workdir, sweep.plan_runs(config))
+  assert os.path.exists(os.path.join(workdir, killed, sweep_run.ERROR_FILE))
+  tasks = sweep_ray.read_task_records(workdir, sweep_plan.plan_runs(config))
   assert [r["returncode"] for r in tasks.values()] == [137]
 
   # The rerun resumes the killed run from its checkpoint and finishes it.
@@ -111,7 +115,7 @@ def test_ray_sweep_matches_the_in_process_sweep_and_resumes_a_killed_run(local_r
   assert again["counts"] == {"finished": 1} and not again["failed"]
   results = sweep_results_json(os.path.join(workdir, killed))
   assert results["initialisation"].startswith("resumed from")
-  assert not os.path.exists(os.path.join(workdir, killed, sweep.ERROR_FILE))
+  assert not os.path.exists(os.path.join(workdir, killed, sweep_run.ERROR_FILE))
   assert results_rows(workdir) == results_rows(reference)
 
 
@@ -132,7 +136,7 @@ def test_ray_never_runs_more_runs_at_once_than_its_cpus(local_ray, tmp_path):
   workdir = str(tmp_path / "sweep")
   summary = sweep.run_sweep(config, workdir, executor="ray", python=python, verbose=False)
   assert summary["counts"] == {"finished": 5}
-  tasks = sweep_ray.read_task_records(workdir, sweep.plan_runs(config))
+  tasks = sweep_ray.read_task_records(workdir, sweep_plan.plan_runs(config))
   assert len(tasks) == 5
   events = sorted([(r["start"], 1) for r in tasks.values()] + [(r["end"], -1)
                                                                for r in tasks.values()])

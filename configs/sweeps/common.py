@@ -1,7 +1,8 @@
 """The keys every sweep config has; configs/sweeps/*.py start from these.
 
-Read by experiments/label_fraction_sweep.py (`default_sweep_config`) and experiments/ood_study.py
-(`default_ood_config`); imports neither JAX nor the experiment scripts.
+Each sweep config calls `default_sweep_config` (experiments/sweep_plan.py plans its grid), an
+OOD config `default_ood_config` (experiments/ood_study.py); imports neither JAX nor the
+experiment scripts.
 """
 
 import ml_collections

@@ -13,7 +13,7 @@ with
 Without pretraining, `--config=configs/sweeps/tiny.py:scratch` sweeps scratch only.
 
 The REMEDIS paper's grid (1, 2, 5, 10, 25, 50, 100%, 3+ seeds) is the default of
-experiments/sweep_common.default_sweep_config(); this file trades it for CPU minutes,
+configs/sweeps/common.default_sweep_config(); this file trades it for CPU minutes,
 so its numbers are a smoke-level demonstration, not evidence.
 """
 
