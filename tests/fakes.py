@@ -6,6 +6,7 @@
   subset sampling and evaluator banks.
 - `smoke_config`: a trainer config's `:smoke` variant on one device with dotted overrides.
 - `with_options`: pipeline-factory keyword arguments with the stream options gathered.
+- `take`, `assert_batches_equal`: the next batches of an iterator; two lists of them compared.
 """
 
 import importlib
@@ -124,3 +125,17 @@ def with_options(kwargs):
   options = {k: v for k, v in kwargs.items() if k in fields}
   rest = {k: v for k, v in kwargs.items() if k not in fields}
   return {**rest, "options": stream.StreamOptions(**options)}
+
+
+def take(iterator, count):
+  """The next `count` batches of `iterator`."""
+  return [next(iterator) for _ in range(count)]
+
+
+def assert_batches_equal(first, second):
+  """Two lists of batches hold the same keys and bit-identical arrays."""
+  assert len(first) == len(second)
+  for a, b in zip(first, second):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)

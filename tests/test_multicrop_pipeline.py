@@ -38,18 +38,6 @@ def _multicrop(source, **kwargs):
   return pipeline.make_multicrop_dataset(source, **with_options({**defaults, **kwargs}))
 
 
-def _take(iterator, count):
-  return [next(iterator) for _ in range(count)]
-
-
-def _assert_batches_equal(first, second):
-  assert len(first) == len(second)
-  for a, b in zip(first, second):
-    assert a.keys() == b.keys()
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
 def test_batch_format_and_grey_to_rgb():
   batch = next(iter(_multicrop(_source(10), num_global=2, num_local=3)))
   assert set(batch) == {"global_views", "local_views", "label", "labeled", "site",
@@ -111,10 +99,10 @@ def test_labeled_defaults_to_having_a_label():
 
 
 def test_same_seed_same_batches_different_seed_different():
-  first = _take(iter(_multicrop(_source(12), seed=3)), 4)
-  again = _take(iter(_multicrop(_source(12), seed=3)), 4)
-  other = _take(iter(_multicrop(_source(12), seed=4)), 4)
-  _assert_batches_equal(first, again)
+  first = fakes.take(iter(_multicrop(_source(12), seed=3)), 4)
+  again = fakes.take(iter(_multicrop(_source(12), seed=3)), 4)
+  other = fakes.take(iter(_multicrop(_source(12), seed=4)), 4)
+  fakes.assert_batches_equal(first, again)
   for key in ("global_views", "local_views"):
     assert not np.array_equal(np.stack([b[key] for b in first]), np.stack([b[key] for b in other]))
 
@@ -122,12 +110,12 @@ def test_same_seed_same_batches_different_seed_different():
 def test_resume_from_state_mid_epoch_is_exact():
   kwargs = dict(batch_size=3, labeled_indices=np.arange(0, 14, 3))
   iterator = iter(_multicrop(_source(14), **kwargs))
-  _take(iterator, 3)  # 9 of 14 records consumed.
+  fakes.take(iterator, 3)  # 9 of 14 records consumed.
   state = iterator.get_state()
-  expected = _take(iterator, 5)  # Crosses into the next epochs.
+  expected = fakes.take(iterator, 5)  # Crosses into the next epochs.
   restored = iter(_multicrop(_source(14), **kwargs))
   restored.set_state(state)
-  _assert_batches_equal(_take(restored, 5), expected)
+  fakes.assert_batches_equal(fakes.take(restored, 5), expected)
 
 
 def test_shards_are_disjoint_and_complete_and_labeled_uses_source_indices():

@@ -24,18 +24,6 @@ def _pretrain(source, **kwargs):
   return pipeline.make_pretrain_dataset(source, **with_options({**defaults, **kwargs}))
 
 
-def _take(iterator, count):
-  return [next(iterator) for _ in range(count)]
-
-
-def _assert_batches_equal(first, second):
-  assert len(first) == len(second)
-  for a, b in zip(first, second):
-    assert a.keys() == b.keys()
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-
-
 def test_pretrain_batch_format():
   batch = next(iter(_pretrain(fakes.IndexSource(10), num_views=3)))
   assert set(batch) == {"views", "label", "site", "skipped_records"}
@@ -132,10 +120,10 @@ def test_views_depend_on_the_global_position_not_on_the_process():
 
 
 def test_same_seed_same_batches_different_seed_different():
-  first = _take(iter(_pretrain(fakes.IndexSource(12), seed=3)), 4)
-  again = _take(iter(_pretrain(fakes.IndexSource(12), seed=3)), 4)
-  other = _take(iter(_pretrain(fakes.IndexSource(12), seed=4)), 4)
-  _assert_batches_equal(first, again)
+  first = fakes.take(iter(_pretrain(fakes.IndexSource(12), seed=3)), 4)
+  again = fakes.take(iter(_pretrain(fakes.IndexSource(12), seed=3)), 4)
+  other = fakes.take(iter(_pretrain(fakes.IndexSource(12), seed=4)), 4)
+  fakes.assert_batches_equal(first, again)
   assert not np.array_equal(np.stack([b["views"] for b in first]),
                             np.stack([b["views"] for b in other]))
 
@@ -149,28 +137,28 @@ def test_views_change_between_epochs():
 
 def test_resume_from_state_mid_epoch_is_exact():
   iterator = iter(_pretrain(fakes.IndexSource(14), batch_size=3))
-  _take(iterator, 3)  # Mid-epoch: 9 of 14 records consumed.
+  fakes.take(iterator, 3)  # Mid-epoch: 9 of 14 records consumed.
   state = iterator.get_state()
-  expected = _take(iterator, 5)  # Crosses into the next epochs.
+  expected = fakes.take(iterator, 5)  # Crosses into the next epochs.
   restored = iter(_pretrain(fakes.IndexSource(14), batch_size=3))
   restored.set_state(state)
-  _assert_batches_equal(_take(restored, 5), expected)
+  fakes.assert_batches_equal(fakes.take(restored, 5), expected)
 
 
 def test_resume_through_orbax_composite(tmp_path):
   iterator = iter(_pretrain(fakes.IndexSource(14), batch_size=3))
-  _take(iterator, 2)
+  fakes.take(iterator, 2)
   with ocp.CheckpointManager(tmp_path, item_names=("data", "step")) as manager:
     manager.save(2, args=ocp.args.Composite(
         data=grain.checkpoint.CheckpointSave(iterator),
         step=ocp.args.JsonSave({"step": 2})))
     manager.wait_until_finished()
-  expected = _take(iterator, 4)
+  expected = fakes.take(iterator, 4)
   restored = iter(_pretrain(fakes.IndexSource(14), batch_size=3))
   with ocp.CheckpointManager(tmp_path, item_names=("data", "step")) as manager:
     manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored),
                                                step=ocp.args.JsonRestore()))
-  _assert_batches_equal(_take(restored, 4), expected)
+  fakes.assert_batches_equal(fakes.take(restored, 4), expected)
 
 
 def test_eval_pads_the_last_batch_and_masks_it():
@@ -196,7 +184,7 @@ def test_eval_is_deterministic_and_in_order():
   kwargs = dict(batch_size=5, ops=_EVAL_OPS, shard_index=0, shard_count=1)
   first = list(pipeline.make_eval_dataset(fakes.IndexSource(7), **kwargs))
   second = list(pipeline.make_eval_dataset(fakes.IndexSource(7), **kwargs))
-  _assert_batches_equal(first, second)
+  fakes.assert_batches_equal(first, second)
   np.testing.assert_array_equal(first[0]["label"], np.arange(5))
   np.testing.assert_array_equal(first[0]["id"], [f"r{i}" for i in range(5)])
   # The eval image is the resized source image (an independent PIL check).
@@ -219,7 +207,7 @@ def test_bad_records_are_skipped_counted_and_logged(caplog):
   bad = {2, 7, 8}
   source = fakes.IndexSource(20, bad=bad)
   with caplog.at_level(logging.WARNING):
-    batches = _take(iter(_pretrain(source, skip_bad_records=True, read_threads=0,
+    batches = fakes.take(iter(_pretrain(source, skip_bad_records=True, read_threads=0,
                                    max_bad_record_share=1.0)), 10)
   labels = np.concatenate([b["label"] for b in batches])
   assert not set(labels.tolist()) & bad
@@ -237,11 +225,11 @@ def test_skip_counts_are_exact_per_batch():
   # (k-1)-th and k-th read of record 5. The record order comes from the same pipeline over an
   # all-good source (the shuffle does not depend on content).
   order = [int(b["label"][0])
-           for b in _take(iter(_pretrain(fakes.IndexSource(6), batch_size=1)), 24)]
+           for b in fakes.take(iter(_pretrain(fakes.IndexSource(6), batch_size=1)), 24)]
   positions = [order[6 * epoch:6 * epoch + 6].index(5) + 6 * epoch for epoch in range(4)]
   expected = np.diff([-1] + positions) - 1
   source = fakes.IndexSource(6, bad={0, 1, 2, 3, 4})
-  batches = _take(iter(_pretrain(source, batch_size=1, skip_bad_records=True, read_threads=0,
+  batches = fakes.take(iter(_pretrain(source, batch_size=1, skip_bad_records=True, read_threads=0,
                                  max_bad_record_share=1.0)), 4)
   assert [int(b["label"][0]) for b in batches] == [5, 5, 5, 5]
   assert [b["skipped_records"] for b in batches] == expected.tolist()
@@ -269,13 +257,13 @@ def test_worker_processes_skip_count_and_resume():
   # Resume with workers is exact too (the state holds every worker's position).
   kwargs = dict(batch_size=2, worker_count=2)
   iterator = iter(_pretrain(fakes.IndexSource(12), **kwargs))
-  _take(iterator, 3)
+  fakes.take(iterator, 3)
   state = iterator.get_state()
-  expected = _take(iterator, 4)
+  expected = fakes.take(iterator, 4)
   iterator.close()
   restored = iter(_pretrain(fakes.IndexSource(12), **kwargs))
   restored.set_state(state)
-  _assert_batches_equal(_take(restored, 4), expected)
+  fakes.assert_batches_equal(fakes.take(restored, 4), expected)
   restored.close()
 
 
