@@ -28,6 +28,13 @@ from data_pipelines import storage
 from data_pipelines.errors import BadRecordError, TooManyBadRecordsError
 from data_pipelines.sources import array_record, build_source, default_data_config
 
+if __name__ == "__main__":
+  # `python -m data_pipelines.convert` runs the importable module's main, so that its flags are
+  # defined once: data_pipelines.convert_beam imports data_pipelines.convert, which would
+  # otherwise define every flag a second time beside this __main__ copy.
+  from data_pipelines import convert as _importable  # pylint: disable=import-self
+  app.run(_importable.main)
+
 _SPLIT = flags.DEFINE_string("split", "train", "Split to convert.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (created).")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord shards.")
@@ -340,7 +347,3 @@ def main(argv: Sequence[str]) -> None:
                                    **args)
   else:
     convert(data_config_from_flags(), _SPLIT.value, _OUT.value, _NUM_SHARDS.value, **args)
-
-
-if __name__ == "__main__":
-  app.run(main)
