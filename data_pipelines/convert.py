@@ -6,9 +6,17 @@ r"""Converts any source into ArrayRecord shards (+ JSON + index) for `source='ar
 Every key of `data_pipelines.sources.default_data_config()` is a flag of the same name
 (per-split keys of the synthetic set, `num_examples` and `sites`, take the value for --split).
 Bad records (BadRecordError) are skipped, counted, listed in <split>.json and printed, unless
---strict. Images are stored as lossless PNG; 16-bit stays 16-bit with --keep_bit_depth. Images
-keep their full resolution (the readers' automatic --decode_size=-1 is not applied here); a
-positive --decode_size stores them reduced to that shorter side.
+--strict; more than --max_bad_record_share of the split (the readers' limit) is an error. Images
+are stored as lossless PNG; 16-bit stays 16-bit with --keep_bit_depth. Images keep their full
+resolution (the readers' automatic --decode_size=-1 is not applied here); a positive
+--decode_size stores them reduced, the shorter side >= that size (448 for 224 px training).
+--out may be a local folder or a gs:// bucket.
+
+This process is the reference. With --beam_pipeline_options the same shards are written by an
+Apache Beam pipeline, on this machine's cores or a cluster (data_pipelines/convert_beam.py,
+docs/convert_at_scale.md). Both go through the same pieces: `shard_ranges` (contiguous index
+ranges), `encode_shard` (one shard, moved to its name only complete) and `write_side_files`
+(JSON and index from every shard's report).
 """
 from __future__ import annotations
 
