@@ -22,11 +22,13 @@ flush (scalar logs are small).
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
 import os
-import tempfile
+import shutil
+import uuid
 import zipfile
 import zlib
 from typing import Any, Iterator
@@ -148,15 +150,51 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     return
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  # A fresh name opened exclusively: the file gets the usual permissions (umask), where
+  # mkstemp's 0600 would hide a shared corpus's side files from other users.
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "xb") as f:
       f.write(data)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def put_file(local_path: PathLike, path: PathLike, chunk_bytes: int = 64 << 20) -> None:
+  """Moves a finished local file to `path` (local or URL) without a half-written `path`.
+
+  For large files written by a library that needs a local file (ArrayRecord shards), which
+  `write_bytes` would hold in memory. Locally: a rename when both are on one file system, else
+  a copy to a temporary file beside `path` and a rename. On an object store: an upload under a
+  temporary name, then a rename (a server-side copy) to `path`; an upload cut short, whose
+  client might still commit what it had sent when the file is closed, so leaves at most a
+  temporary object, never a partial `path`. `local_path` is removed.
+  """
+  local_path, path = os.fspath(local_path), os.fspath(path)
+  temporary = join(dirname(path), f".{basename(path)}.{uuid.uuid4().hex}.tmp")
+  if not is_url(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+      os.replace(local_path, path)
+      return
+    except OSError as e:
+      if e.errno != errno.EXDEV:  # Not "another file system": a real failure.
+        raise
+  try:
+    if is_url(path):
+      with open(local_path, "rb") as source, as_path(temporary).open("wb") as target:
+        shutil.copyfileobj(source, target, chunk_bytes)
+    else:
+      shutil.copyfile(local_path, temporary)
+    rename(temporary, path)
+  except BaseException:
+    if exists(temporary):
+      remove(temporary)
+    raise
+  os.remove(local_path)
 
 
 def write_text(path: PathLike, text: str) -> None:

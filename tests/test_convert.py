@@ -51,7 +51,8 @@ def test_folder_with_bad_record_and_16bit(tmp_path):
   with pytest.raises(BadRecordError, match="broken.png"):
     convert(config, "train", out, strict=True, log=lambda s: None)
   lines = []
-  info = convert(config, "train", out, num_shards=2, log=lines.append)
+  # One of three records is bad: over the default share (0.1), within 0.5.
+  info = convert(config, "train", out, num_shards=2, log=lines.append, max_bad_record_share=0.5)
   assert info["count"] == 2 and info["num_skipped"] == 1
   assert info["skipped"][0][0] == str(tmp_path / "broken.png")
   assert any("1 bad records skipped" in line for line in lines)
