@@ -2,8 +2,8 @@
 
 The resume order is spelled out in each trainer:
   1. a checkpoint in the run's own workdir (the run was interrupted: continue it exactly);
-  2. `config.model.init`: a BiT `.npz` (REMEDIS stage 1), an export folder, or another run's
-     workdir (e.g. fine-tuning from a SimCLR pretraining run: REMEDIS stage 3);
+  2. `config.model.init`: a BiT `.npz` or timm BiT `.safetensors` file (REMEDIS stage 1), an
+     export folder, or another run's workdir (e.g. fine-tuning from a SimCLR pretraining run: REMEDIS stage 3);
   3. otherwise random initialisation ("scratch").
 """
 
@@ -29,7 +29,9 @@ def load_init(init: str | None, model_name: str, stem: str = "bit") -> LoadedIni
   """Reads the encoder (and projection head, where present) named by `config.model.init`.
 
   Args:
-    init: "" / "none" / "scratch", a BiT `.npz` path, an export folder, or a training workdir.
+    init: "" / "none" / "scratch", a BiT `.npz` path, a timm BiT `.safetensors` path (e.g.
+      timm's resnetv2_50x1_bit weights, or a --format=timm export's model.safetensors), an export
+      folder, or a training workdir.
     model_name: the variant the run builds; a BiT file or export of another variant is an error.
     stem: the root the run builds (`config.model.stem`). Weights trained with another stem are
       an error naming both stems: "small" and "small_s2" have the same parameter shapes, so
@@ -56,9 +58,16 @@ def load_init(init: str | None, model_name: str, stem: str = "bit") -> LoadedIni
       raise ValueError(f"config.model.init={init} holds BiT {name} weights, but "
                        f"config.model.name={model_name!r}; set config.model.name={name!r}")
     return LoadedInit(f"BiT weights {init}", params, None)
+  if init.endswith(".safetensors"):
+    from remedis_jax.models import bit_timm  # pylint: disable=g-import-not-at-top
+    name, params, _ = bit_timm.load_timm_bit(init, model_name=None, stem=stem)
+    if name != model_name:
+      raise ValueError(f"config.model.init={init} holds timm BiT weights of our {name}, but "
+                       f"config.model.name={model_name!r}; set config.model.name={name!r}")
+    return LoadedInit(f"timm BiT weights {init}", params, None)
   if not storage.exists(init):
-    raise FileNotFoundError(f"config.model.init={init} does not exist (expected a BiT .npz, an "
-                            "export folder with model.json, or a training workdir)")
+    raise FileNotFoundError(f"config.model.init={init} does not exist (expected a BiT .npz, a timm "
+                            ".safetensors, an export folder with model.json, or a training workdir)")
   if export.is_export(init):
     metadata, params = export.load_export(init)
     if metadata["model_name"] != model_name:

@@ -7,6 +7,7 @@
 - `smoke_config`: a trainer config's `:smoke` variant on one device with dotted overrides.
 - `with_options`: pipeline-factory keyword arguments with the stream options gathered.
 - `take`, `assert_batches_equal`: the next batches of an iterator; two lists of them compared.
+- `fake_run_workdir`: a finished fine-tuning or pretraining workdir holding given parameters.
 """
 
 import importlib
@@ -139,3 +140,32 @@ def assert_batches_equal(first, second):
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+def fake_run_workdir(path, parts, *, trainer="finetune", model=None, data=None, results=None,
+                     step=7):
+  """A training workdir as the trainers leave it, with `parts` ({"encoder", ...}) as its params.
+
+  trainer="finetune": config.json, results.json and the best/ checkpoint of a finished
+  fine-tuning run; any other trainer: config.json and checkpoints/ of a pretraining run.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from remedis_jax import checkpointing, export  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  path.mkdir(parents=True)
+  config = {"trainer": trainer,
+            "model": {"name": "R_micro", "stem": "bit", "head_hidden_dims": [16],
+                      "projection_dim": 8, "head_norm": "layer", "from_head_layer": False,
+                      **(model or {})},
+            "data": {"image_size": 32, "num_channels": 3, "source": "synthetic",
+                     "train_split": "train", **(data or {})}}
+  (path / export.RUN_CONFIG_FILE).write_text(json.dumps(config))
+  state = {"step": np.int32(step), "params": parts}
+  folder = path
+  if trainer == "finetune":
+    folder = path / export.BEST_DIR
+    state["value"] = np.float32(0.5)
+    (path / "results.json").write_text(json.dumps(results or {}))
+  manager = checkpointing.make_manager(str(folder), asynchronous=False, with_data=False)
+  checkpointing.save(manager, step, state, force=True)
+  manager.close()
+  return str(path)

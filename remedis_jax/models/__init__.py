@@ -5,6 +5,7 @@ Typical use:
   model = create_model("R50x1")                      # encoder, no head
   model = create_model("ViT-S/16")                   # a ViT encoder, same interface
   name, params = load_bit_npz("BiT-M-R50x1.npz")      # public BiT weights
+  name, params, _ = load_timm_bit("model.safetensors")  # timm's BiT weights (PyTorch layout)
   pre_logits, out = model.apply({"params": params}, images)
 """
 
@@ -12,6 +13,7 @@ from remedis_jax.models.bit import VARIANTS
 from remedis_jax.models.bit import ResNetV2
 from remedis_jax.models.bit import infer_bit_variant
 from remedis_jax.models.bit import load_bit_npz
+from remedis_jax.models.bit_timm import load_timm_bit
 from remedis_jax.models.common import count_params
 from remedis_jax.models.common import merge_params
 from remedis_jax.models.contrastive import ContrastiveModel
@@ -40,6 +42,7 @@ __all__ = [
     "infer_bit_variant",
     "is_vit",
     "load_bit_npz",
+    "load_timm_bit",
     "merge_params",
     "model_names",
 ]
