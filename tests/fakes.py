@@ -8,6 +8,7 @@
 - `with_options`: pipeline-factory keyword arguments with the stream options gathered.
 - `take`, `assert_batches_equal`: the next batches of an iterator; two lists of them compared.
 - `fake_run_workdir`: a finished fine-tuning or pretraining workdir holding given parameters.
+- `random_bit_params`, `max_relative_difference`: the exports' exactness tests.
 """
 
 import importlib
@@ -169,3 +170,22 @@ def fake_run_workdir(path, parts, *, trainer="finetune", model=None, data=None, 
   checkpointing.save(manager, step, state, force=True)
   manager.close()
   return str(path)
+
+
+def random_bit_params(name, seed=0, channels=3):
+  """Random parameters for BiT `name` (GroupNorm scales and offsets away from 1 and 0 too)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from remedis_jax import models  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(models.create_model(name).init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32))["params"]
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: rng.normal(1.0 if a.ndim == 1 else 0.0, 0.2, a.shape)
+                      .astype(np.float32), abstract)
+
+
+def max_relative_difference(actual, expected):
+  """max |actual - expected| / max |expected|: per-element ratios are meaningless for features
+  near zero (ReLU, then the average)."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))

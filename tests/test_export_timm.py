@@ -3,6 +3,10 @@
 A tiny BiT-stem model (R_micro) goes through the real exporter to a timm ResNetV2 built from
 the export's own config.json; timm's outputs on the same uint8 images must be the JAX model's.
 The other direction starts from weights timm initialised itself.
+
+PyTorch and timm are imported inside the functions, not at collection: every
+pytest-xdist worker collects every module, and importing timm (torchvision) after TensorFlow
+aborts the process (two LLVMs' command-line options), besides costing ~10 s a worker.
 """
 
 import functools
@@ -12,32 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.torch
-import timm
-import torch
-from timm.layers import GroupNormAct, StdConv2d
-from timm.models.resnetv2 import ResNetV2
 
 from remedis_jax import export, initialization, models
 from remedis_jax.models import bit, bit_timm
-from tests.fakes import fake_run_workdir
+from tests.fakes import fake_run_workdir, max_relative_difference
+from tests.fakes import random_bit_params as random_encoder
 
 CLASS_NAMES = ["normal", "effusion", "nodule"]
 SIZE = 64
 
 
-def random_encoder(name, seed=0, channels=3):
-  """Random parameters for `name` (GroupNorm scales and offsets away from 1 and 0 as well)."""
-  abstract = jax.eval_shape(models.create_model(name).init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 32, 32, channels), jnp.float32))["params"]
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: rng.normal(1.0 if a.ndim == 1 else 0.0, 0.2, a.shape)
-                      .astype(np.float32), abstract)
-
-
 def timm_model(config):
   """The timm model an export's config.json describes: its registered name, or ResNetV2 built
   from the recorded constructor arguments."""
+  import timm  # pylint: disable=g-import-not-at-top
+  from timm.layers import GroupNormAct, StdConv2d  # pylint: disable=g-import-not-at-top
+  from timm.models.resnetv2 import ResNetV2  # pylint: disable=g-import-not-at-top
   if config["architecture"]:
     return timm.create_model(config["architecture"], pretrained=False,
                              num_classes=config["num_classes"], **config["model_args"])
@@ -50,6 +44,7 @@ def timm_model(config):
 
 def timm_input(images, config):
   """uint8 NHWC -> what timm takes, with the mean and std the export's config.json names."""
+  import torch  # pylint: disable=g-import-not-at-top
   cfg = config["pretrained_cfg"]
   x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
   mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
@@ -57,14 +52,9 @@ def timm_input(images, config):
   return (x - mean) / std
 
 
-def max_relative_difference(actual, expected):
-  """max |actual - expected| / max |expected|: per-element ratios are meaningless for features
-  near zero (ReLU then average)."""
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
-
-
 def test_finetuned_export_gives_timm_the_same_features_and_logits(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
   encoder = random_encoder("R_micro")
   rng = np.random.default_rng(1)
   classifier = {"kernel": rng.normal(0, 0.1, (256, 3)).astype(np.float32),
@@ -109,6 +99,9 @@ def test_finetuned_export_gives_timm_the_same_features_and_logits(tmp_path):
 
 def tiny_timm_twin(num_classes):
   """timm's own R_micro-shaped BiT ResNetV2, with timm's initialisation."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from timm.layers import GroupNormAct, StdConv2d  # pylint: disable=g-import-not-at-top
+  from timm.models.resnetv2 import ResNetV2  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   model = ResNetV2(layers=[1, 1, 1, 1], channels=(32, 64, 128, 256), stem_chs=8,
                    stem_type="fixed", conv_layer=functools.partial(StdConv2d, eps=1e-8),
@@ -122,6 +115,8 @@ def tiny_timm_twin(num_classes):
 
 
 def test_timm_weights_load_into_jax_and_round_trip_exactly(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
   model = tiny_timm_twin(num_classes=3)
   path = str(tmp_path / "model.safetensors")
   safetensors.torch.save_file(model.state_dict(), path)
@@ -148,6 +143,8 @@ def test_timm_weights_load_into_jax_and_round_trip_exactly(tmp_path):
 
 
 def test_loader_names_wrong_keys_shapes_and_model(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
   state = tiny_timm_twin(num_classes=0).state_dict()
   state.pop("stages.1.blocks.0.conv2.weight")
   state["norm.weight"] = torch.ones(5)
@@ -175,6 +172,7 @@ def test_loader_names_wrong_keys_shapes_and_model(tmp_path):
 def test_every_named_twin_has_timm_keys_and_shapes(name):
   """Our key mapping, for every zoo model timm registers, against timm's own state_dict
   (built on the meta device: shapes without memory)."""
+  import timm  # pylint: disable=g-import-not-at-top
   model = timm.create_model(bit_timm.TIMM_NAMES[name], pretrained=False, num_classes=10,
                             device="meta")
   theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -185,6 +183,8 @@ def test_every_named_twin_has_timm_keys_and_shapes(name):
 
 
 def test_r50x1_export_loads_by_name_and_from_the_folder(tmp_path):
+  import timm  # pylint: disable=g-import-not-at-top
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
   encoder = random_encoder("R50x1", seed=4)
   metadata = {"model_name": "R50x1", "stem": "bit",
               "input": {"image_size": 224, "num_channels": 3}}
