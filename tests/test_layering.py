@@ -110,3 +110,16 @@ def test_sweeps_studies_and_reports_load_no_jax():
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        check=True, timeout=120)
   assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_only_the_savedmodel_export_imports_tensorflow_and_nothing_imports_torch():
+  """The runtime is TensorFlow- and PyTorch-free: TensorFlow (and orbax-export, which needs it)
+  only in remedis_jax/export_savedmodel.py, loaded by `--format=savedmodel` alone; the timm
+  export writes PyTorch's files with NumPy. (experiments/benchmarks/ has PyTorch peers.)"""
+  found = {}
+  for folder in ("remedis_jax", "data_pipelines", "configs"):
+    for path, packages in imported_packages(folder).items():
+      heavy = packages & {"tensorflow", "torch", "timm", "torchvision"}
+      if heavy:
+        found[path] = sorted(heavy)
+  assert found == {os.path.join("remedis_jax", "export_savedmodel.py"): ["tensorflow"]}
