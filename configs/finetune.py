@@ -45,7 +45,8 @@ Appending `,lars` to a variant switches to the SimCLR fine-tuning recipe: LARS, 
 no weight decay, learning rate linear in batch/256 (a starting point to tune), cosine decay.
 
 Keys a sweep sets (any key can be overridden with --config.<key>=<value>; a typo is an error):
-  config.model.init             "" (scratch), a BiT .npz, a pretraining workdir, or an export.
+  config.model.init             "" (scratch), a BiT .npz or timm .safetensors, a pretraining
+                                workdir, or an export.
   config.model.from_head_layer  True: classify from the first projection-head layer (SimCLR v2);
                                 needs an init that carries the head (export --include_head).
   config.finetune_mode          "full" (every parameter trains) or "linear" (frozen encoder).

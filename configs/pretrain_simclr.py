@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "R50x1"  # any models.create_model name: BiT or ViT (e.g. ViT-S/16)
-  config.model.init = ""                # "", a BiT .npz, an export folder or a workdir
+  config.model.init = ""                # "", a BiT .npz or timm .safetensors, an export, a workdir
   config.model.init_head = False        # also take the projection head from the init
   config.model.head_hidden_dims = (2048, 2048)
   config.model.projection_dim = 128

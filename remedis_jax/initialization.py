@@ -3,7 +3,8 @@
 The resume order is spelled out in each trainer:
   1. a checkpoint in the run's own workdir (the run was interrupted: continue it exactly);
   2. `config.model.init`: a BiT `.npz` or timm BiT `.safetensors` file (REMEDIS stage 1), an
-     export folder, or another run's workdir (e.g. fine-tuning from a SimCLR pretraining run: REMEDIS stage 3);
+     export folder, or another run's workdir (e.g. fine-tuning from a SimCLR pretraining run:
+     REMEDIS stage 3);
   3. otherwise random initialisation ("scratch").
 """
 
@@ -66,8 +67,9 @@ def load_init(init: str | None, model_name: str, stem: str = "bit") -> LoadedIni
                        f"config.model.name={model_name!r}; set config.model.name={name!r}")
     return LoadedInit(f"timm BiT weights {init}", params, None)
   if not storage.exists(init):
-    raise FileNotFoundError(f"config.model.init={init} does not exist (expected a BiT .npz, a timm "
-                            ".safetensors, an export folder with model.json, or a training workdir)")
+    raise FileNotFoundError(f"config.model.init={init} does not exist (expected a BiT .npz, a "
+                            "timm .safetensors, an export folder with model.json, or a training "
+                            "workdir)")
   if export.is_export(init):
     metadata, params = export.load_export(init)
     if metadata["model_name"] != model_name:
