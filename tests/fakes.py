@@ -189,3 +189,28 @@ def max_relative_difference(actual, expected):
   near zero (ReLU, then the average)."""
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def read_tensorboard_events(logdir):
+  """TensorBoard's own reader over the event files in `logdir` (an EventAccumulator, loaded).
+
+  TensorFlow is hidden while it loads, as in the runtime users install: TensorBoard's reader
+  imports TensorFlow whenever it is installed (the dev extra has it, for the SavedModel test's
+  child process), and TensorFlow loaded before timm in the same process aborts it ("LLVM ERROR:
+  inconsistency in registered CommandLine options"; tests/test_export_timm.py). With the
+  `tensorflow` entry None, `import tensorflow` fails and TensorBoard takes its own file reader.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  missing = object()
+  previous = sys.modules.get("tensorflow", missing)
+  if previous is missing:
+    sys.modules["tensorflow"] = None
+  try:
+    from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=all
+    accumulator = event_accumulator.EventAccumulator(
+        str(logdir), size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+  finally:
+    if previous is missing:
+      del sys.modules["tensorflow"]
+  return accumulator

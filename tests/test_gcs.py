@@ -22,6 +22,7 @@ from data_pipelines import storage
 from remedis_jax import checkpointing, export, initialization, supervised
 from remedis_jax import train_finetune, train_simclr, writers
 from remedis_jax.models import bit
+from tests import fakes
 
 
 def _set(config, **overrides):
@@ -95,14 +96,12 @@ def test_atomic_local_write_leaves_old_file_on_error(tmp_path):
 def event_scalars(logdir: str, tmp_path) -> dict[str, dict[int, float]]:
   """{tag: {step: value}} of the event files in `logdir` (local or a bucket), read by
   TensorBoard's own reader from a local copy."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   local = tmp_path / f"events_{len(os.listdir(tmp_path))}"
   local.mkdir()
   names = [n for n in storage.listdir(logdir) if n.startswith(writers.EVENT_FILE_PREFIX)]
   for name in names:
     (local / name).write_bytes(storage.read_bytes(storage.join(logdir, name)))
-  accumulator = event_accumulator.EventAccumulator(str(local))
-  accumulator.Reload()
+  accumulator = fakes.read_tensorboard_events(local)
   return {tag: {e.step: e.value for e in accumulator.Scalars(tag)}
           for tag in accumulator.Tags()["scalars"]}
 
@@ -242,8 +241,11 @@ def test_pretrain_preempt_resume_export_and_finetune_in_a_bucket(gcs, tmp_path, 
         source, batch_size=config.batch_size, ops=presets.get_preset("cxr", "pretrain", 32),
         options=stream.StreamOptions(seed=0, read_threads=1, prefetch_buffer_size=2))
 
-  # Preempted while reading the second batch: the run saves the step it reached in the bucket.
-  summary = train_simclr.train_and_evaluate(config, workdir, dataset=dataset(config.batch_size + 2))
+  # Preempted while reading the third batch: the run saves the step it reached in the bucket.
+  # (The reader thread reads up to 2 records ahead, so a notice at a read of the second batch
+  # can arrive before the first is handed over: a preemption at step 0.)
+  summary = train_simclr.train_and_evaluate(config, workdir,
+                                            dataset=dataset(2 * config.batch_size + 2))
   assert summary["preempted"] and 1 <= summary["steps"] < 4
   saved = summary["steps"]
   assert storage.listdir(f"{workdir}/checkpoints") == [str(saved)]

@@ -9,18 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
-
 from remedis_jax import progress, writers
+from tests.fakes import read_tensorboard_events as read_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read_events(logdir):
-  accumulator = event_accumulator.EventAccumulator(
-      str(logdir), size_guidance={event_accumulator.TENSORS: 0})
-  accumulator.Reload()
-  return accumulator
 
 
 def test_event_file_holds_the_scalars_and_hparams_tensorboard_reads(tmp_path):
