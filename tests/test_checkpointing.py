@@ -46,7 +46,7 @@ def test_state_and_iterator_round_trip(tmp_path):
 
 def test_iterator_saved_by_another_process_count_is_restored(tmp_path, caplog):
   """A checkpoint written by 2 processes resumes on 1: the iterator file of another topology is
-  read (the pipeline's state is the global stream position, data_pipelines/pipeline.py)."""
+  read (the pipeline's state is the global stream position, data_pipelines/stream.py)."""
   state = _state()
   it = _iterator()
   for _ in range(3):

@@ -3,7 +3,7 @@ as a slice of two CPU devices, against four devices in one slice.
 
 The multi-slice job puts 'fsdp' inside each process (its ICI) and data parallelism across the
 two (DCN); the reference is the ('data': 2, 'fsdp': 2) mesh of four of this process's devices.
-Same global batches (data_pipelines/pipeline.py), same global NT-Xent negatives: the logged
+Same global batches (data_pipelines/stream.py), same global NT-Xent negatives: the logged
 losses must agree.
 """
 

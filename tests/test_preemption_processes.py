@@ -5,7 +5,7 @@ then the real entry point: two processes on 127.0.0.1 (`--coordinator_address` e
 to both mid-run, then to one of them during a resumed run's start-up, with JAX's coordination
 service deciding the step (remedis_jax/preemption.py). The uninterrupted reference is the same
 run on another topology, one process with two devices: the same global batches
-(data_pipelines/pipeline.py) and, with two participants, the same all-reduce sums, so the
+(data_pipelines/stream.py) and, with two participants, the same all-reduce sums, so the
 interrupted run must end bit-identical to it (exact resume and topology at once). Its last leg
 resumes the two-process checkpoint on that other topology too (one process, two devices).
 That test is one of the slowest (two 2-process runs of R_micro at 32 px, then the last leg and
