@@ -151,11 +151,12 @@ def time_conversions(folder: str, manifest: str) -> str:
 
 def time_input(source, seed: int = 0) -> dict[str, float]:
   """Images/s of the SimCLR pretraining input (cxr preset, 2 views) over `source`."""
-  from data_pipelines import pipeline, presets  # pylint: disable=g-import-not-at-top
+  from data_pipelines import pipeline, presets, stream  # pylint: disable=g-import-not-at-top
+  options = stream.StreamOptions(seed=seed, shard_index=0, shard_count=1, worker_count=0,
+                                 read_threads=ARGS.read_threads)
   dataset = pipeline.make_pretrain_dataset(
       source, batch_size=16, ops=presets.get_preset("cxr", "pretrain", ARGS.image_size),
-      num_views=2, seed=seed, shard_index=0, shard_count=1, worker_count=0,
-      read_threads=ARGS.read_threads)
+      options=options, num_views=2)
   iterator = iter(dataset)
   next(iterator)  # Warm-up: threads started, first files opened.
   images, load_before, start = 0, _load(), time.perf_counter()
