@@ -349,7 +349,15 @@ def main(argv: Sequence[str]) -> None:
   args = dict(strict=_STRICT.value, limit=_LIMIT.value, log=log,
               max_bad_record_share=_MAX_BAD_SHARE.value)
   if _BEAM_OPTIONS.value is not None:
-    from data_pipelines import convert_beam  # Only Beam runs need apache-beam installed.
+    try:
+      from data_pipelines import convert_beam  # Only Beam runs need apache-beam installed.
+    except ModuleNotFoundError as error:
+      if error.name != "apache_beam":
+        raise
+      raise app.UsageError(
+          "--beam_pipeline_options needs Apache Beam, which is not installed: "
+          "pip install -e \".[beam]\" (or leave the flag out to convert in this one "
+          "process)") from error
     convert_beam.convert_with_beam(data_config_from_flags(), _SPLIT.value, _OUT.value,
                                    _NUM_SHARDS.value, pipeline_options=_BEAM_OPTIONS.value,
                                    **args)

@@ -286,3 +286,24 @@ def test_cli_runs_the_beam_pipeline_with_beam_pipeline_options(tmp_path):
   assert "test shard 3/3 (records 8..11): 4/4 read, 4 written" in result.stdout
   assert "12 records in 3 shards" in result.stdout and "'records_written': 12" in result.stdout
   assert len(ArrayRecordSource(str(out), "test")) == 12
+
+
+def test_cli_without_apache_beam_names_the_extra(tmp_path):
+  """Where the beam extra is not installed (simulated by hiding apache_beam), the Beam flag
+  fails at once with the install command, and nothing is written."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "no_beam"
+  code = ("import runpy, sys\n"
+          "sys.modules['apache_beam'] = None\n"
+          "sys.argv = ['convert'] + sys.argv[1:]\n"
+          "runpy.run_module('data_pipelines.convert', run_name='__main__')\n")
+  result = subprocess.run(
+      [sys.executable, "-c", code, "--source=synthetic", "--split=test", "--num_examples=4",
+       "--image_size=32", f"--out={out}", f"--beam_pipeline_options={IN_PROCESS}"],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+  assert result.returncode != 0
+  assert 'needs Apache Beam, which is not installed: pip install -e ".[beam]"' in (
+      result.stdout + result.stderr)
+  assert not out.exists()
