@@ -36,27 +36,27 @@ from data_pipelines import storage
 from data_pipelines.errors import BadRecordError, TooManyBadRecordsError
 from data_pipelines.sources import array_record, build_source, default_data_config
 
-if __name__ == "__main__":
-  # `python -m data_pipelines.convert` runs the importable module's main, so that its flags are
-  # defined once: data_pipelines.convert_beam imports data_pipelines.convert, which would
-  # otherwise define every flag a second time beside this __main__ copy.
-  from data_pipelines import convert as _importable  # pylint: disable=import-self
-  app.run(_importable.main)
 
-_SPLIT = flags.DEFINE_string("split", "train", "Split to convert.")
-_OUT = flags.DEFINE_string("out", None, "Output folder (created).")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord shards.")
-_STRICT = flags.DEFINE_bool("strict", False, "Fail on the first bad record instead of skipping.")
-_LIMIT = flags.DEFINE_integer("limit", 0, "Convert only the first N records (0 = all).")
-_MAX_BAD_SHARE = flags.DEFINE_float(
-    "max_bad_record_share", 0.1,
-    "More bad (skipped) records than this share of the split is an error, as in the readers.")
-_BEAM_OPTIONS = flags.DEFINE_string(
-    "beam_pipeline_options", None,
-    "Run as an Apache Beam pipeline with these comma-separated options, e.g. "
-    "'direct_num_workers=2,direct_running_mode=multi_processing' (this machine) or "
-    "'runner=DataflowRunner,project=...,region=...' (a cluster); see "
-    "docs/convert_at_scale.md. Unset: one process, no Beam.")
+def define_flags() -> None:
+  """The command's flags: the run's own, then one per `data` config field (`--source`,
+  `--root`, ...). Defined only when the module runs as the command; importing the converter
+  (the Beam workers, tests) defines none, so the two copies of this module that `python -m`
+  makes never define a flag twice."""
+  flags.DEFINE_string("split", "train", "Split to convert.")
+  flags.DEFINE_string("out", None, "Output folder (created).")
+  flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord shards.")
+  flags.DEFINE_bool("strict", False, "Fail on the first bad record instead of skipping.")
+  flags.DEFINE_integer("limit", 0, "Convert only the first N records (0 = all).")
+  flags.DEFINE_float(
+      "max_bad_record_share", 0.1,
+      "More bad (skipped) records than this share of the split is an error, as in the readers.")
+  flags.DEFINE_string(
+      "beam_pipeline_options", None,
+      "Run as an Apache Beam pipeline with these comma-separated options, e.g. "
+      "'direct_num_workers=2,direct_running_mode=multi_processing' (this machine) or "
+      "'runner=DataflowRunner,project=...,region=...' (a cluster); see "
+      "docs/convert_at_scale.md. Unset: one process, no Beam.")
+  _define_data_flags()
 
 
 def _define_data_flags():
@@ -76,9 +76,6 @@ def _define_data_flags():
       flags.DEFINE_string(key, value, f"data.{key}")
 
 
-_define_data_flags()
-
-
 def data_config_from_flags():
   config = default_data_config()
   for key, value in config.items():
@@ -87,7 +84,7 @@ def data_config_from_flags():
       if flag_value is not None:
         sub = {k: v for k, v in value.items()}
         cast = type(next(iter(sub.values())))
-        sub[_SPLIT.value] = cast(flag_value)
+        sub[flags.FLAGS.split] = cast(flag_value)
         config[key] = type(value)(sub)
     else:
       config[key] = flag_value
@@ -343,12 +340,13 @@ def convert(data_config, split: str, out: str, num_shards: int = 1, strict: bool
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _OUT.value:
+  flag = flags.FLAGS
+  if not flag.out:
     raise app.UsageError("--out is required (the output folder)")
   log = lambda s: print(s, flush=True)
-  args = dict(strict=_STRICT.value, limit=_LIMIT.value, log=log,
-              max_bad_record_share=_MAX_BAD_SHARE.value)
-  if _BEAM_OPTIONS.value is not None:
+  args = dict(strict=flag.strict, limit=flag.limit, log=log,
+              max_bad_record_share=flag.max_bad_record_share)
+  if flag.beam_pipeline_options is not None:
     try:
       from data_pipelines import convert_beam  # Only Beam runs need apache-beam installed.
     except ModuleNotFoundError as error:
@@ -358,8 +356,13 @@ def main(argv: Sequence[str]) -> None:
           "--beam_pipeline_options needs Apache Beam, which is not installed: "
           "pip install -e \".[beam]\" (or leave the flag out to convert in this one "
           "process)") from error
-    convert_beam.convert_with_beam(data_config_from_flags(), _SPLIT.value, _OUT.value,
-                                   _NUM_SHARDS.value, pipeline_options=_BEAM_OPTIONS.value,
+    convert_beam.convert_with_beam(data_config_from_flags(), flag.split, flag.out,
+                                   flag.num_shards, pipeline_options=flag.beam_pipeline_options,
                                    **args)
   else:
-    convert(data_config_from_flags(), _SPLIT.value, _OUT.value, _NUM_SHARDS.value, **args)
+    convert(data_config_from_flags(), flag.split, flag.out, flag.num_shards, **args)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
