@@ -575,19 +575,10 @@ def load_bit_npz(path: str | os.PathLike[str], model_name: Optional[str] = None,
   expected = bit_npz_shapes(model_name, num_classes=num_classes,
                             in_channels=in_channels)
   ignored = set() if keep_head else {_HEAD_KERNEL_KEY, _HEAD_BIAS_KEY}
-  missing = sorted(k for k in expected if k not in shapes)
-  unexpected = sorted(k for k in shapes if k not in expected and
-                      k not in ignored)
-  mismatched = sorted(k for k in expected
-                      if k in shapes and shapes[k] != expected[k])
-  if missing or unexpected or mismatched:
+  problems = key_mismatches(expected, shapes, model_name, ignored=ignored)
+  if problems:
     lines = [f"{os.fspath(path)} does not fit BiT {model_name} "
-             f"(num_classes={num_classes}):"]
-    lines += [f"  missing key {k}: expected shape {expected[k]}"
-              for k in missing]
-    lines += [f"  unexpected key {k}: shape {shapes[k]}" for k in unexpected]
-    lines += [f"  shape mismatch {k}: file has {shapes[k]}, {model_name} "
-              f"expects {expected[k]}" for k in mismatched]
+             f"(num_classes={num_classes}):"] + problems
     try:
       inferred = infer_bit_variant(shapes)
     except ValueError:
@@ -621,6 +612,20 @@ def _our_shapes(model_name: str, num_classes: Optional[int],
   flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
   return {"/".join(k.key for k in keys): tuple(leaf.shape)
           for keys, leaf in flat}
+
+
+def key_mismatches(expected: Mapping[str, tuple[int, ...]],
+                   shapes: Mapping[str, tuple[int, ...]], model_name: str, *,
+                   ignored: Sequence[str] = ()) -> list[str]:
+  """One line per missing, unexpected (not in `ignored`) and mis-shaped key of a weights
+  file's `shapes` against the `expected` shapes of `model_name`; [] when they fit."""
+  missing = sorted(k for k in expected if k not in shapes)
+  unexpected = sorted(k for k in shapes if k not in expected and k not in ignored)
+  mismatched = sorted(k for k in expected if k in shapes and shapes[k] != expected[k])
+  return ([f"  missing key {k}: expected shape {expected[k]}" for k in missing]
+          + [f"  unexpected key {k}: shape {shapes[k]}" for k in unexpected]
+          + [f"  shape mismatch {k}: file has {shapes[k]}, {model_name} expects {expected[k]}"
+             for k in mismatched])
 
 
 def bit_npz_shapes(model_name: str, num_classes: Optional[int] = None,

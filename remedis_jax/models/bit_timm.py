@@ -283,15 +283,9 @@ def from_timm_state_dict(state: Mapping[str, np.ndarray], model_name: Optional[s
   num_classes = shapes["head.fc.bias"][0] if keep_head else None
   expected = expected_timm_shapes(model_name, in_channels, num_classes)
   ignored = set() if keep_head else set(_HEAD_KEYS)
-  missing = sorted(k for k in expected if k not in shapes)
-  unexpected = sorted(k for k in shapes if k not in expected and k not in ignored)
-  mismatched = sorted(k for k in expected if k in shapes and shapes[k] != expected[k])
-  if missing or unexpected or mismatched:
-    lines = [f"{what} does not fit BiT {model_name} in timm's layout:"]
-    lines += [f"  missing key {k}: expected shape {expected[k]}" for k in missing]
-    lines += [f"  unexpected key {k}: shape {shapes[k]}" for k in unexpected]
-    lines += [f"  shape mismatch {k}: file has {shapes[k]}, {model_name} expects "
-              f"{expected[k]}" for k in mismatched]
+  problems = bit.key_mismatches(expected, shapes, model_name, ignored=ignored)
+  if problems:
+    lines = [f"{what} does not fit BiT {model_name} in timm's layout:"] + problems
     try:
       inferred = infer_timm_variant(shapes)
     except NoTimmTwinError:
