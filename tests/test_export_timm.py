@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.benchmarks import timm_parity
 from remedis_jax import export, initialization, models
 from remedis_jax.models import bit, bit_timm
 from tests.fakes import fake_run_workdir, max_relative_difference
@@ -30,16 +31,10 @@ def timm_model(config):
   """The timm model an export's config.json describes: its registered name, or ResNetV2 built
   from the recorded constructor arguments."""
   import timm  # pylint: disable=g-import-not-at-top
-  from timm.layers import GroupNormAct, StdConv2d  # pylint: disable=g-import-not-at-top
-  from timm.models.resnetv2 import ResNetV2  # pylint: disable=g-import-not-at-top
   if config["architecture"]:
     return timm.create_model(config["architecture"], pretrained=False,
                              num_classes=config["num_classes"], **config["model_args"])
-  kwargs = dict(config["constructor"])
-  kwargs["conv_layer"] = functools.partial(StdConv2d, eps=kwargs["conv_layer"]["eps"])
-  kwargs["norm_layer"] = functools.partial(GroupNormAct,
-                                           num_groups=kwargs["norm_layer"]["num_groups"])
-  return ResNetV2(num_classes=config["num_classes"], **kwargs)
+  return timm_parity.from_constructor(config)
 
 
 def timm_input(images, config):
